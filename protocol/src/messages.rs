@@ -1,0 +1,218 @@
+//! Query messages: the dedup query and its answer, and the reconstruction
+//! answer that tells a client which xorb byte ranges rebuild a file.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::impl_message;
+use crate::hash::{ChunkHash, FileHash, RangeHash, XorbHash};
+use crate::range::{ByteRange, ChunkRange};
+use crate::xorb::MAX_XORB_CHUNKS;
+
+/// Most chunk hashes in one dedup query.
+pub const MAX_DEDUP_BATCH: usize = 16 * 1024;
+/// Largest encoded reconstruction answer.
+pub const MAX_RECONSTRUCTION_BYTES: usize = 256 * 1024 * 1024;
+/// Longest fetch URL.
+pub const MAX_URL_LEN: usize = 8 * 1024;
+
+/// "Which of these chunks do you have?"
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct DedupQuery {
+    pub chunks: Vec<ChunkHash>,
+}
+
+/// Where a stored chunk lives: enough to reference it in a file recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct ChunkLocation {
+    pub xorb: XorbHash,
+    pub index: u32,
+}
+
+/// One answer per queried hash, in query order; `None` means "send it".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct DedupAnswer {
+    pub found: Vec<Option<ChunkLocation>>,
+}
+
+const DEDUP_MAX_BYTES: usize = 16 + MAX_DEDUP_BATCH * 40;
+impl_message!(DedupQuery, "dedup query", b"CDDQ", DEDUP_MAX_BYTES);
+impl_message!(DedupAnswer, "dedup answer", b"CDDA", DEDUP_MAX_BYTES);
+
+impl DedupQuery {
+    fn check(&self) -> Result<(), String> {
+        if self.chunks.len() > MAX_DEDUP_BATCH {
+            return Err(format!("{} hashes, at most {MAX_DEDUP_BATCH}", self.chunks.len()));
+        }
+        Ok(())
+    }
+}
+
+impl DedupAnswer {
+    fn check(&self) -> Result<(), String> {
+        if self.found.len() > MAX_DEDUP_BATCH {
+            return Err(format!("{} answers, at most {MAX_DEDUP_BATCH}", self.found.len()));
+        }
+        match self.found.iter().flatten().find(|l| l.index as usize >= MAX_XORB_CHUNKS) {
+            Some(l) => Err(format!("chunk index {} out of range", l.index)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One term of a reconstruction: chunks of a xorb, their uncompressed
+/// length, and the hash a client checks those chunks against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct ReconstructionTerm {
+    pub xorb: XorbHash,
+    pub chunks: ChunkRange,
+    pub len: u64,
+    pub range_hash: RangeHash,
+}
+
+/// A byte range of a xorb URL that holds the frames of `chunks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct FetchRange {
+    pub chunks: ChunkRange,
+    pub bytes: ByteRange,
+}
+
+/// Where to GET one xorb's frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct XorbFetch {
+    pub xorb: XorbHash,
+    pub url: String,
+    pub ranges: Vec<FetchRange>,
+}
+
+/// The answer to "how do I rebuild bytes `range` of `file`": the terms to
+/// concatenate (skipping `offset_into_first_term` bytes of the first, and
+/// stopping after `range.len()` bytes), and where to fetch their frames.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct Reconstruction {
+    pub file: FileHash,
+    pub file_size: u64,
+    pub range: ByteRange,
+    pub offset_into_first_term: u64,
+    pub terms: Vec<ReconstructionTerm>,
+    pub fetch: Vec<XorbFetch>,
+}
+
+impl_message!(Reconstruction, "reconstruction", b"CREC", MAX_RECONSTRUCTION_BYTES);
+
+impl Reconstruction {
+    fn check(&self) -> Result<(), String> {
+        if self.range.end < self.range.start || self.range.end > self.file_size {
+            return Err(format!(
+                "range {}..{} outside a file of {} bytes",
+                self.range.start, self.range.end, self.file_size
+            ));
+        }
+        let mut total = 0u64;
+        for (i, t) in self.terms.iter().enumerate() {
+            if t.chunks.is_empty() || t.len == 0 || t.chunks.end as usize > MAX_XORB_CHUNKS {
+                return Err(format!("term {i} is empty or out of range"));
+            }
+            total = total.checked_add(t.len).ok_or("term lengths overflow")?;
+            if self.fetch_range(t).is_none() {
+                return Err(format!("term {i}: no fetch range covers its chunks"));
+            }
+        }
+        let needed = self.offset_into_first_term.checked_add(self.range.len());
+        if needed.is_none_or(|n| n > total)
+            || self.terms.first().is_some_and(|t| self.offset_into_first_term >= t.len)
+        {
+            return Err("terms do not cover the requested range".into());
+        }
+        for f in &self.fetch {
+            if f.url.is_empty() || f.url.len() > MAX_URL_LEN {
+                return Err(format!("xorb {}: URL length {} out of range", f.xorb, f.url.len()));
+            }
+            if f.ranges.iter().any(|r| r.chunks.is_empty() || r.bytes.is_empty()) {
+                return Err(format!("xorb {}: empty fetch range", f.xorb));
+            }
+        }
+        Ok(())
+    }
+
+    /// The fetch entry and range that cover `term`'s chunks.
+    pub fn fetch_range(&self, term: &ReconstructionTerm) -> Option<(&XorbFetch, &FetchRange)> {
+        self.fetch.iter().filter(|f| f.xorb == term.xorb).find_map(|f| {
+            f.ranges
+                .iter()
+                .find(|r| r.chunks.start <= term.chunks.start && term.chunks.end <= r.chunks.end)
+                .map(|r| (f, r))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Message, MessageError};
+
+    fn sample() -> Reconstruction {
+        let xorb = XorbHash::from_bytes([7; 32]);
+        Reconstruction {
+            file: FileHash::from_bytes([1; 32]),
+            file_size: 300,
+            range: ByteRange { start: 50, end: 250 },
+            offset_into_first_term: 50,
+            terms: vec![
+                ReconstructionTerm {
+                    xorb,
+                    chunks: ChunkRange { start: 0, end: 2 },
+                    len: 200,
+                    range_hash: RangeHash::from_bytes([2; 32]),
+                },
+                ReconstructionTerm {
+                    xorb,
+                    chunks: ChunkRange { start: 3, end: 4 },
+                    len: 100,
+                    range_hash: RangeHash::from_bytes([3; 32]),
+                },
+            ],
+            fetch: vec![XorbFetch {
+                xorb,
+                url: format!("http://127.0.0.1:8080/v1/xorbs/{xorb}"),
+                ranges: vec![FetchRange {
+                    chunks: ChunkRange { start: 0, end: 4 },
+                    bytes: ByteRange { start: 176, end: 400 },
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn reconstruction_round_trip_and_checks() {
+        let r = sample();
+        assert_eq!(Reconstruction::from_bytes(&r.to_bytes()).unwrap(), r);
+        assert_eq!(Reconstruction::from_json(r.to_json().as_bytes()).unwrap(), r);
+        let mut bad = r.clone();
+        bad.fetch[0].ranges[0].chunks.end = 3;
+        assert!(matches!(Reconstruction::from_bytes(&bad.to_bytes()), Err(MessageError::Invalid { .. })));
+        let mut bad = r.clone();
+        bad.range.end = 301;
+        assert!(Reconstruction::from_bytes(&bad.to_bytes()).is_err());
+        let mut bad = r.clone();
+        bad.offset_into_first_term = 200;
+        assert!(Reconstruction::from_bytes(&bad.to_bytes()).is_err());
+    }
+
+    #[test]
+    fn dedup_round_trip_and_limits() {
+        let q = DedupQuery { chunks: vec![ChunkHash::of(b"a"), ChunkHash::of(b"b")] };
+        assert_eq!(DedupQuery::from_bytes(&q.to_bytes()).unwrap(), q);
+        let a = DedupAnswer {
+            found: vec![None, Some(ChunkLocation { xorb: XorbHash::from_bytes([9; 32]), index: 3 })],
+        };
+        assert_eq!(DedupAnswer::from_json(a.to_json().as_bytes()).unwrap(), a);
+        let big = DedupQuery { chunks: vec![ChunkHash::of(b"a"); MAX_DEDUP_BATCH + 1] };
+        assert!(DedupQuery::from_bytes(&big.to_bytes()).is_err());
+        assert!(matches!(
+            DedupQuery::from_bytes(&Shard::default().to_bytes()),
+            Err(MessageError::WrongTag { .. })
+        ));
+    }
+
+    use crate::shard::Shard;
+}

@@ -1,0 +1,707 @@
+//! Xorbs: immutable containers of up to [`MAX_XORB_CHUNKS`] chunks and
+//! [`MAX_XORB_UNCOMPRESSED`] bytes, each chunk stored raw or compressed in a
+//! self-describing frame, behind an index that maps any chunk range to one
+//! contiguous byte range. The byte layout is specified in docs/PROTOCOL.md.
+//!
+//! Parsing is strict and bounded: every length is checked against the limits
+//! before anything is allocated, and malformed input is an [`XorbError`],
+//! never a panic.
+
+use std::cell::RefCell;
+
+use crate::chunking::MAX_CHUNK;
+use crate::hash::{ChunkHash, ChunkInfo, XorbHash};
+use crate::range::{ByteRange, ChunkRange};
+
+/// First bytes of every xorb.
+pub const XORB_MAGIC: [u8; 8] = *b"CASXORB\0";
+/// Xorb format version.
+pub const XORB_VERSION: u32 = 1;
+/// Most chunks in one xorb.
+pub const MAX_XORB_CHUNKS: usize = 8192;
+/// Most uncompressed bytes in one xorb.
+pub const MAX_XORB_UNCOMPRESSED: usize = 64 * 1024 * 1024;
+/// Fixed part of the header: magic, version, chunk count.
+pub const HEADER_FIXED_LEN: usize = 16;
+/// Bytes per index entry: chunk hash, uncompressed length, stored length.
+pub const INDEX_ENTRY_LEN: usize = 40;
+/// Bytes of a frame header: scheme, 3 reserved bytes, two lengths.
+pub const FRAME_HEADER_LEN: usize = 12;
+/// Largest possible serialized xorb; a server can cap request bodies here.
+pub const MAX_XORB_SERIALIZED: usize = HEADER_FIXED_LEN
+    + MAX_XORB_CHUNKS * (INDEX_ENTRY_LEN + FRAME_HEADER_LEN)
+    + MAX_XORB_UNCOMPRESSED;
+
+/// How a chunk's bytes are stored in its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Scheme {
+    /// The bytes as they are.
+    Raw = 0,
+    /// One zstd frame.
+    Zstd = 1,
+}
+
+impl Scheme {
+    pub fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Raw),
+            1 => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// Everything that can be wrong with a xorb (or a run of its frames).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum XorbError {
+    #[error("xorb truncated: need {need} bytes at offset {offset}, have {have}")]
+    Truncated { offset: u64, need: u64, have: u64 },
+    #[error("not a xorb: bad magic")]
+    BadMagic,
+    #[error("unsupported xorb version {0}")]
+    UnsupportedVersion(u32),
+    #[error("xorb chunk count {0} outside 1..={MAX_XORB_CHUNKS}")]
+    ChunkCount(u64),
+    #[error("chunk {index}: length {len} outside 1..={MAX_CHUNK}")]
+    ChunkLen { index: usize, len: u64 },
+    #[error("xorb holds more than {MAX_XORB_UNCOMPRESSED} uncompressed bytes")]
+    TooLarge,
+    #[error("chunk {index}: stored length {stored} invalid for {scheme:?} of {len} bytes")]
+    StoredLen { index: usize, scheme: Scheme, stored: u64, len: u64 },
+    #[error("chunk {index}: unknown compression scheme {scheme}")]
+    UnknownScheme { index: usize, scheme: u8 },
+    #[error("chunk {index}: frame header disagrees with the index")]
+    FrameMismatch { index: usize },
+    #[error("chunk {index}: reserved frame header bytes are not zero")]
+    Reserved { index: usize },
+    #[error("{extra} unexpected bytes after the last frame")]
+    TrailingBytes { extra: u64 },
+    #[error("chunk {index}: cannot decompress: {reason}")]
+    Decompress { index: usize, reason: String },
+    #[error("chunk {index}: content hashes to {actual}, index says {expected}")]
+    ChunkHashMismatch { index: usize, expected: ChunkHash, actual: ChunkHash },
+    #[error("xorb hashes to {actual}, expected {expected}")]
+    XorbHashMismatch { expected: XorbHash, actual: XorbHash },
+    #[error("chunk range {start}..{end} outside a xorb of {count} chunks")]
+    BadRange { start: u32, end: u32, count: usize },
+    #[error("a xorb needs at least one chunk")]
+    Empty,
+}
+
+/// Little-endian reader over a byte slice that reports truncation as an error.
+struct Cursor<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], XorbError> {
+        let have = self.data.len() - self.pos;
+        if have < n {
+            return Err(XorbError::Truncated {
+                offset: self.pos as u64,
+                need: n as u64,
+                have: have as u64,
+            });
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn u32(&mut self) -> Result<u32, XorbError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+}
+
+/// One index entry: what the chunk is and how many payload bytes it stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub info: ChunkInfo,
+    pub stored_len: u32,
+}
+
+impl IndexEntry {
+    fn frame_len(&self) -> u64 {
+        FRAME_HEADER_LEN as u64 + u64::from(self.stored_len)
+    }
+}
+
+/// One frame: a chunk as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub scheme: Scheme,
+    pub len: u32,
+    pub payload: &'a [u8],
+}
+
+fn check_lengths(index: usize, scheme: Scheme, len: u64, stored: u64) -> Result<(), XorbError> {
+    if len == 0 || len > MAX_CHUNK as u64 {
+        return Err(XorbError::ChunkLen { index, len });
+    }
+    let ok = match scheme {
+        Scheme::Raw => stored == len,
+        Scheme::Zstd => stored > 0 && stored < len,
+    };
+    if !ok {
+        return Err(XorbError::StoredLen { index, scheme, stored, len });
+    }
+    Ok(())
+}
+
+impl Frame<'_> {
+    /// The chunk's uncompressed bytes, appended to `out`; never grows `out`
+    /// by more than the frame's declared length.
+    pub fn decode_into(&self, index: usize, out: &mut Vec<u8>) -> Result<(), XorbError> {
+        match self.scheme {
+            Scheme::Raw => out.extend_from_slice(self.payload),
+            Scheme::Zstd => {
+                let start = out.len();
+                out.resize(start + self.len as usize, 0);
+                let n = with_decompressor(|d| d.decompress_to_buffer(self.payload, &mut out[start..]))
+                    .map_err(|e| XorbError::Decompress { index, reason: e.to_string() })?;
+                if n != self.len as usize {
+                    out.truncate(start);
+                    return Err(XorbError::Decompress {
+                        index,
+                        reason: format!("{n} bytes, frame says {}", self.len),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes the chunk and checks it against its expected hash.
+    pub fn decode_verified(
+        &self,
+        index: usize,
+        expected: ChunkHash,
+        out: &mut Vec<u8>,
+    ) -> Result<(), XorbError> {
+        let start = out.len();
+        self.decode_into(index, out)?;
+        let actual = ChunkHash::of(&out[start..]);
+        if actual != expected {
+            out.truncate(start);
+            return Err(XorbError::ChunkHashMismatch { index, expected, actual });
+        }
+        Ok(())
+    }
+}
+
+/// Reads consecutive frames from a byte slice, e.g. the bytes an HTTP range
+/// request returned for a chunk range. `first_index` only labels errors.
+pub struct Frames<'a> {
+    cur: Cursor<'a>,
+    index: usize,
+}
+
+impl<'a> Frames<'a> {
+    pub fn new(bytes: &'a [u8], first_index: usize) -> Self {
+        Self { cur: Cursor { data: bytes, pos: 0 }, index: first_index }
+    }
+
+    fn read(&mut self) -> Result<Frame<'a>, XorbError> {
+        let index = self.index;
+        let h = self.cur.take(FRAME_HEADER_LEN)?;
+        let scheme =
+            Scheme::from_u8(h[0]).ok_or(XorbError::UnknownScheme { index, scheme: h[0] })?;
+        if h[1..4] != [0, 0, 0] {
+            return Err(XorbError::Reserved { index });
+        }
+        let len = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+        let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+        check_lengths(index, scheme, len.into(), stored.into())?;
+        let payload = self.cur.take(stored as usize)?;
+        self.index += 1;
+        Ok(Frame { scheme, len, payload })
+    }
+}
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = Result<Frame<'a>, XorbError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.cur.pos >= self.cur.data.len() {
+            return None;
+        }
+        let r = self.read();
+        if r.is_err() {
+            self.cur.pos = self.cur.data.len();
+        }
+        Some(r)
+    }
+}
+
+/// A structurally valid xorb (magic, limits, index/frame agreement, exact
+/// length), borrowed from its bytes. Chunk contents are checked by [`verify`].
+///
+/// [`verify`]: XorbView::verify
+#[derive(Debug)]
+pub struct XorbView<'a> {
+    bytes: &'a [u8],
+    entries: Vec<IndexEntry>,
+    /// Byte offset of frame `i`; one extra entry for the end.
+    offsets: Vec<u64>,
+}
+
+impl<'a> XorbView<'a> {
+    /// Parses and structurally validates a whole xorb.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, XorbError> {
+        let entries = parse_header(bytes)?;
+        let mut offsets = Vec::with_capacity(entries.len() + 1);
+        let mut pos = header_len(entries.len()) as u64;
+        for e in &entries {
+            offsets.push(pos);
+            pos += e.frame_len();
+        }
+        offsets.push(pos);
+        if (bytes.len() as u64) < pos {
+            return Err(XorbError::Truncated {
+                offset: bytes.len() as u64,
+                need: pos - bytes.len() as u64,
+                have: 0,
+            });
+        }
+        if bytes.len() as u64 > pos {
+            return Err(XorbError::TrailingBytes { extra: bytes.len() as u64 - pos });
+        }
+        let view = Self { bytes, entries, offsets };
+        for (i, e) in view.entries.iter().enumerate() {
+            let f = view.frame(i)?;
+            if f.len != e.info.len || f.payload.len() != e.stored_len as usize {
+                return Err(XorbError::FrameMismatch { index: i });
+            }
+        }
+        Ok(view)
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn entries(&self) -> &[IndexEntry] {
+        &self.entries
+    }
+
+    /// The chunk table (hash and length of every chunk) as the index states it.
+    pub fn chunks(&self) -> Vec<ChunkInfo> {
+        self.entries.iter().map(|e| e.info).collect()
+    }
+
+    /// The xorb hash the index implies (trusted only after [`XorbView::verify`]).
+    pub fn hash(&self) -> XorbHash {
+        XorbHash::from_chunks(self.entries.iter().map(|e| &e.info))
+    }
+
+    /// The bytes holding the frames of chunks `range`.
+    pub fn byte_range(&self, range: ChunkRange) -> Result<ByteRange, XorbError> {
+        byte_range_of(&self.offsets, range)
+    }
+
+    /// Frame `i`.
+    pub fn frame(&self, i: usize) -> Result<Frame<'a>, XorbError> {
+        let start = self.offsets[i] as usize;
+        let end = self.offsets[i + 1] as usize;
+        Frames::new(&self.bytes[start..end], i)
+            .next()
+            .expect("frame range is never empty")
+    }
+
+    /// Decompresses and re-hashes every chunk, then checks the xorb hash
+    /// against `expected`. Nothing in a xorb is trusted before this.
+    pub fn verify(&self, expected: XorbHash) -> Result<(), XorbError> {
+        let mut buf = Vec::with_capacity(MAX_CHUNK);
+        for (i, e) in self.entries.iter().enumerate() {
+            buf.clear();
+            self.frame(i)?.decode_verified(i, e.info.hash, &mut buf)?;
+        }
+        let actual = self.hash();
+        if actual != expected {
+            return Err(XorbError::XorbHashMismatch { expected, actual });
+        }
+        Ok(())
+    }
+}
+
+fn header_len(chunks: usize) -> usize {
+    HEADER_FIXED_LEN + chunks * INDEX_ENTRY_LEN
+}
+
+/// Parses magic, version and index from the start of a xorb; `bytes` may be
+/// just a prefix as long as it holds the whole header.
+pub fn parse_header(bytes: &[u8]) -> Result<Vec<IndexEntry>, XorbError> {
+    let mut cur = Cursor { data: bytes, pos: 0 };
+    if cur.take(8)? != XORB_MAGIC {
+        return Err(XorbError::BadMagic);
+    }
+    let version = cur.u32()?;
+    if version != XORB_VERSION {
+        return Err(XorbError::UnsupportedVersion(version));
+    }
+    let count = cur.u32()? as usize;
+    if count == 0 || count > MAX_XORB_CHUNKS {
+        return Err(XorbError::ChunkCount(count as u64));
+    }
+    let raw = cur.take(count * INDEX_ENTRY_LEN)?;
+    let mut entries = Vec::with_capacity(count);
+    let mut total = 0u64;
+    for (index, e) in raw.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
+        let hash = ChunkHash::from_bytes(e[..32].try_into().expect("32 bytes"));
+        let len = u32::from_le_bytes(e[32..36].try_into().expect("4 bytes"));
+        let stored_len = u32::from_le_bytes(e[36..40].try_into().expect("4 bytes"));
+        if len == 0 || len as usize > MAX_CHUNK {
+            return Err(XorbError::ChunkLen { index, len: len.into() });
+        }
+        if stored_len > len {
+            return Err(XorbError::StoredLen {
+                index,
+                scheme: Scheme::Raw,
+                stored: stored_len.into(),
+                len: len.into(),
+            });
+        }
+        total += u64::from(len);
+        if total > MAX_XORB_UNCOMPRESSED as u64 {
+            return Err(XorbError::TooLarge);
+        }
+        entries.push(IndexEntry { info: ChunkInfo { hash, len }, stored_len });
+    }
+    Ok(entries)
+}
+
+/// Byte range of the frames of `range`, given the index entries of a xorb.
+pub fn frame_byte_range(entries: &[IndexEntry], range: ChunkRange) -> Result<ByteRange, XorbError> {
+    let mut offsets = Vec::with_capacity(entries.len() + 1);
+    let mut pos = header_len(entries.len()) as u64;
+    for e in entries {
+        offsets.push(pos);
+        pos += e.frame_len();
+    }
+    offsets.push(pos);
+    byte_range_of(&offsets, range)
+}
+
+fn byte_range_of(offsets: &[u64], range: ChunkRange) -> Result<ByteRange, XorbError> {
+    let count = offsets.len() - 1;
+    if range.is_empty() || range.end as usize > count {
+        return Err(XorbError::BadRange { start: range.start, end: range.end, count });
+    }
+    Ok(ByteRange { start: offsets[range.start as usize], end: offsets[range.end as usize] })
+}
+
+/// Compression choice of the builder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    /// zstd level; 1 is the measured sweet spot for weights.
+    pub level: i32,
+    /// Keep the compressed form only if it saves at least `1 / min_saving_div`
+    /// of the chunk; otherwise store raw (cheaper to read, nothing lost).
+    pub min_saving_div: u32,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Self { level: 1, min_saving_div: 32 }
+    }
+}
+
+impl Compression {
+    /// Never compress (e.g. for data known to be incompressible).
+    pub const NONE: Self = Self { level: 0, min_saving_div: 0 };
+}
+
+thread_local! {
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        f(slot.as_mut().expect("just set"))
+    })
+}
+
+fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        slot.as_mut().expect("just set").1.compress(data)
+    })
+}
+
+/// A chunk hashed and encoded for a xorb. Building one is pure CPU work that
+/// callers may spread over threads before handing the results to a builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedChunk {
+    pub info: ChunkInfo,
+    pub scheme: Scheme,
+    pub payload: Vec<u8>,
+}
+
+impl EncodedChunk {
+    /// Hashes and (if it pays) compresses one chunk.
+    pub fn encode(data: &[u8], compression: Compression) -> Result<Self, XorbError> {
+        Self::encode_with_hash(data, ChunkHash::of(data), compression)
+    }
+
+    /// As [`EncodedChunk::encode`] for a chunk whose hash is already known.
+    pub fn encode_with_hash(
+        data: &[u8],
+        hash: ChunkHash,
+        compression: Compression,
+    ) -> Result<Self, XorbError> {
+        if data.is_empty() || data.len() > MAX_CHUNK {
+            return Err(XorbError::ChunkLen { index: 0, len: data.len() as u64 });
+        }
+        let info = ChunkInfo { hash, len: data.len() as u32 };
+        if compression.min_saving_div > 0 {
+            let limit = data.len() - data.len() / compression.min_saving_div as usize;
+            if let Ok(z) = zstd_compress(data, compression.level) {
+                if z.len() < limit && z.len() < data.len() {
+                    return Ok(Self { info, scheme: Scheme::Zstd, payload: z });
+                }
+            }
+        }
+        Ok(Self { info, scheme: Scheme::Raw, payload: data.to_vec() })
+    }
+}
+
+/// A finished xorb.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltXorb {
+    pub hash: XorbHash,
+    pub chunks: Vec<ChunkInfo>,
+    pub bytes: Vec<u8>,
+}
+
+/// Collects encoded chunks until a limit is reached, then serializes them.
+#[derive(Debug, Default)]
+pub struct XorbBuilder {
+    chunks: Vec<EncodedChunk>,
+    uncompressed: usize,
+}
+
+impl XorbBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.chunks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// Uncompressed bytes collected so far.
+    pub fn uncompressed_len(&self) -> usize {
+        self.uncompressed
+    }
+
+    /// Whether a chunk of `len` bytes still fits.
+    pub fn fits(&self, len: usize) -> bool {
+        self.chunks.len() < MAX_XORB_CHUNKS && self.uncompressed + len <= MAX_XORB_UNCOMPRESSED
+    }
+
+    /// Adds a chunk, or hands it back when the xorb is full.
+    pub fn try_push(&mut self, chunk: EncodedChunk) -> Result<(), EncodedChunk> {
+        if !self.fits(chunk.info.len as usize) {
+            return Err(chunk);
+        }
+        self.uncompressed += chunk.info.len as usize;
+        self.chunks.push(chunk);
+        Ok(())
+    }
+
+    /// Serializes the xorb; its index comes first so a reader can map chunk
+    /// ranges to byte ranges from the header alone.
+    pub fn finish(self) -> Result<BuiltXorb, XorbError> {
+        if self.chunks.is_empty() {
+            return Err(XorbError::Empty);
+        }
+        let n = self.chunks.len();
+        let payload: usize = self.chunks.iter().map(|c| c.payload.len()).sum();
+        let mut bytes = Vec::with_capacity(header_len(n) + n * FRAME_HEADER_LEN + payload);
+        bytes.extend_from_slice(&XORB_MAGIC);
+        bytes.extend_from_slice(&XORB_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&(n as u32).to_le_bytes());
+        for c in &self.chunks {
+            bytes.extend_from_slice(c.info.hash.as_bytes());
+            bytes.extend_from_slice(&c.info.len.to_le_bytes());
+            bytes.extend_from_slice(&(c.payload.len() as u32).to_le_bytes());
+        }
+        for c in &self.chunks {
+            bytes.push(c.scheme as u8);
+            bytes.extend_from_slice(&[0, 0, 0]);
+            bytes.extend_from_slice(&c.info.len.to_le_bytes());
+            bytes.extend_from_slice(&(c.payload.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&c.payload);
+        }
+        let chunks: Vec<ChunkInfo> = self.chunks.iter().map(|c| c.info).collect();
+        Ok(BuiltXorb { hash: XorbHash::from_chunks(&chunks), chunks, bytes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn build(chunks: &[Vec<u8>], c: Compression) -> BuiltXorb {
+        let mut b = XorbBuilder::new();
+        for d in chunks {
+            b.try_push(EncodedChunk::encode(d, c).unwrap()).unwrap();
+        }
+        b.finish().unwrap()
+    }
+
+    fn sample_chunks() -> Vec<Vec<u8>> {
+        vec![vec![0u8; 1000], (0..=255u8).cycle().take(70_000).collect(), b"tiny".to_vec()]
+    }
+
+    #[test]
+    fn round_trip_and_ranges() {
+        let chunks = sample_chunks();
+        let x = build(&chunks, Compression::default());
+        let v = XorbView::parse(&x.bytes).unwrap();
+        assert_eq!(v.chunks(), x.chunks);
+        assert_eq!(v.hash(), x.hash);
+        v.verify(x.hash).unwrap();
+        assert_eq!(v.entries()[0].stored_len < 1000, true, "zeros compress");
+        let r = v.byte_range(ChunkRange { start: 1, end: 3 }).unwrap();
+        let mut out = Vec::new();
+        for (i, f) in Frames::new(&x.bytes[r.start as usize..r.end as usize], 1).enumerate() {
+            f.unwrap().decode_verified(i + 1, x.chunks[i + 1].hash, &mut out).unwrap();
+        }
+        assert_eq!(out, [chunks[1].clone(), chunks[2].clone()].concat());
+        assert_eq!(frame_byte_range(v.entries(), ChunkRange { start: 1, end: 3 }).unwrap(), r);
+        assert!(v.byte_range(ChunkRange { start: 2, end: 4 }).is_err());
+        assert!(v.byte_range(ChunkRange { start: 2, end: 2 }).is_err());
+    }
+
+    #[test]
+    fn same_chunks_compressed_differently_have_the_same_hash() {
+        let a = build(&sample_chunks(), Compression::default());
+        let b = build(&sample_chunks(), Compression::NONE);
+        assert_ne!(a.bytes, b.bytes);
+        assert_eq!(a.hash, b.hash);
+        XorbView::parse(&b.bytes).unwrap().verify(a.hash).unwrap();
+    }
+
+    #[test]
+    fn incompressible_chunks_stay_raw() {
+        let mut data = vec![0u8; 50_000];
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for b in &mut data {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let c = EncodedChunk::encode(&data, Compression::default()).unwrap();
+        assert_eq!(c.scheme, Scheme::Raw);
+    }
+
+    #[test]
+    fn limits_are_enforced_when_building() {
+        assert!(EncodedChunk::encode(&[], Compression::NONE).is_err());
+        assert!(EncodedChunk::encode(&vec![1; MAX_CHUNK + 1], Compression::NONE).is_err());
+        assert_eq!(XorbBuilder::new().finish(), Err(XorbError::Empty));
+        let mut b = XorbBuilder::new();
+        let c = EncodedChunk::encode(&[1], Compression::NONE).unwrap();
+        for _ in 0..MAX_XORB_CHUNKS {
+            b.try_push(c.clone()).unwrap();
+        }
+        assert!(b.try_push(c).is_err());
+        let mut b = XorbBuilder::new();
+        let big = EncodedChunk::encode(&vec![3; MAX_CHUNK], Compression::NONE).unwrap();
+        for _ in 0..MAX_XORB_UNCOMPRESSED / MAX_CHUNK {
+            b.try_push(big.clone()).unwrap();
+        }
+        assert!(b.try_push(big).is_err());
+        assert!(b.finish().unwrap().bytes.len() <= MAX_XORB_SERIALIZED);
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let x = build(&sample_chunks(), Compression::default());
+        // A flipped payload byte of the raw chunk: structure fine, hash wrong.
+        let mut bad = x.bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let v = XorbView::parse(&bad).unwrap();
+        assert!(matches!(v.verify(x.hash), Err(XorbError::ChunkHashMismatch { index: 2, .. })));
+        // Wrong expected xorb hash.
+        let v = XorbView::parse(&x.bytes).unwrap();
+        assert!(matches!(
+            v.verify(XorbHash::from_bytes([0; 32])),
+            Err(XorbError::XorbHashMismatch { .. })
+        ));
+        // Structural damage.
+        assert_eq!(XorbView::parse(&x.bytes[..x.bytes.len() - 1]).unwrap_err().to_string().contains("truncated"), true);
+        let mut extra = x.bytes.clone();
+        extra.push(0);
+        assert_eq!(XorbView::parse(&extra).unwrap_err(), XorbError::TrailingBytes { extra: 1 });
+        let mut magic = x.bytes.clone();
+        magic[0] = b'X';
+        assert_eq!(XorbView::parse(&magic).unwrap_err(), XorbError::BadMagic);
+        let mut count = x.bytes.clone();
+        count[12..16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(XorbView::parse(&count).unwrap_err(), XorbError::ChunkCount(u32::MAX.into()));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn build_parse_verify_round_trip(
+            chunks in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 1..3000),
+                    (1usize..20_000, any::<u8>()).prop_map(|(n, b)| vec![b; n]),
+                ],
+                1..20,
+            ),
+            compress in any::<bool>(),
+        ) {
+            let c = if compress { Compression::default() } else { Compression::NONE };
+            let x = build(&chunks, c);
+            let v = XorbView::parse(&x.bytes).unwrap();
+            v.verify(x.hash).unwrap();
+            let mut all = Vec::new();
+            for i in 0..v.chunk_count() {
+                v.frame(i).unwrap().decode_into(i, &mut all).unwrap();
+            }
+            prop_assert_eq!(all, chunks.concat());
+        }
+
+        #[test]
+        fn parser_never_panics_on_mutations(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let x = build(&sample_chunks(), Compression::default());
+            let mut bad = x.bytes.clone();
+            for (i, b) in flips {
+                let i = i.index(bad.len());
+                bad[i] ^= b;
+            }
+            bad.truncate(cut.index(bad.len() + 1));
+            if let Ok(v) = XorbView::parse(&bad) {
+                let _ = v.verify(x.hash);
+            }
+        }
+    }
+}
