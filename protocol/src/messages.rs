@@ -11,7 +11,7 @@ use crate::xorb::MAX_XORB_CHUNKS;
 /// Most chunk hashes in one dedup query.
 pub const MAX_DEDUP_BATCH: usize = 16 * 1024;
 /// Largest encoded reconstruction answer.
-pub const MAX_RECONSTRUCTION_BYTES: usize = 256 * 1024 * 1024;
+pub const MAX_RECONSTRUCTION_BYTES: usize = 128 * 1024 * 1024;
 /// Longest fetch URL.
 pub const MAX_URL_LEN: usize = 8 * 1024;
 

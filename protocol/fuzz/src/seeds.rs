@@ -1,0 +1,47 @@
+//! Writes valid sample inputs into corpus/<target>/ so the fuzzers start
+//! from well-formed xorbs, shards and trees. Run: `cargo run --bin seeds`.
+
+use cas_protocol::chunking::chunks;
+use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
+use cas_protocol::tree::{Tree, TreeEntry};
+use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder};
+use cas_protocol::{ChunkRange, FileHash, Message, Sha256};
+use std::fs;
+
+fn main() {
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 / 13) as u8).collect();
+    let mut b = XorbBuilder::new();
+    for r in chunks(&data) {
+        for piece in data[r].chunks(9000) {
+            b.try_push(EncodedChunk::encode(piece, Compression::default()).unwrap()).unwrap();
+        }
+    }
+    b.try_push(EncodedChunk::encode(b"raw tail", Compression::NONE).unwrap()).unwrap();
+    let xorb = b.finish().unwrap();
+    let n = xorb.chunks.len() as u32;
+    let recipe = FileRecipe {
+        hash: FileHash::from_chunks(&xorb.chunks),
+        sha256: Sha256::of(&data),
+        size: xorb.chunks.iter().map(|c| u64::from(c.len)).sum(),
+        terms: vec![Term { xorb: xorb.hash, chunks: ChunkRange { start: 0, end: n }, len: 100_008 }],
+    };
+    let shard = Shard {
+        xorbs: vec![XorbChunkTable { hash: xorb.hash, chunks: xorb.chunks.clone() }],
+        files: vec![recipe],
+    };
+    let tree = Tree::new(vec![
+        TreeEntry { path: "config.json".into(), mode: 0o644, size: 10, file: FileHash::from_chunks([]) },
+        TreeEntry { path: "weights/model.safetensors".into(), mode: 0o755, size: 100_008, file: shard.files[0].hash },
+    ]);
+    write("xorb", "valid", &xorb.bytes);
+    write("shard", "valid.bin", &shard.to_bytes());
+    write("shard", "valid.json", shard.to_json().as_bytes());
+    write("tree", "valid.bin", &tree.to_bytes());
+    write("tree", "valid.json", tree.to_json().as_bytes());
+}
+
+fn write(target: &str, name: &str, bytes: &[u8]) {
+    let dir = format!("corpus/{target}");
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(format!("{dir}/{name}"), bytes).unwrap();
+}
