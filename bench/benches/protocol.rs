@@ -14,7 +14,9 @@ fn chunking_and_hashing(c: &mut Criterion) {
     let data = random_bytes(1, LEN);
     let mut g = c.benchmark_group("chunk_hash");
     g.throughput(Throughput::Bytes(LEN as u64)).sample_size(10);
-    g.bench_function("fastcdc_only", |b| b.iter(|| black_box(chunks(&data).count())));
+    g.bench_function("fastcdc_only", |b| {
+        b.iter(|| black_box(chunks(&data).count()))
+    });
     g.bench_function("blake3_chunks_only", |b| {
         let ranges: Vec<_> = chunks(&data).collect();
         b.iter(|| {
@@ -23,7 +25,9 @@ fn chunking_and_hashing(c: &mut Criterion) {
             }
         })
     });
-    g.bench_function("chunk_and_hash_1_thread", |b| b.iter(|| black_box(chunk_and_hash(&data))));
+    g.bench_function("chunk_and_hash_1_thread", |b| {
+        b.iter(|| black_box(chunk_and_hash(&data)))
+    });
     g.bench_function("chunk_and_hash_parallel", |b| {
         b.iter(|| black_box(chunk_and_hash_parallel(&data)))
     });
@@ -43,17 +47,31 @@ fn build(data: &[u8], compression: Compression) -> Vec<u8> {
 fn xorbs(c: &mut Criterion) {
     let mut g = c.benchmark_group("xorb");
     g.throughput(Throughput::Bytes(LEN as u64)).sample_size(10);
-    for (name, data) in [("random", random_bytes(2, LEN)), ("bf16", bf16_weights(3, LEN))] {
-        for (cname, comp) in [("zstd1", Compression::default()), ("raw", Compression::NONE)] {
+    for (name, data) in [
+        ("random", random_bytes(2, LEN)),
+        ("bf16", bf16_weights(3, LEN)),
+    ] {
+        for (cname, comp) in [
+            ("zstd1", Compression::default()),
+            ("raw", Compression::NONE),
+        ] {
             g.bench_function(BenchmarkId::new(format!("build_{cname}"), name), |b| {
                 b.iter(|| black_box(build(&data, comp)))
             });
             let bytes = build(&data, comp);
             let view = XorbView::parse(&bytes).expect("valid");
             let hash = view.hash();
-            eprintln!("{name}/{cname}: stored {:.3} of raw", bytes.len() as f64 / LEN as f64);
+            eprintln!(
+                "{name}/{cname}: stored {:.3} of raw",
+                bytes.len() as f64 / LEN as f64
+            );
             g.bench_function(BenchmarkId::new(format!("verify_{cname}"), name), |b| {
-                b.iter(|| XorbView::parse(&bytes).expect("valid").verify(hash).expect("verifies"))
+                b.iter(|| {
+                    XorbView::parse(&bytes)
+                        .expect("valid")
+                        .verify(hash)
+                        .expect("verifies")
+                })
             });
         }
     }

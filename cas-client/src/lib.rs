@@ -22,7 +22,10 @@ pub struct FileDigest {
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}: not a regular file")]
     NotAFile(PathBuf),
 }
@@ -30,7 +33,10 @@ pub enum HashError {
 /// Chunks and hashes one file with all cores: the chunk chain is split
 /// across threads while SHA-256 runs beside it.
 pub fn hash_file(path: &Path) -> Result<FileDigest, HashError> {
-    let io = |source| HashError::Io { path: path.to_owned(), source };
+    let io = |source| HashError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let file = File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
@@ -39,7 +45,11 @@ pub fn hash_file(path: &Path) -> Result<FileDigest, HashError> {
     // SAFETY: the map is only read, through a shared slice. A file truncated
     // or rewritten by another process while we hash it is the one hazard
     // (as for every mmap-based reader); we accept it for zero-copy hashing.
-    let map = if meta.len() == 0 { None } else { Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?) };
+    let map = if meta.len() == 0 {
+        None
+    } else {
+        Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+    };
     let data: &[u8] = map.as_deref().unwrap_or(&[]);
     let (chunks, sha256) = rayon::join(
         || chunk_and_hash_parallel(data),

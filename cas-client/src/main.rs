@@ -32,15 +32,27 @@ fn main() -> ExitCode {
             let mut failed = false;
             for path in paths {
                 match cas_client::hash_file(&path) {
-                    Ok(d) if json => println!("{}", serde_json::to_string(&d).expect("serializable")),
-                    Ok(d) => println!("{}  {}  {}  {}", d.file_hash, d.sha256, d.size, d.path.display()),
+                    Ok(d) if json => {
+                        println!("{}", serde_json::to_string(&d).expect("serializable"))
+                    }
+                    Ok(d) => println!(
+                        "{}  {}  {}  {}",
+                        d.file_hash,
+                        d.sha256,
+                        d.size,
+                        d.path.display()
+                    ),
                     Err(e) => {
                         eprintln!("cas-client: {e}");
                         failed = true;
                     }
                 }
             }
-            if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+            if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     }
 }

@@ -271,7 +271,11 @@ mod tests {
             let mut pos = 0;
             while pos < data.len() {
                 let a = first_chunk_len(&data[pos..]);
-                assert_eq!(a, reference_first_chunk_len(&data[pos..]), "seed {seed} pos {pos}");
+                assert_eq!(
+                    a,
+                    reference_first_chunk_len(&data[pos..]),
+                    "seed {seed} pos {pos}"
+                );
                 pos += a;
             }
         }
@@ -283,7 +287,10 @@ mod tests {
         assert_eq!(chunks(&[7]).collect::<Vec<_>>(), vec![0..1]);
         let zeros = vec![0u8; 5 * MAX_CHUNK + 10];
         let r: Vec<_> = chunks(&zeros).map(|r| r.len()).collect();
-        assert_eq!(r, vec![MAX_CHUNK, MAX_CHUNK, MAX_CHUNK, MAX_CHUNK, MAX_CHUNK, 10]);
+        assert_eq!(
+            r,
+            vec![MAX_CHUNK, MAX_CHUNK, MAX_CHUNK, MAX_CHUNK, MAX_CHUNK, 10]
+        );
     }
 
     #[test]
@@ -300,10 +307,16 @@ mod tests {
     #[test]
     fn stitch_resynchronises_chains_started_at_arbitrary_offsets() {
         let data = random_bytes(9, 4 * 1024 * 1024);
-        for starts in [vec![0, 1, 777_777], vec![0, 1_000_003, 1_000_004, 3_999_999]] {
+        for starts in [
+            vec![0, 1, 777_777],
+            vec![0, 1_000_003, 1_000_004, 3_999_999],
+        ] {
             let mut bounds = starts.clone();
             bounds.push(data.len());
-            let chains = bounds.windows(2).map(|w| region_chain(&data, w[0], w[1])).collect();
+            let chains = bounds
+                .windows(2)
+                .map(|w| region_chain(&data, w[0], w[1]))
+                .collect();
             assert_eq!(stitch(&data, chains), chunk_and_hash(&data), "{starts:?}");
         }
     }

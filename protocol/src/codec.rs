@@ -15,11 +15,19 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MessageError {
     #[error("{kind} of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { kind: &'static str, len: usize, max: usize },
+    TooLarge {
+        kind: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("not a {kind}: wrong tag")]
     WrongTag { kind: &'static str },
     #[error("unsupported {kind} version {found} (this build reads version {supported})")]
-    UnsupportedVersion { kind: &'static str, found: u64, supported: u32 },
+    UnsupportedVersion {
+        kind: &'static str,
+        found: u64,
+        supported: u32,
+    },
     #[error("malformed {kind}: {reason}")]
     Malformed { kind: &'static str, reason: String },
     #[error("{kind} has {extra} unexpected trailing bytes")]
@@ -41,7 +49,9 @@ fn decode_body<M: Message>(body: &[u8]) -> Result<(M, usize), bincode::error::De
     match body.len() {
         0..=16_384 => bincode::decode_from_slice(body, Limited::<MIB>::default()),
         16_385..=262_144 => bincode::decode_from_slice(body, Limited::<{ 16 * MIB }>::default()),
-        262_145..=4_194_304 => bincode::decode_from_slice(body, Limited::<{ 256 * MIB }>::default()),
+        262_145..=4_194_304 => {
+            bincode::decode_from_slice(body, Limited::<{ 256 * MIB }>::default())
+        }
         _ => bincode::decode_from_slice(body, Limited::<{ 1024 * MIB }>::default()),
     }
 }
@@ -82,12 +92,19 @@ pub trait Message:
         let version = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
         check_version::<Self>(version.into())?;
         let body = &bytes[8..];
-        let (msg, used): (Self, usize) = decode_body(body)
-            .map_err(|e| MessageError::Malformed { kind, reason: e.to_string() })?;
+        let (msg, used): (Self, usize) =
+            decode_body(body).map_err(|e| MessageError::Malformed {
+                kind,
+                reason: e.to_string(),
+            })?;
         if used != body.len() {
-            return Err(MessageError::TrailingBytes { kind, extra: body.len() - used });
+            return Err(MessageError::TrailingBytes {
+                kind,
+                extra: body.len() - used,
+            });
         }
-        msg.validate().map_err(|reason| MessageError::Invalid { kind, reason })?;
+        msg.validate()
+            .map_err(|reason| MessageError::Invalid { kind, reason })?;
         Ok(msg)
     }
 
@@ -104,8 +121,11 @@ pub trait Message:
     fn from_json(text: &[u8]) -> Result<Self, MessageError> {
         let kind = Self::KIND;
         check_len::<Self>(text.len())?;
-        let mut v: serde_json::Value = serde_json::from_slice(text)
-            .map_err(|e| MessageError::Malformed { kind, reason: e.to_string() })?;
+        let mut v: serde_json::Value =
+            serde_json::from_slice(text).map_err(|e| MessageError::Malformed {
+                kind,
+                reason: e.to_string(),
+            })?;
         let version = v
             .as_object_mut()
             .and_then(|m| m.remove("version"))
@@ -115,16 +135,23 @@ pub trait Message:
                 reason: "missing numeric \"version\"".into(),
             })?;
         check_version::<Self>(version)?;
-        let msg: Self = serde_json::from_value(v)
-            .map_err(|e| MessageError::Malformed { kind, reason: e.to_string() })?;
-        msg.validate().map_err(|reason| MessageError::Invalid { kind, reason })?;
+        let msg: Self = serde_json::from_value(v).map_err(|e| MessageError::Malformed {
+            kind,
+            reason: e.to_string(),
+        })?;
+        msg.validate()
+            .map_err(|reason| MessageError::Invalid { kind, reason })?;
         Ok(msg)
     }
 }
 
 fn check_len<M: Message>(len: usize) -> Result<(), MessageError> {
     if len > M::MAX_BYTES {
-        return Err(MessageError::TooLarge { kind: M::KIND, len, max: M::MAX_BYTES });
+        return Err(MessageError::TooLarge {
+            kind: M::KIND,
+            len,
+            max: M::MAX_BYTES,
+        });
     }
     Ok(())
 }

@@ -142,7 +142,16 @@ fn parse_hex32(s: &str) -> Result<[u8; 32], ParseHashError> {
 
 /// One chunk as the indexes see it: its hash and uncompressed length.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    bincode::Encode,
+    bincode::Decode,
 )]
 pub struct ChunkInfo {
     pub hash: ChunkHash,
@@ -273,7 +282,10 @@ mod tests {
 
     #[test]
     fn domains_are_separated() {
-        let info = ChunkInfo { hash: ChunkHash::of(b"x"), len: 1 };
+        let info = ChunkInfo {
+            hash: ChunkHash::of(b"x"),
+            len: 1,
+        };
         let x = XorbHash::from_chunks([&info]);
         let f = FileHash::from_chunks([&info]);
         let r = RangeHash::from_chunks([&info]);

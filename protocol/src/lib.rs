@@ -19,7 +19,9 @@ pub mod tree;
 pub mod xorb;
 
 pub use codec::{Message, MessageError};
-pub use hash::{ChunkHash, ChunkInfo, FileHash, FileHasher, RangeHash, Sha256, Sha256Hasher, XorbHash};
+pub use hash::{
+    ChunkHash, ChunkInfo, FileHash, FileHasher, RangeHash, Sha256, Sha256Hasher, XorbHash,
+};
 pub use range::{ByteRange, ChunkRange};
 
 /// Version of the protocol as a whole: chunking, hashing and formats.

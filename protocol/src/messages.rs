@@ -16,20 +16,35 @@ pub const MAX_RECONSTRUCTION_BYTES: usize = 128 * 1024 * 1024;
 pub const MAX_URL_LEN: usize = 8 * 1024;
 
 /// "Which of these chunks do you have?"
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct DedupQuery {
     pub chunks: Vec<ChunkHash>,
 }
 
 /// Where a stored chunk lives: enough to reference it in a file recipe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    bincode::Encode,
+    bincode::Decode,
+)]
 pub struct ChunkLocation {
     pub xorb: XorbHash,
     pub index: u32,
 }
 
 /// One answer per queried hash, in query order; `None` means "send it".
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct DedupAnswer {
     pub found: Vec<Option<ChunkLocation>>,
 }
@@ -41,7 +56,10 @@ impl_message!(DedupAnswer, "dedup answer", b"CDDA", DEDUP_MAX_BYTES);
 impl DedupQuery {
     fn check(&self) -> Result<(), String> {
         if self.chunks.len() > MAX_DEDUP_BATCH {
-            return Err(format!("{} hashes, at most {MAX_DEDUP_BATCH}", self.chunks.len()));
+            return Err(format!(
+                "{} hashes, at most {MAX_DEDUP_BATCH}",
+                self.chunks.len()
+            ));
         }
         Ok(())
     }
@@ -50,9 +68,17 @@ impl DedupQuery {
 impl DedupAnswer {
     fn check(&self) -> Result<(), String> {
         if self.found.len() > MAX_DEDUP_BATCH {
-            return Err(format!("{} answers, at most {MAX_DEDUP_BATCH}", self.found.len()));
+            return Err(format!(
+                "{} answers, at most {MAX_DEDUP_BATCH}",
+                self.found.len()
+            ));
         }
-        match self.found.iter().flatten().find(|l| l.index as usize >= MAX_XORB_CHUNKS) {
+        match self
+            .found
+            .iter()
+            .flatten()
+            .find(|l| l.index as usize >= MAX_XORB_CHUNKS)
+        {
             Some(l) => Err(format!("chunk index {} out of range", l.index)),
             None => Ok(()),
         }
@@ -61,7 +87,9 @@ impl DedupAnswer {
 
 /// One term of a reconstruction: chunks of a xorb, their uncompressed
 /// length, and the hash a client checks those chunks against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct ReconstructionTerm {
     pub xorb: XorbHash,
     pub chunks: ChunkRange,
@@ -70,7 +98,9 @@ pub struct ReconstructionTerm {
 }
 
 /// A byte range of a xorb URL that holds the frames of `chunks`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct FetchRange {
     pub chunks: ChunkRange,
     pub bytes: ByteRange,
@@ -97,7 +127,12 @@ pub struct Reconstruction {
     pub fetch: Vec<XorbFetch>,
 }
 
-impl_message!(Reconstruction, "reconstruction", b"CREC", MAX_RECONSTRUCTION_BYTES);
+impl_message!(
+    Reconstruction,
+    "reconstruction",
+    b"CREC",
+    MAX_RECONSTRUCTION_BYTES
+);
 
 impl Reconstruction {
     fn check(&self) -> Result<(), String> {
@@ -119,15 +154,25 @@ impl Reconstruction {
         }
         let needed = self.offset_into_first_term.checked_add(self.range.len());
         if needed.is_none_or(|n| n > total)
-            || self.terms.first().is_some_and(|t| self.offset_into_first_term >= t.len)
+            || self
+                .terms
+                .first()
+                .is_some_and(|t| self.offset_into_first_term >= t.len)
         {
             return Err("terms do not cover the requested range".into());
         }
         for f in &self.fetch {
             if f.url.is_empty() || f.url.len() > MAX_URL_LEN {
-                return Err(format!("xorb {}: URL length {} out of range", f.xorb, f.url.len()));
+                return Err(format!(
+                    "xorb {}: URL length {} out of range",
+                    f.xorb,
+                    f.url.len()
+                ));
             }
-            if f.ranges.iter().any(|r| r.chunks.is_empty() || r.bytes.is_empty()) {
+            if f.ranges
+                .iter()
+                .any(|r| r.chunks.is_empty() || r.bytes.is_empty())
+            {
                 return Err(format!("xorb {}: empty fetch range", f.xorb));
             }
         }
@@ -136,12 +181,17 @@ impl Reconstruction {
 
     /// The fetch entry and range that cover `term`'s chunks.
     pub fn fetch_range(&self, term: &ReconstructionTerm) -> Option<(&XorbFetch, &FetchRange)> {
-        self.fetch.iter().filter(|f| f.xorb == term.xorb).find_map(|f| {
-            f.ranges
-                .iter()
-                .find(|r| r.chunks.start <= term.chunks.start && term.chunks.end <= r.chunks.end)
-                .map(|r| (f, r))
-        })
+        self.fetch
+            .iter()
+            .filter(|f| f.xorb == term.xorb)
+            .find_map(|f| {
+                f.ranges
+                    .iter()
+                    .find(|r| {
+                        r.chunks.start <= term.chunks.start && term.chunks.end <= r.chunks.end
+                    })
+                    .map(|r| (f, r))
+            })
     }
 }
 
@@ -155,7 +205,10 @@ mod tests {
         Reconstruction {
             file: FileHash::from_bytes([1; 32]),
             file_size: 300,
-            range: ByteRange { start: 50, end: 250 },
+            range: ByteRange {
+                start: 50,
+                end: 250,
+            },
             offset_into_first_term: 50,
             terms: vec![
                 ReconstructionTerm {
@@ -176,7 +229,10 @@ mod tests {
                 url: format!("http://127.0.0.1:8080/v1/xorbs/{xorb}"),
                 ranges: vec![FetchRange {
                     chunks: ChunkRange { start: 0, end: 4 },
-                    bytes: ByteRange { start: 176, end: 400 },
+                    bytes: ByteRange {
+                        start: 176,
+                        end: 400,
+                    },
                 }],
             }],
         }
@@ -186,10 +242,16 @@ mod tests {
     fn reconstruction_round_trip_and_checks() {
         let r = sample();
         assert_eq!(Reconstruction::from_bytes(&r.to_bytes()).unwrap(), r);
-        assert_eq!(Reconstruction::from_json(r.to_json().as_bytes()).unwrap(), r);
+        assert_eq!(
+            Reconstruction::from_json(r.to_json().as_bytes()).unwrap(),
+            r
+        );
         let mut bad = r.clone();
         bad.fetch[0].ranges[0].chunks.end = 3;
-        assert!(matches!(Reconstruction::from_bytes(&bad.to_bytes()), Err(MessageError::Invalid { .. })));
+        assert!(matches!(
+            Reconstruction::from_bytes(&bad.to_bytes()),
+            Err(MessageError::Invalid { .. })
+        ));
         let mut bad = r.clone();
         bad.range.end = 301;
         assert!(Reconstruction::from_bytes(&bad.to_bytes()).is_err());
@@ -200,13 +262,23 @@ mod tests {
 
     #[test]
     fn dedup_round_trip_and_limits() {
-        let q = DedupQuery { chunks: vec![ChunkHash::of(b"a"), ChunkHash::of(b"b")] };
+        let q = DedupQuery {
+            chunks: vec![ChunkHash::of(b"a"), ChunkHash::of(b"b")],
+        };
         assert_eq!(DedupQuery::from_bytes(&q.to_bytes()).unwrap(), q);
         let a = DedupAnswer {
-            found: vec![None, Some(ChunkLocation { xorb: XorbHash::from_bytes([9; 32]), index: 3 })],
+            found: vec![
+                None,
+                Some(ChunkLocation {
+                    xorb: XorbHash::from_bytes([9; 32]),
+                    index: 3,
+                }),
+            ],
         };
         assert_eq!(DedupAnswer::from_json(a.to_json().as_bytes()).unwrap(), a);
-        let big = DedupQuery { chunks: vec![ChunkHash::of(b"a"); MAX_DEDUP_BATCH + 1] };
+        let big = DedupQuery {
+            chunks: vec![ChunkHash::of(b"a"); MAX_DEDUP_BATCH + 1],
+        };
         assert!(DedupQuery::from_bytes(&big.to_bytes()).is_err());
         assert!(matches!(
             DedupQuery::from_bytes(&Shard::default().to_bytes()),

@@ -4,11 +4,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chunking::MAX_CHUNK;
 use crate::codec::impl_message;
 use crate::hash::{ChunkInfo, FileHash, FileHasher, Sha256, XorbHash};
 use crate::range::ChunkRange;
 use crate::xorb::{MAX_XORB_CHUNKS, MAX_XORB_UNCOMPRESSED};
-use crate::chunking::MAX_CHUNK;
 
 /// Largest encoded shard.
 pub const MAX_SHARD_BYTES: usize = 128 * 1024 * 1024;
@@ -17,7 +17,18 @@ pub const MAX_SHARD_FILES: usize = 1 << 20;
 
 /// One piece of a file: chunks `[chunks.start, chunks.end)` of `xorb`, which
 /// hold `len` uncompressed bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    bincode::Encode,
+    bincode::Decode,
+)]
 pub struct Term {
     pub xorb: XorbHash,
     pub chunks: ChunkRange,
@@ -41,7 +52,9 @@ pub struct XorbChunkTable {
 }
 
 /// Upload metadata committed as one unit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct Shard {
     pub xorbs: Vec<XorbChunkTable>,
     pub files: Vec<FileRecipe>,
@@ -55,28 +68,50 @@ pub enum RecipeError {
     #[error("term {term}: xorb {xorb} is unknown")]
     UnknownXorb { term: usize, xorb: XorbHash },
     #[error("term {term}: chunks {start}..{end} outside xorb {xorb} of {count} chunks")]
-    RangeOutside { term: usize, xorb: XorbHash, start: u32, end: u32, count: usize },
+    RangeOutside {
+        term: usize,
+        xorb: XorbHash,
+        start: u32,
+        end: u32,
+        count: usize,
+    },
     #[error("term {term}: declares {declared} bytes, its chunks hold {actual}")]
-    TermLength { term: usize, declared: u64, actual: u64 },
+    TermLength {
+        term: usize,
+        declared: u64,
+        actual: u64,
+    },
     #[error("file hash is {actual}, recipe says {declared}")]
-    FileHash { declared: FileHash, actual: FileHash },
+    FileHash {
+        declared: FileHash,
+        actual: FileHash,
+    },
 }
 
 impl XorbChunkTable {
     fn check(&self) -> Result<(), String> {
         let n = self.chunks.len();
         if n == 0 || n > MAX_XORB_CHUNKS {
-            return Err(format!("xorb {}: {n} chunks, expected 1..={MAX_XORB_CHUNKS}", self.hash));
+            return Err(format!(
+                "xorb {}: {n} chunks, expected 1..={MAX_XORB_CHUNKS}",
+                self.hash
+            ));
         }
         let mut total = 0u64;
         for c in &self.chunks {
             if c.len == 0 || c.len as usize > MAX_CHUNK {
-                return Err(format!("xorb {}: chunk length {} out of range", self.hash, c.len));
+                return Err(format!(
+                    "xorb {}: chunk length {} out of range",
+                    self.hash, c.len
+                ));
             }
             total += u64::from(c.len);
         }
         if total > MAX_XORB_UNCOMPRESSED as u64 {
-            return Err(format!("xorb {}: more than {MAX_XORB_UNCOMPRESSED} bytes", self.hash));
+            return Err(format!(
+                "xorb {}: more than {MAX_XORB_UNCOMPRESSED} bytes",
+                self.hash
+            ));
         }
         let actual = XorbHash::from_chunks(&self.chunks);
         if actual != self.hash {
@@ -94,15 +129,24 @@ impl FileRecipe {
                 return Err(format!("file {}: term {i} is empty", self.hash));
             }
             if t.chunks.end as usize > MAX_XORB_CHUNKS {
-                return Err(format!("file {}: term {i} reaches past chunk {MAX_XORB_CHUNKS}", self.hash));
+                return Err(format!(
+                    "file {}: term {i} reaches past chunk {MAX_XORB_CHUNKS}",
+                    self.hash
+                ));
             }
             if t.len > u64::from(t.chunks.len()) * MAX_CHUNK as u64 {
-                return Err(format!("file {}: term {i} is longer than its chunks can be", self.hash));
+                return Err(format!(
+                    "file {}: term {i} is longer than its chunks can be",
+                    self.hash
+                ));
             }
             total = total.checked_add(t.len).ok_or("file size overflows")?;
         }
         if total != self.size {
-            return Err(format!("file {}: terms hold {total} bytes, size says {}", self.hash, self.size));
+            return Err(format!(
+                "file {}: terms hold {total} bytes, size says {}",
+                self.hash, self.size
+            ));
         }
         Ok(())
     }
@@ -116,24 +160,32 @@ impl FileRecipe {
         let mut hasher = FileHasher::new();
         for (term, t) in self.terms.iter().enumerate() {
             let chunks = table(&t.xorb).ok_or(RecipeError::UnknownXorb { term, xorb: t.xorb })?;
-            let run = chunks.get(t.chunks.as_usize()).filter(|_| !t.chunks.is_empty()).ok_or(
-                RecipeError::RangeOutside {
+            let run = chunks
+                .get(t.chunks.as_usize())
+                .filter(|_| !t.chunks.is_empty())
+                .ok_or(RecipeError::RangeOutside {
                     term,
                     xorb: t.xorb,
                     start: t.chunks.start,
                     end: t.chunks.end,
                     count: chunks.len(),
-                },
-            )?;
+                })?;
             let actual: u64 = run.iter().map(|c| u64::from(c.len)).sum();
             if actual != t.len {
-                return Err(RecipeError::TermLength { term, declared: t.len, actual });
+                return Err(RecipeError::TermLength {
+                    term,
+                    declared: t.len,
+                    actual,
+                });
             }
             run.iter().for_each(|c| hasher.push(c));
         }
         let actual = hasher.finish();
         if actual != self.hash {
-            return Err(RecipeError::FileHash { declared: self.hash, actual });
+            return Err(RecipeError::FileHash {
+                declared: self.hash,
+                actual,
+            });
         }
         Ok(())
     }
@@ -142,7 +194,10 @@ impl FileRecipe {
 impl Shard {
     fn check(&self) -> Result<(), String> {
         if self.files.len() > MAX_SHARD_FILES {
-            return Err(format!("{} files, at most {MAX_SHARD_FILES}", self.files.len()));
+            return Err(format!(
+                "{} files, at most {MAX_SHARD_FILES}",
+                self.files.len()
+            ));
         }
         self.xorbs.iter().try_for_each(XorbChunkTable::check)?;
         self.files.iter().try_for_each(FileRecipe::check)
@@ -157,7 +212,10 @@ mod tests {
 
     pub(crate) fn sample() -> (Shard, Vec<ChunkInfo>) {
         let chunks: Vec<ChunkInfo> = (0..4u32)
-            .map(|i| ChunkInfo { hash: ChunkHash::of(&i.to_le_bytes()), len: 1000 + i })
+            .map(|i| ChunkInfo {
+                hash: ChunkHash::of(&i.to_le_bytes()),
+                len: 1000 + i,
+            })
             .collect();
         let xorb = XorbHash::from_chunks(&chunks);
         let file_chunks = [chunks[1], chunks[2], chunks[0]];
@@ -166,11 +224,28 @@ mod tests {
             sha256: Sha256::of(b"not checked here"),
             size: 1001 + 1002 + 1000,
             terms: vec![
-                Term { xorb, chunks: ChunkRange { start: 1, end: 3 }, len: 2003 },
-                Term { xorb, chunks: ChunkRange { start: 0, end: 1 }, len: 1000 },
+                Term {
+                    xorb,
+                    chunks: ChunkRange { start: 1, end: 3 },
+                    len: 2003,
+                },
+                Term {
+                    xorb,
+                    chunks: ChunkRange { start: 0, end: 1 },
+                    len: 1000,
+                },
             ],
         };
-        (Shard { xorbs: vec![XorbChunkTable { hash: xorb, chunks: chunks.clone() }], files: vec![recipe] }, chunks)
+        (
+            Shard {
+                xorbs: vec![XorbChunkTable {
+                    hash: xorb,
+                    chunks: chunks.clone(),
+                }],
+                files: vec![recipe],
+            },
+            chunks,
+        )
     }
 
     #[test]
@@ -189,14 +264,26 @@ mod tests {
         s.files[0].verify(lookup).unwrap();
         let mut bad = s.files[0].clone();
         bad.terms.swap(0, 1);
-        assert!(matches!(bad.verify(lookup), Err(RecipeError::FileHash { .. })));
+        assert!(matches!(
+            bad.verify(lookup),
+            Err(RecipeError::FileHash { .. })
+        ));
         let mut bad = s.files[0].clone();
         bad.terms[1].chunks.end = 5;
-        assert!(matches!(bad.verify(lookup), Err(RecipeError::RangeOutside { .. })));
+        assert!(matches!(
+            bad.verify(lookup),
+            Err(RecipeError::RangeOutside { .. })
+        ));
         let mut bad = s.files[0].clone();
         bad.terms[1].len = 999;
-        assert!(matches!(bad.verify(lookup), Err(RecipeError::TermLength { .. })));
-        assert!(matches!(s.files[0].verify(|_| None), Err(RecipeError::UnknownXorb { .. })));
+        assert!(matches!(
+            bad.verify(lookup),
+            Err(RecipeError::TermLength { .. })
+        ));
+        assert!(matches!(
+            s.files[0].verify(|_| None),
+            Err(RecipeError::UnknownXorb { .. })
+        ));
     }
 
     #[test]
@@ -204,19 +291,34 @@ mod tests {
         let (s, _) = sample();
         let mut bad = s.clone();
         bad.files[0].size += 1;
-        assert!(matches!(Shard::from_bytes(&bad.to_bytes()), Err(MessageError::Invalid { .. })));
+        assert!(matches!(
+            Shard::from_bytes(&bad.to_bytes()),
+            Err(MessageError::Invalid { .. })
+        ));
         let mut bad = s.clone();
         bad.xorbs[0].chunks[0].len += 1;
-        assert!(matches!(Shard::from_bytes(&bad.to_bytes()), Err(MessageError::Invalid { .. })));
+        assert!(matches!(
+            Shard::from_bytes(&bad.to_bytes()),
+            Err(MessageError::Invalid { .. })
+        ));
         let mut bad = s.clone();
         bad.files[0].terms[0].chunks = ChunkRange { start: 2, end: 2 };
-        assert!(matches!(Shard::from_bytes(&bad.to_bytes()), Err(MessageError::Invalid { .. })));
+        assert!(matches!(
+            Shard::from_bytes(&bad.to_bytes()),
+            Err(MessageError::Invalid { .. })
+        ));
         let mut bytes = s.to_bytes();
         bytes[4] = 2;
-        assert!(matches!(Shard::from_bytes(&bytes), Err(MessageError::UnsupportedVersion { found: 2, .. })));
+        assert!(matches!(
+            Shard::from_bytes(&bytes),
+            Err(MessageError::UnsupportedVersion { found: 2, .. })
+        ));
         bytes[4] = 1;
         bytes.push(0);
-        assert!(matches!(Shard::from_bytes(&bytes), Err(MessageError::TrailingBytes { .. })));
+        assert!(matches!(
+            Shard::from_bytes(&bytes),
+            Err(MessageError::TrailingBytes { .. })
+        ));
     }
 
     #[test]
@@ -226,6 +328,9 @@ mod tests {
         bytes.extend_from_slice(&1u32.to_le_bytes());
         bytes.push(253);
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(Shard::from_bytes(&bytes), Err(MessageError::Malformed { .. })));
+        assert!(matches!(
+            Shard::from_bytes(&bytes),
+            Err(MessageError::Malformed { .. })
+        ));
     }
 }

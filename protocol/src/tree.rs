@@ -35,7 +35,9 @@ pub struct TreeEntry {
 
 /// A directory listing: regular files only (empty directories and symlinks
 /// are not recorded).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct Tree {
     pub entries: Vec<TreeEntry>,
 }
@@ -101,13 +103,19 @@ impl Tree {
 
     fn check(&self) -> Result<(), String> {
         if self.entries.len() > MAX_TREE_ENTRIES {
-            return Err(format!("{} entries, at most {MAX_TREE_ENTRIES}", self.entries.len()));
+            return Err(format!(
+                "{} entries, at most {MAX_TREE_ENTRIES}",
+                self.entries.len()
+            ));
         }
         let mut dirs = HashSet::new();
         for (i, e) in self.entries.iter().enumerate() {
             check_path(&e.path).map_err(|err| format!("path {:?}: {err}", e.path))?;
             if e.mode & !MODE_MASK != 0 {
-                return Err(format!("path {:?}: mode {:o} has bits beyond {MODE_MASK:o}", e.path, e.mode));
+                return Err(format!(
+                    "path {:?}: mode {:o} has bits beyond {MODE_MASK:o}",
+                    e.path, e.mode
+                ));
             }
             if i > 0 && self.entries[i - 1].path.as_bytes() >= e.path.as_bytes() {
                 return Err(format!("path {:?} is out of order or repeated", e.path));
@@ -133,12 +141,24 @@ mod tests {
     use proptest::prelude::*;
 
     fn entry(path: &str) -> TreeEntry {
-        TreeEntry { path: path.into(), mode: 0o644, size: 1, file: FileHash::from_bytes([4; 32]) }
+        TreeEntry {
+            path: path.into(),
+            mode: 0o644,
+            size: 1,
+            file: FileHash::from_bytes([4; 32]),
+        }
     }
 
     #[test]
     fn path_rules() {
-        for ok in ["a", "a/b", "model-00001-of-00002.safetensors", "dir/.hidden", "a..b", "é/ü"] {
+        for ok in [
+            "a",
+            "a/b",
+            "model-00001-of-00002.safetensors",
+            "dir/.hidden",
+            "a..b",
+            "é/ü",
+        ] {
             assert_eq!(check_path(ok), Ok(()), "{ok}");
         }
         for (bad, err) in [
@@ -154,18 +174,31 @@ mod tests {
         ] {
             assert_eq!(check_path(bad), Err(err), "{bad:?}");
         }
-        assert_eq!(check_path(&"a".repeat(256)), Err(PathError::ComponentTooLong));
+        assert_eq!(
+            check_path(&"a".repeat(256)),
+            Err(PathError::ComponentTooLong)
+        );
         assert_eq!(check_path(&"a/".repeat(2049)), Err(PathError::TooLong));
     }
 
     #[test]
     fn canonical_order_and_conflicts() {
         let t = Tree::new(vec![entry("b"), entry("a/c"), entry("a.txt")]);
-        assert_eq!(t.entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), ["a.txt", "a/c", "b"]);
+        assert_eq!(
+            t.entries
+                .iter()
+                .map(|e| e.path.as_str())
+                .collect::<Vec<_>>(),
+            ["a.txt", "a/c", "b"]
+        );
         assert_eq!(Tree::from_bytes(&t.to_bytes()).unwrap(), t);
-        let unsorted = Tree { entries: vec![entry("b"), entry("a")] };
+        let unsorted = Tree {
+            entries: vec![entry("b"), entry("a")],
+        };
         assert!(Tree::from_bytes(&unsorted.to_bytes()).is_err());
-        let dup = Tree { entries: vec![entry("a"), entry("a")] };
+        let dup = Tree {
+            entries: vec![entry("a"), entry("a")],
+        };
         assert!(Tree::from_bytes(&dup.to_bytes()).is_err());
         let conflict = Tree::new(vec![entry("a"), entry("a/b")]);
         assert!(Tree::from_bytes(&conflict.to_bytes()).is_err());

@@ -9,7 +9,8 @@ use std::fmt::Write;
 
 use cas_protocol::chunking::{chunk_and_hash, AVG_CHUNK, MAX_CHUNK, MIN_CHUNK};
 use cas_protocol::messages::{
-    ChunkLocation, DedupAnswer, DedupQuery, FetchRange, Reconstruction, ReconstructionTerm, XorbFetch,
+    ChunkLocation, DedupAnswer, DedupQuery, FetchRange, Reconstruction, ReconstructionTerm,
+    XorbFetch,
 };
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{Tree, TreeEntry};
@@ -24,7 +25,10 @@ const END: &str = "<!-- vectors:end -->";
 /// `len` bytes of BLAKE3 extended output of `seed` (plain hash mode).
 fn xof(seed: &str, len: usize) -> Vec<u8> {
     let mut out = vec![0u8; len];
-    blake3::Hasher::new().update(seed.as_bytes()).finalize_xof().fill(&mut out);
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
     out
 }
 
@@ -38,41 +42,85 @@ fn vectors() -> String {
     let w = &mut s;
     let (gear, _) = fastcdc::v2020::get_gear_with_seed(0);
     let gear_bytes: Vec<u8> = gear.iter().flat_map(|g| g.to_le_bytes()).collect();
-    let (mask_s, mask_l) = fastcdc::v2020::select_masks(AVG_CHUNK, fastcdc::v2020::Normalization::Level1);
+    let (mask_s, mask_l) =
+        fastcdc::v2020::select_masks(AVG_CHUNK, fastcdc::v2020::Normalization::Level1);
     writeln!(w, "### Chunking\n").unwrap();
-    writeln!(w, "- MIN = {MIN_CHUNK}, AVG = {AVG_CHUNK}, MAX = {MAX_CHUNK}").unwrap();
+    writeln!(
+        w,
+        "- MIN = {MIN_CHUNK}, AVG = {AVG_CHUNK}, MAX = {MAX_CHUNK}"
+    )
+    .unwrap();
     writeln!(w, "- MASK_S = 0x{mask_s:016x}, MASK_L = 0x{mask_l:016x}").unwrap();
     writeln!(w, "- GEAR[0..4] = {:016x?}", &gear[..4]).unwrap();
-    writeln!(w, "- BLAKE3(GEAR as 256 u64 LE) = {}", blake3::hash(&gear_bytes).to_hex()).unwrap();
+    writeln!(
+        w,
+        "- BLAKE3(GEAR as 256 u64 LE) = {}",
+        blake3::hash(&gear_bytes).to_hex()
+    )
+    .unwrap();
 
     let t1 = xof("cas-protocol test vector 1", 1_000_000);
     let c1 = chunk_and_hash(&t1);
     let lens: Vec<u32> = c1.iter().map(|c| c.len).collect();
-    writeln!(w, "- T1 = first 1000000 bytes of BLAKE3-XOF(\"cas-protocol test vector 1\")").unwrap();
+    writeln!(
+        w,
+        "- T1 = first 1000000 bytes of BLAKE3-XOF(\"cas-protocol test vector 1\")"
+    )
+    .unwrap();
     writeln!(w, "- chunk lengths of T1: {lens:?}").unwrap();
-    let zeros: Vec<u32> = chunk_and_hash(&vec![0u8; 600_000]).iter().map(|c| c.len).collect();
+    let zeros: Vec<u32> = chunk_and_hash(&vec![0u8; 600_000])
+        .iter()
+        .map(|c| c.len)
+        .collect();
     writeln!(w, "- chunk lengths of 600000 zero bytes: {zeros:?}").unwrap();
-    let short: Vec<u32> = chunk_and_hash(&t1[..MIN_CHUNK + 1]).iter().map(|c| c.len).collect();
-    writeln!(w, "- chunk lengths of the first {} bytes of T1: {short:?}", MIN_CHUNK + 1).unwrap();
+    let short: Vec<u32> = chunk_and_hash(&t1[..MIN_CHUNK + 1])
+        .iter()
+        .map(|c| c.len)
+        .collect();
+    writeln!(
+        w,
+        "- chunk lengths of the first {} bytes of T1: {short:?}",
+        MIN_CHUNK + 1
+    )
+    .unwrap();
 
     writeln!(w, "\n### Hashes\n").unwrap();
     writeln!(w, "- chunk hash of \"abc\" = {}", ChunkHash::of(b"abc")).unwrap();
     writeln!(w, "- chunk hash of T1's first chunk = {}", c1[0].hash).unwrap();
-    writeln!(w, "- file hash of the empty file = {}", FileHash::from_chunks([])).unwrap();
+    writeln!(
+        w,
+        "- file hash of the empty file = {}",
+        FileHash::from_chunks([])
+    )
+    .unwrap();
     writeln!(w, "- file hash of T1 = {}", FileHash::from_chunks(&c1)).unwrap();
-    writeln!(w, "- xorb hash of T1's chunks = {}", XorbHash::from_chunks(&c1)).unwrap();
-    writeln!(w, "- range hash of T1's first two chunks = {}", RangeHash::from_chunks(&c1[..2])).unwrap();
+    writeln!(
+        w,
+        "- xorb hash of T1's chunks = {}",
+        XorbHash::from_chunks(&c1)
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "- range hash of T1's first two chunks = {}",
+        RangeHash::from_chunks(&c1[..2])
+    )
+    .unwrap();
     writeln!(w, "- SHA-256 of T1 = {}", Sha256::of(&t1)).unwrap();
 
     writeln!(w, "\n### Xorb\n").unwrap();
     let mut b = XorbBuilder::new();
     for chunk in [&b"hello"[..], b"xorb"] {
-        b.try_push(EncodedChunk::encode(chunk, Compression::NONE).unwrap()).unwrap();
+        b.try_push(EncodedChunk::encode(chunk, Compression::NONE).unwrap())
+            .unwrap();
     }
     let ab: Vec<u8> = b"ab".iter().copied().cycle().take(4096).collect();
     let frame = hex::decode(ZSTD_FRAME_HEX).unwrap();
     let z = EncodedChunk {
-        info: ChunkInfo { hash: ChunkHash::of(&ab), len: 4096 },
+        info: ChunkInfo {
+            hash: ChunkHash::of(&ab),
+            len: 4096,
+        },
         scheme: Scheme::Zstd,
         payload: frame,
     };
@@ -87,23 +135,44 @@ fn vectors() -> String {
     writeln!(w, "\n### Messages (binary form)\n").unwrap();
     let xh = x.hash;
     let shard = Shard {
-        xorbs: vec![XorbChunkTable { hash: xh, chunks: x.chunks.clone() }],
+        xorbs: vec![XorbChunkTable {
+            hash: xh,
+            chunks: x.chunks.clone(),
+        }],
         files: vec![FileRecipe {
             hash: FileHash::from_chunks(&x.chunks[..2]),
             sha256: Sha256::of(b"helloxorb"),
             size: 9,
-            terms: vec![Term { xorb: xh, chunks: ChunkRange { start: 0, end: 2 }, len: 9 }],
+            terms: vec![Term {
+                xorb: xh,
+                chunks: ChunkRange { start: 0, end: 2 },
+                len: 9,
+            }],
         }],
     };
     message(w, "Shard (the xorb above, file \"helloxorb\")", &shard);
     let tree = Tree::new(vec![
-        TreeEntry { path: "b/c.bin".into(), mode: 0o755, size: 9, file: shard.files[0].hash },
-        TreeEntry { path: "a.txt".into(), mode: 0o644, size: 0, file: FileHash::from_chunks([]) },
+        TreeEntry {
+            path: "b/c.bin".into(),
+            mode: 0o755,
+            size: 9,
+            file: shard.files[0].hash,
+        },
+        TreeEntry {
+            path: "a.txt".into(),
+            mode: 0o644,
+            size: 0,
+            file: FileHash::from_chunks([]),
+        },
     ]);
     message(w, "Tree (a.txt empty, b/c.bin = helloxorb)", &tree);
-    let q = DedupQuery { chunks: vec![x.chunks[0].hash, ChunkHash::of(b"abc")] };
+    let q = DedupQuery {
+        chunks: vec![x.chunks[0].hash, ChunkHash::of(b"abc")],
+    };
     message(w, "Dedup query (\"hello\", \"abc\")", &q);
-    let a = DedupAnswer { found: vec![Some(ChunkLocation { xorb: xh, index: 0 }), None] };
+    let a = DedupAnswer {
+        found: vec![Some(ChunkLocation { xorb: xh, index: 0 }), None],
+    };
     message(w, "Dedup answer", &a);
     let view = XorbView::parse(&x.bytes).unwrap();
     let r = Reconstruction {
