@@ -92,11 +92,15 @@ pub trait Message:
         let version = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
         check_version::<Self>(version.into())?;
         let body = &bytes[8..];
-        let (msg, used): (Self, usize) =
-            decode_body(body).map_err(|e| MessageError::Malformed {
-                kind,
-                reason: e.to_string(),
-            })?;
+        let (msg, used): (Self, usize) = decode_body(body).map_err(|e| {
+            let reason = match e {
+                bincode::error::DecodeError::LimitExceeded => {
+                    "a length exceeds the decode limit for an input of this size".into()
+                }
+                other => other.to_string(),
+            };
+            MessageError::Malformed { kind, reason }
+        })?;
         if used != body.len() {
             return Err(MessageError::TrailingBytes {
                 kind,
