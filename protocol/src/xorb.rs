@@ -426,6 +426,25 @@ pub fn parse_header(bytes: &[u8]) -> Result<Vec<IndexEntry>, XorbError> {
     Ok(entries)
 }
 
+/// Appends the header (magic, version, count, index) of a xorb with these
+/// entries: the bytes [`parse_header`] reads.
+pub fn encode_header(entries: &[IndexEntry], out: &mut Vec<u8>) {
+    out.reserve(header_len(entries.len()));
+    out.extend_from_slice(&XORB_MAGIC);
+    out.extend_from_slice(&XORB_VERSION.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for e in entries {
+        out.extend_from_slice(e.info.hash.as_bytes());
+        out.extend_from_slice(&e.info.len.to_le_bytes());
+        out.extend_from_slice(&e.stored_len.to_le_bytes());
+    }
+}
+
+/// Serialized length of a xorb with these index entries.
+pub fn serialized_len(entries: &[IndexEntry]) -> u64 {
+    header_len(entries.len()) as u64 + entries.iter().map(IndexEntry::frame_len).sum::<u64>()
+}
+
 /// Byte range of the frames of `range`, given the index entries of a xorb.
 pub fn frame_byte_range(entries: &[IndexEntry], range: ChunkRange) -> Result<ByteRange, XorbError> {
     let mut offsets = Vec::with_capacity(entries.len() + 1);
@@ -615,14 +634,15 @@ impl XorbBuilder {
         let n = self.chunks.len();
         let payload: usize = self.chunks.iter().map(|c| c.payload.len()).sum();
         let mut bytes = Vec::with_capacity(header_len(n) + n * FRAME_HEADER_LEN + payload);
-        bytes.extend_from_slice(&XORB_MAGIC);
-        bytes.extend_from_slice(&XORB_VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(n as u32).to_le_bytes());
-        for c in &self.chunks {
-            bytes.extend_from_slice(c.info.hash.as_bytes());
-            bytes.extend_from_slice(&c.info.len.to_le_bytes());
-            bytes.extend_from_slice(&(c.payload.len() as u32).to_le_bytes());
-        }
+        let entries: Vec<IndexEntry> = self
+            .chunks
+            .iter()
+            .map(|c| IndexEntry {
+                info: c.info,
+                stored_len: c.payload.len() as u32,
+            })
+            .collect();
+        encode_header(&entries, &mut bytes);
         for c in &self.chunks {
             bytes.push(c.scheme as u8);
             bytes.extend_from_slice(&[0, 0, 0]);

@@ -1,8 +1,18 @@
 //! Helpers for the end-to-end tests in tests/: they run the real binaries
-//! that `cargo build --workspace --bins` put next to the test executables.
+//! that `cargo build --workspace --bins` put next to the test executables,
+//! and speak the HTTP API with a minimal uploader and fetcher written
+//! straight from docs/API.md and docs/PROTOCOL.md.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use cas_protocol::chunking::chunk_and_hash;
+use cas_protocol::messages::{DedupAnswer, DedupQuery, Reconstruction};
+use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
+use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, Frames, XorbBuilder};
+use cas_protocol::{ChunkRange, FileHash, Message, RangeHash, Sha256, XorbHash};
 
 /// A command for one of the workspace's binaries (`cas-client`, `cas-server`).
 ///
@@ -22,4 +32,284 @@ pub fn bin(name: &str) -> Command {
         path.display()
     );
     Command::new(path)
+}
+
+/// A running `cas-server` on a free loopback port; killed when dropped.
+pub struct ServerProcess {
+    child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts the real binary on `data_dir` and waits until it listens.
+    pub fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[])
+    }
+
+    pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let mut child = bin("cas-server")
+            .args(["--listen", "127.0.0.1:0", "--log", "warn", "--data-dir"])
+            .arg(data_dir)
+            .args(extra_args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn cas-server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read stdout");
+        let url = line
+            .trim()
+            .strip_prefix("cas-server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            url,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP agent that returns 4xx/5xx responses instead of errors.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// A response's status and whole body.
+pub fn body(mut r: ureq::http::Response<ureq::Body>) -> (u16, Vec<u8>) {
+    let status = r.status().as_u16();
+    let bytes = r
+        .body_mut()
+        .with_config()
+        .limit(1 << 30)
+        .read_to_vec()
+        .expect("read body");
+    (status, bytes)
+}
+
+/// Result of [`upload`].
+pub struct Uploaded {
+    pub files: Vec<FileHash>,
+    pub xorbs_sent: usize,
+    pub chunks_deduped: usize,
+}
+
+/// Uploads files the way the protocol intends: chunk, ask which chunks the
+/// server has, pack only new ones into xorbs, PUT them, POST one shard.
+pub fn upload(base: &str, files: &[&[u8]]) -> Result<Uploaded, String> {
+    let agent = agent();
+    let chunked: Vec<_> = files.iter().map(|d| chunk_and_hash(d)).collect();
+    let all: Vec<_> = chunked.iter().flatten().map(|c| c.hash).collect();
+    let mut known = HashMap::new();
+    for batch in all.chunks(cas_protocol::messages::MAX_DEDUP_BATCH) {
+        let q = DedupQuery {
+            chunks: batch.to_vec(),
+        };
+        let r = agent
+            .post(format!("{base}/v1/dedup"))
+            .send(&q.to_bytes()[..])
+            .map_err(|e| e.to_string())?;
+        let (status, bytes) = body(r);
+        if status != 200 {
+            return Err(format!(
+                "dedup: {status} {}",
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
+        let a = DedupAnswer::from_bytes(&bytes).map_err(|e| e.to_string())?;
+        for (h, loc) in batch.iter().zip(a.found) {
+            if let Some(l) = loc {
+                known.insert(*h, (l.xorb, l.index));
+            }
+        }
+    }
+    let chunks_deduped = all.iter().filter(|h| known.contains_key(h)).count();
+    // Pack new chunks; xorb positions are assigned as they are packed.
+    let mut built: Vec<BuiltXorb> = Vec::new();
+    let mut pending: Vec<(cas_protocol::ChunkHash, usize)> = Vec::new(); // chunk -> position
+    let mut builder = XorbBuilder::new();
+    let mut finish = |builder: XorbBuilder, pending: &mut Vec<_>, known: &mut HashMap<_, _>| {
+        let x = builder.finish().expect("non-empty");
+        for (h, i) in pending.drain(..) {
+            known.insert(h, (x.hash, i as u32));
+        }
+        built.push(x);
+    };
+    for (data, chunks) in files.iter().zip(&chunked) {
+        let mut pos = 0;
+        for c in chunks {
+            let bytes = &data[pos..pos + c.len as usize];
+            pos += c.len as usize;
+            if known.contains_key(&c.hash) || pending.iter().any(|(h, _)| *h == c.hash) {
+                continue;
+            }
+            let mut enc = EncodedChunk::encode_with_hash(bytes, c.hash, Compression::default())
+                .expect("chunk");
+            if let Err(back) = builder.try_push(enc) {
+                finish(std::mem::take(&mut builder), &mut pending, &mut known);
+                enc = back;
+                builder.try_push(enc).expect("fits an empty xorb");
+            }
+            pending.push((c.hash, builder.len() - 1));
+        }
+    }
+    if !builder.is_empty() {
+        finish(builder, &mut pending, &mut known);
+    }
+    for x in &built {
+        let r = agent
+            .put(format!("{base}/v1/xorbs/{}", x.hash))
+            .send(&x.bytes[..])
+            .map_err(|e| e.to_string())?;
+        let (status, bytes) = body(r);
+        if status != 201 && status != 200 {
+            return Err(format!(
+                "xorb put: {status} {}",
+                String::from_utf8_lossy(&bytes)
+            ));
+        }
+    }
+    let recipes: Vec<FileRecipe> = files
+        .iter()
+        .zip(&chunked)
+        .map(|(d, chunks)| recipe(d, chunks, &known))
+        .collect();
+    let shard = Shard {
+        xorbs: built
+            .iter()
+            .map(|x| XorbChunkTable {
+                hash: x.hash,
+                chunks: x.chunks.clone(),
+            })
+            .collect(),
+        files: recipes.clone(),
+    };
+    let r = agent
+        .post(format!("{base}/v1/shards"))
+        .send(&shard.to_bytes()[..])
+        .map_err(|e| e.to_string())?;
+    let (status, bytes) = body(r);
+    if status != 200 {
+        return Err(format!(
+            "shard: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        ));
+    }
+    Ok(Uploaded {
+        files: recipes.iter().map(|r| r.hash).collect(),
+        xorbs_sent: built.len(),
+        chunks_deduped,
+    })
+}
+
+fn recipe(
+    data: &[u8],
+    chunks: &[cas_protocol::ChunkInfo],
+    known: &HashMap<cas_protocol::ChunkHash, (XorbHash, u32)>,
+) -> FileRecipe {
+    let mut terms: Vec<Term> = Vec::new();
+    for c in chunks {
+        let (xorb, i) = known[&c.hash];
+        match terms.last_mut() {
+            Some(t) if t.xorb == xorb && t.chunks.end == i => {
+                t.chunks.end += 1;
+                t.len += u64::from(c.len);
+            }
+            _ => terms.push(Term {
+                xorb,
+                chunks: ChunkRange {
+                    start: i,
+                    end: i + 1,
+                },
+                len: u64::from(c.len),
+            }),
+        }
+    }
+    FileRecipe {
+        hash: FileHash::from_chunks(chunks),
+        sha256: Sha256::of(data),
+        size: data.len() as u64,
+        terms,
+    }
+}
+
+/// Fetches a file (or `range`, an HTTP `Range` value) by reconstruction and
+/// range GETs, verifying every term against its range hash.
+pub fn fetch(base: &str, file: &FileHash, range: Option<&str>) -> Result<Vec<u8>, String> {
+    let agent = agent();
+    let mut req = agent
+        .get(format!("{base}/v1/reconstructions/{file}"))
+        .header("Accept", "application/octet-stream");
+    if let Some(r) = range {
+        req = req.header("Range", r);
+    }
+    let (status, bytes) = body(req.call().map_err(|e| e.to_string())?);
+    if status != 200 {
+        return Err(format!(
+            "reconstruction: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        ));
+    }
+    let rec = Reconstruction::from_bytes(&bytes).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let mut cache: HashMap<(XorbHash, u64), Vec<u8>> = HashMap::new();
+    for t in &rec.terms {
+        let (f, fr) = rec.fetch_range(t).ok_or("term without fetch range")?;
+        let frames = match cache.entry((f.xorb, fr.bytes.start)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let range = fr.bytes.to_http_range().expect("non-empty");
+                let r = agent
+                    .get(&f.url)
+                    .header("Range", range)
+                    .call()
+                    .map_err(|e| e.to_string())?;
+                let (status, bytes) = body(r);
+                if status != 206 {
+                    return Err(format!("xorb get: {status}"));
+                }
+                e.insert(bytes)
+            }
+        };
+        let mut data = Vec::new();
+        let mut infos = Vec::new();
+        let skip = (t.chunks.start - fr.chunks.start) as usize;
+        for (k, frame) in Frames::new(frames, fr.chunks.start as usize)
+            .enumerate()
+            .skip(skip)
+            .take(t.chunks.len() as usize)
+        {
+            let frame = frame.map_err(|e| e.to_string())?;
+            let start = data.len();
+            frame.decode_into(k, &mut data).map_err(|e| e.to_string())?;
+            infos.push(cas_protocol::ChunkInfo {
+                hash: cas_protocol::ChunkHash::of(&data[start..]),
+                len: (data.len() - start) as u32,
+            });
+        }
+        if RangeHash::from_chunks(&infos) != t.range_hash {
+            return Err(format!("xorb {} failed verification", f.xorb));
+        }
+        out.extend_from_slice(&data);
+    }
+    let start = rec.offset_into_first_term as usize;
+    Ok(out[start..start + rec.range.len() as usize].to_vec())
 }

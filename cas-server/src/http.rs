@@ -1,0 +1,510 @@
+//! Thin hyper handlers over the storage core: parse the request, bound the
+//! body, call the core, map its answer or error to HTTP. Every error is JSON
+//! `{"error": "<stable code>", "message": "..."}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cas_protocol::messages::{DedupQuery, MAX_DEDUP_BATCH};
+use cas_protocol::shard::MAX_SHARD_BYTES;
+use cas_protocol::xorb::{XorbError, MAX_XORB_SERIALIZED};
+use cas_protocol::{ByteRange, FileHash, Message, MessageError, XorbHash};
+use futures_util::TryStreamExt;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::core::{Core, CoreError, RangeRequest};
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::object_store::ObjectStore;
+
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Largest dedup query body (binary or JSON).
+const MAX_DEDUP_BODY: usize = 64 + MAX_DEDUP_BATCH * 70;
+const CACHE_IMMUTABLE: &str = "public, max-age=31536000, immutable";
+const BINARY: &str = "application/octet-stream";
+const JSON: &str = "application/json";
+
+/// Everything a request handler needs.
+pub struct App<O, I> {
+    pub core: Core<O, I>,
+    pub metrics: Arc<Metrics>,
+    /// Base URL put in front of `/v1/xorbs/...` in reconstruction answers;
+    /// `None`: the `Host` the client used.
+    pub public_url: Option<String>,
+    /// Bounds memory: each in-flight xorb upload holds up to 64 MiB.
+    pub upload_permits: Semaphore,
+}
+
+/// An HTTP error with its stable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            headers: vec![],
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        #[derive(Serialize)]
+        struct E<'a> {
+            error: &'a str,
+            message: &'a str,
+        }
+        let body = serde_json::to_vec(&E {
+            error: self.code,
+            message: &self.message,
+        })
+        .expect("json");
+        let mut r = full(self.status, JSON, body);
+        r.headers_mut().extend(self.headers);
+        r
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        use StatusCode as S;
+        let message = e.to_string();
+        match e {
+            CoreError::InvalidXorb(
+                XorbError::ChunkHashMismatch { .. } | XorbError::XorbHashMismatch { .. },
+            ) => Self::new(S::BAD_REQUEST, "hash_mismatch", message),
+            CoreError::InvalidXorb(_) => Self::new(S::BAD_REQUEST, "invalid_xorb", message),
+            CoreError::InvalidMessage(MessageError::TooLarge { .. }) => {
+                Self::new(S::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+            }
+            CoreError::InvalidMessage(_) => Self::new(S::BAD_REQUEST, "invalid_message", message),
+            CoreError::UnknownXorb(_) => Self::new(S::BAD_REQUEST, "unknown_xorb", message),
+            CoreError::InvalidRecipe { .. } => Self::new(S::BAD_REQUEST, "invalid_recipe", message),
+            CoreError::NotFound(_) => Self::new(S::NOT_FOUND, "not_found", message),
+            CoreError::RangeNotSatisfiable { size } => {
+                let mut err = Self::new(S::RANGE_NOT_SATISFIABLE, "range_not_satisfiable", message);
+                err.headers
+                    .push((header::CONTENT_RANGE, content_range_unsatisfied(size)));
+                err
+            }
+            CoreError::Index(_) | CoreError::Io(_) => {
+                tracing::error!(error = %e, "internal error");
+                Self::new(
+                    S::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error; see the server log",
+                )
+            }
+        }
+    }
+}
+
+fn content_range_unsatisfied(size: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii")
+}
+
+fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let body: Bytes = body.into();
+    let mut r = Response::new(
+        Full::new(body)
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    full(status, JSON, serde_json::to_vec(value).expect("json"))
+}
+
+/// Whether the client sent (or wants) JSON rather than the binary form.
+fn wants_json(headers: &HeaderMap, name: header::HeaderName) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(JSON))
+}
+
+fn message_response<M: Message>(as_json: bool, m: &M) -> Response<Body> {
+    if as_json {
+        full(StatusCode::OK, JSON, m.to_json())
+    } else {
+        full(StatusCode::OK, BINARY, m.to_bytes())
+    }
+}
+
+fn parse_hash<T: std::str::FromStr>(s: &str) -> Result<T, ApiError> {
+    s.parse().map_err(|_| {
+        let shown: String = s.chars().take(80).collect();
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_hash",
+            format!("{shown:?} is not 64 lowercase hex digits"),
+        )
+    })
+}
+
+/// Parses a single-range `Range: bytes=...` header.
+pub fn parse_range(value: &str) -> Result<RangeRequest, ApiError> {
+    let bad = || {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_range",
+            format!("unsupported Range header {value:?}"),
+        )
+    };
+    let spec = value.trim().strip_prefix("bytes=").ok_or_else(bad)?.trim();
+    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+    let num = |s: &str| -> Result<u64, ApiError> {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        s.parse().map_err(|_| bad())
+    };
+    match (a.trim(), b.trim()) {
+        ("", n) => Ok(RangeRequest::Suffix(num(n)?)),
+        (s, "") => Ok(RangeRequest::From {
+            start: num(s)?,
+            end: None,
+        }),
+        (s, e) => Ok(RangeRequest::From {
+            start: num(s)?,
+            end: Some(num(e)?),
+        }),
+    }
+}
+
+fn range_header(headers: &HeaderMap) -> Result<Option<RangeRequest>, ApiError> {
+    match headers.get(header::RANGE) {
+        None => Ok(None),
+        Some(v) => {
+            let v = v.to_str().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_range",
+                    "non-ASCII Range header",
+                )
+            })?;
+            parse_range(v).map(Some)
+        }
+    }
+}
+
+/// Reads a request body of at most `limit` bytes.
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    metrics: &Metrics,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("body exceeds {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("cannot read request body: {e}"),
+                )
+            }
+        })?;
+    let bytes = body.to_bytes();
+    Metrics::add(&metrics.bytes_in, bytes.len() as u64);
+    Ok(bytes)
+}
+
+/// Routes one request; never fails (errors become JSON responses).
+pub async fn handle<O: ObjectStore, I: Index>(
+    app: Arc<App<O, I>>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (route, result) = match (&method, segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => ("healthz", Ok(full(StatusCode::OK, "text/plain", "ok\n"))),
+        (&Method::GET, ["metrics"]) => (
+            "metrics",
+            Ok(full(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                app.metrics.render(),
+            )),
+        ),
+        (&Method::POST, ["v1", "dedup"]) => ("dedup", dedup(&app, req).await),
+        (&Method::PUT, ["v1", "xorbs", h]) => ("xorb_put", put_xorb(&app, h, req).await),
+        (&Method::GET | &Method::HEAD, ["v1", "xorbs", h]) => {
+            ("xorb_get", get_xorb(&app, h, &req).await)
+        }
+        (&Method::POST, ["v1", "shards"]) => ("shard", post_shard(&app, req).await),
+        (&Method::GET, ["v1", "reconstructions", h]) => {
+            ("reconstruction", reconstruct(&app, h, &req).await)
+        }
+        (&Method::GET, ["v1", "files", h]) => ("file", file_info(&app, h).await),
+        (
+            _,
+            ["healthz" | "metrics"]
+            | ["v1", "dedup" | "shards"]
+            | ["v1", "xorbs" | "reconstructions" | "files", _],
+        ) => (
+            "method_not_allowed",
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} not allowed on {path}"),
+            )),
+        ),
+        _ => (
+            "unknown",
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {path}"),
+            )),
+        ),
+    };
+    let mut response = result.unwrap_or_else(ApiError::into_response);
+    if method == Method::HEAD {
+        *response.body_mut() = empty();
+    }
+    app.metrics.request(route, response.status().as_u16());
+    tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
+    Ok(response)
+}
+
+async fn dedup<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let as_json = wants_json(req.headers(), header::CONTENT_TYPE);
+    let body = read_body(req, MAX_DEDUP_BODY, &app.metrics).await?;
+    let query = if as_json {
+        DedupQuery::from_json(&body)
+    } else {
+        DedupQuery::from_bytes(&body)
+    }
+    .map_err(CoreError::from)?;
+    Metrics::add(&app.metrics.dedup_queried, query.chunks.len() as u64);
+    let answer = app.core.dedup(query).await?;
+    Metrics::add(
+        &app.metrics.dedup_hits,
+        answer.found.iter().flatten().count() as u64,
+    );
+    Ok(message_response(as_json, &answer))
+}
+
+async fn put_xorb<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let hash: XorbHash = parse_hash(hash)?;
+    let _permit = app
+        .upload_permits
+        .acquire()
+        .await
+        .expect("semaphore is never closed");
+    let body = read_body(req, MAX_XORB_SERIALIZED, &app.metrics).await?;
+    match app.core.put_xorb(hash, body).await {
+        Ok(up) => {
+            if up.created {
+                Metrics::add(&app.metrics.xorbs, 1);
+                Metrics::add(&app.metrics.stored_bytes, up.bytes);
+            }
+            Ok(json(
+                if up.created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &up,
+            ))
+        }
+        Err(e) => {
+            if matches!(e, CoreError::InvalidXorb(_)) {
+                Metrics::add(&app.metrics.xorbs_rejected, 1);
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == etag)
+}
+
+async fn get_xorb<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let hash: XorbHash = parse_hash(hash)?;
+    let size = app.core.xorb_len(hash).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("xorb {hash} not found"),
+        )
+    })?;
+    let etag = format!("\"{hash}\"");
+    let mut builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::CACHE_CONTROL, CACHE_IMMUTABLE)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if etag_matches(req.headers(), &etag) {
+        return Ok(builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(empty())
+            .expect("valid response"));
+    }
+    let (status, range) = match range_header(req.headers())? {
+        None => (
+            StatusCode::OK,
+            ByteRange {
+                start: 0,
+                end: size,
+            },
+        ),
+        Some(r) => {
+            let range = r.resolve(size).ok_or_else(|| {
+                let mut e = ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "range_not_satisfiable",
+                    format!("range outside a xorb of {size} bytes"),
+                );
+                e.headers
+                    .push((header::CONTENT_RANGE, content_range_unsatisfied(size)));
+                e
+            })?;
+            let cr = format!("bytes {}-{}/{size}", range.start, range.end - 1);
+            builder = builder.header(header::CONTENT_RANGE, cr);
+            (StatusCode::PARTIAL_CONTENT, range)
+        }
+    };
+    builder = builder
+        .status(status)
+        .header(header::CONTENT_TYPE, BINARY)
+        .header(header::CONTENT_LENGTH, range.len());
+    if req.method() == Method::HEAD {
+        return Ok(builder.body(empty()).expect("valid response"));
+    }
+    let reader = app.core.read_xorb(hash, range).await?;
+    let metrics = app.metrics.clone();
+    let stream =
+        tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024).map_ok(move |chunk| {
+            let n = chunk.len() as u64;
+            Metrics::add(&metrics.bytes_out, n);
+            Metrics::add(&metrics.xorb_bytes_out, n);
+            Frame::data(chunk)
+        });
+    Ok(builder
+        .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .expect("valid response"))
+}
+
+async fn post_shard<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let as_json = wants_json(req.headers(), header::CONTENT_TYPE);
+    let body = read_body(req, MAX_SHARD_BYTES, &app.metrics).await?;
+    let body = if as_json {
+        let shard = cas_protocol::shard::Shard::from_json(&body).map_err(CoreError::from)?;
+        Bytes::from(shard.to_bytes())
+    } else {
+        body
+    };
+    let commit = app.core.commit_shard(body).await?;
+    Metrics::add(&app.metrics.files, commit.files as u64);
+    Ok(json(StatusCode::OK, &commit))
+}
+
+async fn reconstruct<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let hash: FileHash = parse_hash(hash)?;
+    let range = range_header(req.headers())?;
+    let base = match &app.public_url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("127.0.0.1");
+            format!("http://{host}")
+        }
+    };
+    let r = app
+        .core
+        .reconstruct(hash, range, move |x| format!("{base}/v1/xorbs/{x}"))
+        .await?;
+    let mut resp = message_response(
+        wants_json(req.headers(), header::ACCEPT) || !accepts_binary(req.headers()),
+        &r,
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+fn accepts_binary(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains(BINARY))
+}
+
+async fn file_info<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: &str,
+) -> Result<Response<Body>, ApiError> {
+    let hash: FileHash = parse_hash(hash)?;
+    Ok(json(StatusCode::OK, &app.core.file_info(hash).await?))
+}

@@ -1,0 +1,136 @@
+//! Counters and gauges, rendered in the Prometheus text format.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use crate::index::Totals;
+
+#[derive(Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    /// Bytes of xorb objects served: what a cache in front saves the origin.
+    pub xorb_bytes_out: AtomicU64,
+    pub dedup_queried: AtomicU64,
+    pub dedup_hits: AtomicU64,
+    pub xorbs_rejected: AtomicU64,
+    pub xorbs: AtomicU64,
+    pub stored_bytes: AtomicU64,
+    pub files: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new(totals: Totals) -> Self {
+        let m = Self::default();
+        m.xorbs.store(totals.xorbs, Relaxed);
+        m.stored_bytes.store(totals.xorb_bytes, Relaxed);
+        m.files.store(totals.files, Relaxed);
+        m
+    }
+
+    pub fn request(&self, route: &'static str, status: u16) {
+        *self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .entry((route, status))
+            .or_default() += 1;
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        s.push_str("# HELP cas_requests_total HTTP requests by route and status.\n");
+        s.push_str("# TYPE cas_requests_total counter\n");
+        for ((route, status), n) in self.requests.lock().expect("metrics lock").iter() {
+            writeln!(
+                s,
+                "cas_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            )
+            .unwrap();
+        }
+        let scalars: [(&str, &str, &str, &AtomicU64); 9] = [
+            (
+                "cas_bytes_in_total",
+                "counter",
+                "Request body bytes received.",
+                &self.bytes_in,
+            ),
+            (
+                "cas_bytes_out_total",
+                "counter",
+                "Response body bytes sent.",
+                &self.bytes_out,
+            ),
+            (
+                "cas_xorb_bytes_out_total",
+                "counter",
+                "Xorb bytes served by GET.",
+                &self.xorb_bytes_out,
+            ),
+            (
+                "cas_dedup_queried_chunks_total",
+                "counter",
+                "Chunk hashes asked about.",
+                &self.dedup_queried,
+            ),
+            (
+                "cas_dedup_hits_total",
+                "counter",
+                "Queried chunks that were already stored.",
+                &self.dedup_hits,
+            ),
+            (
+                "cas_xorbs_rejected_total",
+                "counter",
+                "Xorb uploads that failed verification.",
+                &self.xorbs_rejected,
+            ),
+            ("cas_xorbs", "gauge", "Xorbs stored.", &self.xorbs),
+            (
+                "cas_stored_bytes",
+                "gauge",
+                "Bytes of stored xorbs.",
+                &self.stored_bytes,
+            ),
+            ("cas_files", "gauge", "Files registered.", &self.files),
+        ];
+        for (name, kind, help, v) in scalars {
+            writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
+                v.load(Relaxed)
+            )
+            .unwrap();
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new(Totals {
+            xorbs: 2,
+            xorb_bytes: 100,
+            files: 1,
+        });
+        m.request("xorb_get", 206);
+        m.request("xorb_get", 206);
+        Metrics::add(&m.bytes_out, 42);
+        let text = m.render();
+        assert!(text.contains("cas_requests_total{route=\"xorb_get\",status=\"206\"} 2\n"));
+        assert!(text.contains("cas_bytes_out_total 42\n"));
+        assert!(text.contains("cas_xorbs 2\n"));
+        assert!(text.contains("# TYPE cas_stored_bytes gauge\n"));
+    }
+}
