@@ -251,6 +251,83 @@ async fn read_body(
     Ok(bytes)
 }
 
+/// The API's operations; `name` is the metrics label and the OpenAPI
+/// operationId in docs/openapi.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Healthz,
+    Metrics,
+    Dedup,
+    XorbPut,
+    XorbGet,
+    XorbHead,
+    Shard,
+    Reconstruction,
+    File,
+}
+
+impl Route {
+    pub const ALL: [Route; 9] = [
+        Route::Healthz,
+        Route::Metrics,
+        Route::Dedup,
+        Route::XorbPut,
+        Route::XorbGet,
+        Route::XorbHead,
+        Route::Shard,
+        Route::Reconstruction,
+        Route::File,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Healthz => "healthz",
+            Route::Metrics => "metrics",
+            Route::Dedup => "dedup",
+            Route::XorbPut => "xorb_put",
+            Route::XorbGet => "xorb_get",
+            Route::XorbHead => "xorb_head",
+            Route::Shard => "shard",
+            Route::Reconstruction => "reconstruction",
+            Route::File => "file",
+        }
+    }
+}
+
+/// Why a request matched no operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoute {
+    NotFound,
+    MethodNotAllowed,
+}
+
+/// Matches a request line to an operation and its `{hash}` path segment.
+pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a str>), NoRoute> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (candidates, hash): (&[(Method, Route)], _) = match segments.as_slice() {
+        ["healthz"] => (&[(Method::GET, Route::Healthz)], None),
+        ["metrics"] => (&[(Method::GET, Route::Metrics)], None),
+        ["v1", "dedup"] => (&[(Method::POST, Route::Dedup)], None),
+        ["v1", "shards"] => (&[(Method::POST, Route::Shard)], None),
+        ["v1", "xorbs", h] => (
+            &[
+                (Method::PUT, Route::XorbPut),
+                (Method::GET, Route::XorbGet),
+                (Method::HEAD, Route::XorbHead),
+            ],
+            Some(*h),
+        ),
+        ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], Some(*h)),
+        ["v1", "files", h] => (&[(Method::GET, Route::File)], Some(*h)),
+        _ => return Err(NoRoute::NotFound),
+    };
+    candidates
+        .iter()
+        .find(|(m, _)| m == method)
+        .map(|(_, r)| (*r, hash))
+        .ok_or(NoRoute::MethodNotAllowed)
+}
+
 /// Routes one request; never fails (errors become JSON responses).
 pub async fn handle<O: ObjectStore, I: Index>(
     app: Arc<App<O, I>>,
@@ -258,33 +335,26 @@ pub async fn handle<O: ObjectStore, I: Index>(
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (route, result) = match (&method, segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => ("healthz", Ok(full(StatusCode::OK, "text/plain", "ok\n"))),
-        (&Method::GET, ["metrics"]) => (
-            "metrics",
-            Ok(full(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                app.metrics.render(),
-            )),
-        ),
-        (&Method::POST, ["v1", "dedup"]) => ("dedup", dedup(&app, req).await),
-        (&Method::PUT, ["v1", "xorbs", h]) => ("xorb_put", put_xorb(&app, h, req).await),
-        (&Method::GET | &Method::HEAD, ["v1", "xorbs", h]) => {
-            ("xorb_get", get_xorb(&app, h, &req).await)
+    let (label, result) = match route(&method, &path) {
+        Ok((r, hash)) => {
+            let h = hash.unwrap_or_default();
+            let result = match r {
+                Route::Healthz => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
+                Route::Metrics => Ok(full(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    app.metrics.render(),
+                )),
+                Route::Dedup => dedup(&app, req).await,
+                Route::XorbPut => put_xorb(&app, h, req).await,
+                Route::XorbGet | Route::XorbHead => get_xorb(&app, h, &req).await,
+                Route::Shard => post_shard(&app, req).await,
+                Route::Reconstruction => reconstruct(&app, h, &req).await,
+                Route::File => file_info(&app, h).await,
+            };
+            (r.name(), result)
         }
-        (&Method::POST, ["v1", "shards"]) => ("shard", post_shard(&app, req).await),
-        (&Method::GET, ["v1", "reconstructions", h]) => {
-            ("reconstruction", reconstruct(&app, h, &req).await)
-        }
-        (&Method::GET, ["v1", "files", h]) => ("file", file_info(&app, h).await),
-        (
-            _,
-            ["healthz" | "metrics"]
-            | ["v1", "dedup" | "shards"]
-            | ["v1", "xorbs" | "reconstructions" | "files", _],
-        ) => (
+        Err(NoRoute::MethodNotAllowed) => (
             "method_not_allowed",
             Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -292,7 +362,7 @@ pub async fn handle<O: ObjectStore, I: Index>(
                 format!("{method} not allowed on {path}"),
             )),
         ),
-        _ => (
+        Err(NoRoute::NotFound) => (
             "unknown",
             Err(ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -305,7 +375,7 @@ pub async fn handle<O: ObjectStore, I: Index>(
     if method == Method::HEAD {
         *response.body_mut() = empty();
     }
-    app.metrics.request(route, response.status().as_u16());
+    app.metrics.request(label, response.status().as_u16());
     tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
     Ok(response)
 }
@@ -507,4 +577,67 @@ async fn file_info<O: ObjectStore, I: Index>(
 ) -> Result<Response<Body>, ApiError> {
     let hash: FileHash = parse_hash(hash)?;
     Ok(json(StatusCode::OK, &app.core.file_info(hash).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_header_forms() {
+        assert_eq!(
+            parse_range("bytes=0-9").unwrap(),
+            RangeRequest::From {
+                start: 0,
+                end: Some(9)
+            }
+        );
+        assert_eq!(
+            parse_range("bytes=5-").unwrap(),
+            RangeRequest::From {
+                start: 5,
+                end: None
+            }
+        );
+        assert_eq!(parse_range("bytes=-5").unwrap(), RangeRequest::Suffix(5));
+        for bad in [
+            "bytes=",
+            "bytes=-",
+            "bytes=a-b",
+            "bytes=0-1,2-3",
+            "items=0-1",
+            "bytes=99999999999999999999-",
+        ] {
+            assert!(parse_range(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// docs/openapi.json and the router describe the same operations.
+    #[test]
+    fn openapi_matches_router() {
+        let spec: serde_json::Value =
+            serde_json::from_str(include_str!("../../docs/openapi.json")).expect("valid JSON");
+        let mut seen = Vec::new();
+        for (path, ops) in spec["paths"].as_object().expect("paths") {
+            let concrete = path.replace("{hash}", &"a".repeat(64));
+            for (method, op) in ops.as_object().expect("operations") {
+                if method == "parameters" {
+                    continue;
+                }
+                let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+                let (r, _) =
+                    route(&m, &concrete).unwrap_or_else(|e| panic!("{method} {path}: {e:?}"));
+                assert_eq!(op["operationId"], r.name(), "{method} {path}");
+                seen.push(r);
+            }
+        }
+        for r in Route::ALL {
+            assert!(seen.contains(&r), "{r:?} is not in docs/openapi.json");
+        }
+        assert_eq!(
+            route(&Method::DELETE, "/v1/xorbs/x"),
+            Err(NoRoute::MethodNotAllowed)
+        );
+        assert_eq!(route(&Method::GET, "/v1/nothing"), Err(NoRoute::NotFound));
+    }
 }
