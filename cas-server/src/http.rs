@@ -196,8 +196,12 @@ pub fn parse_range(value: &str) -> Result<RangeRequest, ApiError> {
     }
 }
 
+/// The request's range, if any; an empty `Range` value counts as none.
 fn range_header(headers: &HeaderMap) -> Result<Option<RangeRequest>, ApiError> {
-    match headers.get(header::RANGE) {
+    match headers
+        .get(header::RANGE)
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+    {
         None => Ok(None),
         Some(v) => {
             let v = v.to_str().map_err(|_| {
@@ -295,10 +299,11 @@ impl Route {
 }
 
 /// Why a request matched no operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoRoute {
     NotFound,
-    MethodNotAllowed,
+    /// The path exists; these methods are allowed on it.
+    MethodNotAllowed(Vec<Method>),
 }
 
 /// Matches a request line to an operation and its `{hash}` path segment.
@@ -325,7 +330,9 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a st
         .iter()
         .find(|(m, _)| m == method)
         .map(|(_, r)| (*r, hash))
-        .ok_or(NoRoute::MethodNotAllowed)
+        .ok_or_else(|| {
+            NoRoute::MethodNotAllowed(candidates.iter().map(|(m, _)| m.clone()).collect())
+        })
 }
 
 /// Routes one request; never fails (errors become JSON responses).
@@ -354,14 +361,23 @@ pub async fn handle<O: ObjectStore, I: Index>(
             };
             (r.name(), result)
         }
-        Err(NoRoute::MethodNotAllowed) => (
-            "method_not_allowed",
-            Err(ApiError::new(
+        Err(NoRoute::MethodNotAllowed(allowed)) => {
+            let allow = allowed
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut err = ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                format!("{method} not allowed on {path}"),
-            )),
-        ),
+                format!("{method} not allowed on {path}; allowed: {allow}"),
+            );
+            err.headers.push((
+                header::ALLOW,
+                HeaderValue::from_str(&allow).expect("method names are ASCII"),
+            ));
+            ("method_not_allowed", Err(err))
+        }
         Err(NoRoute::NotFound) => (
             "unknown",
             Err(ApiError::new(
@@ -636,7 +652,11 @@ mod tests {
         }
         assert_eq!(
             route(&Method::DELETE, "/v1/xorbs/x"),
-            Err(NoRoute::MethodNotAllowed)
+            Err(NoRoute::MethodNotAllowed(vec![
+                Method::PUT,
+                Method::GET,
+                Method::HEAD
+            ]))
         );
         assert_eq!(route(&Method::GET, "/v1/nothing"), Err(NoRoute::NotFound));
     }

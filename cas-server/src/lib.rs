@@ -65,14 +65,16 @@ impl Server {
     /// Opens the data directory (objects in `objects/`, index in `index/`)
     /// and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let objects_dir = config.data_dir.join("objects");
-        let objects = FsStore::open(&objects_dir).map_err(|source| StartError::Objects {
-            path: objects_dir.clone(),
-            source,
-        })?;
+        // The index first: its lock keeps a second server off this data
+        // dir before the object store clears the temp files.
         let index_dir = config.data_dir.join("index");
         let index = RocksIndex::open(&index_dir).map_err(|source| StartError::Index {
             path: index_dir.clone(),
+            source,
+        })?;
+        let objects_dir = config.data_dir.join("objects");
+        let objects = FsStore::open(&objects_dir).map_err(|source| StartError::Objects {
+            path: objects_dir.clone(),
             source,
         })?;
         let totals = index.totals().map_err(|source| StartError::Index {

@@ -283,15 +283,12 @@ fn hostile_input_gets_4xx_json_and_changes_nothing() {
         404,
         "not_found",
     );
-    assert_error(
-        body(
-            a.delete(format!("{base}/v1/xorbs/{}", x.hash))
-                .call()
-                .unwrap(),
-        ),
-        405,
-        "method_not_allowed",
-    );
+    let r = a
+        .delete(format!("{base}/v1/xorbs/{}", x.hash))
+        .call()
+        .unwrap();
+    assert_eq!(r.headers()["allow"], "PUT, GET, HEAD");
+    assert_error(body(r), 405, "method_not_allowed");
 
     // Oversized bodies: refused from the declared length before reading it,
     // and when a chunked body grows past the limit.
@@ -530,4 +527,31 @@ fn kill_9_during_uploads_loses_nothing_committed() {
         assert_eq!(&fetch(&server.url, h, None).unwrap(), data);
     }
     assert!(assert_objects_whole(dir.path()) >= committed.len());
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = ServerProcess::start(dir.path());
+    let out = cas_e2e::bin("cas-server")
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.starts_with("cas-server: cannot open index") && stderr.contains("lock"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(
+        body(
+            agent()
+                .get(format!("{}/healthz", first.url))
+                .call()
+                .unwrap()
+        ),
+        (200, b"ok\n".to_vec())
+    );
 }
