@@ -3,7 +3,8 @@
 
 use cas_bench::{bf16_weights, random_bytes};
 use cas_protocol::chunking::{chunk_and_hash, chunk_and_hash_parallel, chunks};
-use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder, XorbView};
+use cas_protocol::compression::{group, predict, ungroup};
+use cas_protocol::xorb::{Compression, EncodedChunk, Scheme, XorbBuilder, XorbView};
 use cas_protocol::{ChunkHash, Sha256};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -52,8 +53,9 @@ fn xorbs(c: &mut Criterion) {
         ("bf16", bf16_weights(3, LEN)),
     ] {
         for (cname, comp) in [
-            ("zstd1", Compression::default()),
-            ("raw", Compression::NONE),
+            ("auto", Compression::Auto),
+            ("zstd1", Compression::Fixed(Scheme::Zstd)),
+            ("raw", Compression::Raw),
         ] {
             g.bench_function(BenchmarkId::new(format!("build_{cname}"), name), |b| {
                 b.iter(|| black_box(build(&data, comp)))
@@ -78,5 +80,30 @@ fn xorbs(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, chunking_and_hashing, xorbs);
+/// The byte-plane transforms of the byte-grouped schemes, per 64 KiB chunk
+/// (ungroup runs on every fetch of a grouped chunk), and the scheme predictor.
+fn regroup(c: &mut Criterion) {
+    let data = bf16_weights(4, LEN);
+    let mut g = c.benchmark_group("regroup");
+    g.throughput(Throughput::Bytes(LEN as u64)).sample_size(10);
+    let mut buf = Vec::new();
+    let mut out = vec![0u8; 65536];
+    for w in [2, 4] {
+        g.bench_function(BenchmarkId::new("group", w), |b| {
+            b.iter(|| data.chunks(65536).for_each(|c| group(c, w, &mut buf)))
+        });
+        g.bench_function(BenchmarkId::new("ungroup", w), |b| {
+            b.iter(|| {
+                data.chunks(65536)
+                    .for_each(|c| ungroup(c, w, &mut out[..c.len()]))
+            })
+        });
+    }
+    g.bench_function("predict", |b| {
+        b.iter(|| data.chunks(65536).map(|c| predict(c) as u8).sum::<u8>())
+    });
+    g.finish();
+}
+
+criterion_group!(benches, chunking_and_hashing, xorbs, regroup);
 criterion_main!(benches);

@@ -12,20 +12,53 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     v
 }
 
-/// Model weights as bf16: normal(0, 0.02) values, little endian, the
-/// distribution of freshly initialised or fine-tuned transformer weights.
-pub fn bf16_weights(seed: u64, len: usize) -> Vec<u8> {
+/// normal(0, 0.02) values: the distribution of freshly initialised or
+/// fine-tuned transformer weights.
+fn weights(seed: u64, count: usize) -> impl Iterator<Item = f32> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let normal = Normal::new(0.0f32, 0.02).expect("valid parameters");
-    let mut v = Vec::with_capacity(len + 1);
-    while v.len() < len {
-        let bits = normal.sample(&mut rng).to_bits();
-        // bf16 is the upper half of an f32 (rounded to nearest even).
-        let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
-        v.extend_from_slice(&(rounded as u16).to_le_bytes());
-    }
+    (0..count).map(move |_| normal.sample(&mut rng))
+}
+
+/// Model weights as little-endian bf16, `len` bytes.
+pub fn bf16_weights(seed: u64, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = weights(seed, len.div_ceil(2))
+        .flat_map(|w| half::bf16::from_f32(w).to_le_bytes())
+        .collect();
     v.truncate(len);
     v
+}
+
+/// Model weights as little-endian f16, `len` bytes.
+pub fn f16_weights(seed: u64, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = weights(seed, len.div_ceil(2))
+        .flat_map(|w| half::f16::from_f32(w).to_le_bytes())
+        .collect();
+    v.truncate(len);
+    v
+}
+
+/// Model weights as little-endian f32, `len` bytes.
+pub fn f32_weights(seed: u64, len: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = weights(seed, len.div_ceil(4))
+        .flat_map(f32::to_le_bytes)
+        .collect();
+    v.truncate(len);
+    v
+}
+
+/// Model weights quantized to int8 with one absmax scale per block of 4096
+/// (as in common 8-bit weight formats), `len` bytes.
+pub fn int8_weights(seed: u64, len: usize) -> Vec<u8> {
+    let w: Vec<f32> = weights(seed, len).collect();
+    w.chunks(4096)
+        .flat_map(|block| {
+            let scale = block.iter().fold(0f32, |m, x| m.max(x.abs())) / 127.0;
+            block
+                .iter()
+                .map(move |x| (x / scale).round().clamp(-127.0, 127.0) as i8 as u8)
+        })
+        .collect()
 }
 
 /// `base` with `fraction` of its bytes rewritten in `edits` places: a

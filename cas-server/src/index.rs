@@ -188,7 +188,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut b = XorbBuilder::new();
         for d in [&b"one"[..], b"two"] {
-            b.try_push(EncodedChunk::encode(d, Compression::NONE).unwrap())
+            b.try_push(EncodedChunk::encode(d, Compression::Raw).unwrap())
                 .unwrap();
         }
         let x = b.finish().unwrap();

@@ -3,7 +3,8 @@
 //!
 //! - [`chunking`]: FastCDC v2020 with versioned parameters; streaming and parallel.
 //! - [`hash`]: domain-separated BLAKE3 hashes of chunks, xorbs, files; SHA-256.
-//! - [`xorb`]: the chunk container format, its builder and strict parser.
+//! - [`xorb`]: the chunk container format, its builder and strict parser;
+//!   [`compression`]: its per-chunk schemes (raw, zstd, byte-grouped zstd).
 //! - [`shard`], [`tree`], [`messages`]: upload metadata, directory listings,
 //!   dedup and reconstruction messages, in bincode and JSON ([`codec`]).
 //!
@@ -11,6 +12,7 @@
 
 pub mod chunking;
 pub mod codec;
+pub mod compression;
 pub mod hash;
 pub mod messages;
 pub mod range;

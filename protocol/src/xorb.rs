@@ -7,8 +7,6 @@
 //! before anything is allocated, and malformed input is an [`XorbError`],
 //! never a panic.
 
-use std::cell::RefCell;
-
 use crate::chunking::MAX_CHUNK;
 use crate::hash::{ChunkHash, ChunkInfo, XorbHash};
 use crate::range::{ByteRange, ChunkRange};
@@ -32,25 +30,7 @@ pub const MAX_XORB_SERIALIZED: usize = HEADER_FIXED_LEN
     + MAX_XORB_CHUNKS * (INDEX_ENTRY_LEN + FRAME_HEADER_LEN)
     + MAX_XORB_UNCOMPRESSED;
 
-/// How a chunk's bytes are stored in its frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Scheme {
-    /// The bytes as they are.
-    Raw = 0,
-    /// One zstd frame.
-    Zstd = 1,
-}
-
-impl Scheme {
-    pub fn from_u8(b: u8) -> Option<Self> {
-        match b {
-            0 => Some(Self::Raw),
-            1 => Some(Self::Zstd),
-            _ => None,
-        }
-    }
-}
+pub use crate::compression::{Compression, Scheme};
 
 /// Everything that can be wrong with a xorb (or a run of its frames).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,7 +136,7 @@ fn check_lengths(index: usize, scheme: Scheme, len: u64, stored: u64) -> Result<
     }
     let ok = match scheme {
         Scheme::Raw => stored == len,
-        Scheme::Zstd => stored > 0 && stored < len,
+        _ => stored > 0 && stored < len,
     };
     if !ok {
         return Err(XorbError::StoredLen {
@@ -173,27 +153,14 @@ impl Frame<'_> {
     /// The chunk's uncompressed bytes, appended to `out`; never grows `out`
     /// by more than the frame's declared length.
     pub fn decode_into(&self, index: usize, out: &mut Vec<u8>) -> Result<(), XorbError> {
-        match self.scheme {
-            Scheme::Raw => out.extend_from_slice(self.payload),
-            Scheme::Zstd => {
-                let start = out.len();
-                out.resize(start + self.len as usize, 0);
-                let n =
-                    with_decompressor(|d| d.decompress_to_buffer(self.payload, &mut out[start..]))
-                        .map_err(|e| XorbError::Decompress {
-                            index,
-                            reason: e.to_string(),
-                        })?;
-                if n != self.len as usize {
-                    out.truncate(start);
-                    return Err(XorbError::Decompress {
-                        index,
-                        reason: format!("{n} bytes, frame says {}", self.len),
-                    });
-                }
-            }
-        }
-        Ok(())
+        let start = out.len();
+        out.resize(start + self.len as usize, 0);
+        crate::compression::decompress(self.scheme, self.payload, &mut out[start..]).map_err(
+            |reason| {
+                out.truncate(start);
+                XorbError::Decompress { index, reason }
+            },
+        )
     }
 
     /// Decodes the chunk and checks it against its expected hash.
@@ -472,60 +439,6 @@ fn byte_range_of(offsets: &[u64], range: ChunkRange) -> Result<ByteRange, XorbEr
     })
 }
 
-/// Compression choice of the builder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Compression {
-    /// zstd level; 1 is the measured sweet spot for weights.
-    pub level: i32,
-    /// Keep the compressed form only if it saves at least `1 / min_saving_div`
-    /// of the chunk; otherwise store raw (cheaper to read, nothing lost).
-    pub min_saving_div: u32,
-}
-
-impl Default for Compression {
-    fn default() -> Self {
-        Self {
-            level: 1,
-            min_saving_div: 32,
-        }
-    }
-}
-
-impl Compression {
-    /// Never compress (e.g. for data known to be incompressible).
-    pub const NONE: Self = Self {
-        level: 0,
-        min_saving_div: 0,
-    };
-}
-
-thread_local! {
-    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
-    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
-}
-
-fn with_decompressor<T>(
-    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
-) -> std::io::Result<T> {
-    DECOMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(zstd::bulk::Decompressor::new()?);
-        }
-        f(slot.as_mut().expect("just set"))
-    })
-}
-
-fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
-            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
-        }
-        slot.as_mut().expect("just set").1.compress(data)
-    })
-}
-
 /// A chunk hashed and encoded for a xorb. Building one is pure CPU work that
 /// callers may spread over threads before handing the results to a builder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -557,22 +470,11 @@ impl EncodedChunk {
             hash,
             len: data.len() as u32,
         };
-        if compression.min_saving_div > 0 {
-            let limit = data.len() - data.len() / compression.min_saving_div as usize;
-            if let Ok(z) = zstd_compress(data, compression.level) {
-                if z.len() < limit && z.len() < data.len() {
-                    return Ok(Self {
-                        info,
-                        scheme: Scheme::Zstd,
-                        payload: z,
-                    });
-                }
-            }
-        }
+        let (scheme, payload) = crate::compression::encode(data, compression);
         Ok(Self {
             info,
-            scheme: Scheme::Raw,
-            payload: data.to_vec(),
+            scheme,
+            payload: payload.unwrap_or_else(|| data.to_vec()),
         })
     }
 }
@@ -708,7 +610,7 @@ mod tests {
     #[test]
     fn same_chunks_compressed_differently_have_the_same_hash() {
         let a = build(&sample_chunks(), Compression::default());
-        let b = build(&sample_chunks(), Compression::NONE);
+        let b = build(&sample_chunks(), Compression::Raw);
         assert_ne!(a.bytes, b.bytes);
         assert_eq!(a.hash, b.hash);
         XorbView::parse(&b.bytes).unwrap().verify(a.hash).unwrap();
@@ -730,17 +632,17 @@ mod tests {
 
     #[test]
     fn limits_are_enforced_when_building() {
-        assert!(EncodedChunk::encode(&[], Compression::NONE).is_err());
-        assert!(EncodedChunk::encode(&vec![1; MAX_CHUNK + 1], Compression::NONE).is_err());
+        assert!(EncodedChunk::encode(&[], Compression::Raw).is_err());
+        assert!(EncodedChunk::encode(&vec![1; MAX_CHUNK + 1], Compression::Raw).is_err());
         assert_eq!(XorbBuilder::new().finish(), Err(XorbError::Empty));
         let mut b = XorbBuilder::new();
-        let c = EncodedChunk::encode(&[1], Compression::NONE).unwrap();
+        let c = EncodedChunk::encode(&[1], Compression::Raw).unwrap();
         for _ in 0..MAX_XORB_CHUNKS {
             b.try_push(c.clone()).unwrap();
         }
         assert!(b.try_push(c).is_err());
         let mut b = XorbBuilder::new();
-        let big = EncodedChunk::encode(&vec![3; MAX_CHUNK], Compression::NONE).unwrap();
+        let big = EncodedChunk::encode(&vec![3; MAX_CHUNK], Compression::Raw).unwrap();
         for _ in 0..MAX_XORB_UNCOMPRESSED / MAX_CHUNK {
             b.try_push(big.clone()).unwrap();
         }
@@ -800,9 +702,15 @@ mod tests {
                 ],
                 1..20,
             ),
-            compress in any::<bool>(),
+            policy in 0usize..5,
         ) {
-            let c = if compress { Compression::default() } else { Compression::NONE };
+            let c = [
+                Compression::Raw,
+                Compression::Fixed(Scheme::Zstd),
+                Compression::Fixed(Scheme::ByteGrouped2Zstd),
+                Compression::Fixed(Scheme::ByteGrouped4Zstd),
+                Compression::Auto,
+            ][policy];
             let x = build(&chunks, c);
             let v = XorbView::parse(&x.bytes).unwrap();
             v.verify(x.hash).unwrap();

@@ -37,6 +37,23 @@ fn xof(seed: &str, len: usize) -> Vec<u8> {
 /// compressor's version; any conforming zstd decoder reads it.
 const ZSTD_FRAME_HEX: &str = "28b52ffd60000f4d00001061620100fbcf7758";
 
+/// Byte-grouped frames, produced once by this implementation's writer (one
+/// zstd block per plane): 150 words `[i % 3, 0x3c]` in 2 planes, and 80
+/// words `[i % 5, i % 2, 0x80, 0x3c]` plus tail `01 02 03` in 4 planes.
+const BG2_FRAME_HEX: &str = "28b52ffd602c00e40000a800010200010200010200010200010200010200010201003da69309dd0000a83c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c01007d0a98";
+const BG4_FRAME_HEX: &str = "28b52ffd604300dc0000a00001020304000102030400010203040001020304010072d26402d40000a000010001000100010001000100010001000100010100220126d40000a080808080808080808080808080808080808080800100220126ed0000b83c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c0102030100220126";
+
+fn bg2_chunk() -> Vec<u8> {
+    (0..150u32).flat_map(|i| [(i % 3) as u8, 0x3c]).collect()
+}
+
+fn bg4_chunk() -> Vec<u8> {
+    (0..80u32)
+        .flat_map(|i| [(i % 5) as u8, (i % 2) as u8, 0x80, 0x3c])
+        .chain([1, 2, 3])
+        .collect()
+}
+
 fn vectors() -> String {
     let mut s = String::new();
     let w = &mut s;
@@ -111,7 +128,7 @@ fn vectors() -> String {
     writeln!(w, "\n### Xorb\n").unwrap();
     let mut b = XorbBuilder::new();
     for chunk in [&b"hello"[..], b"xorb"] {
-        b.try_push(EncodedChunk::encode(chunk, Compression::NONE).unwrap())
+        b.try_push(EncodedChunk::encode(chunk, Compression::Raw).unwrap())
             .unwrap();
     }
     let ab: Vec<u8> = b"ab".iter().copied().cycle().take(4096).collect();
@@ -125,9 +142,30 @@ fn vectors() -> String {
         payload: frame,
     };
     b.try_push(z).unwrap();
+    for (data, scheme, hex_payload) in [
+        (bg2_chunk(), Scheme::ByteGrouped2Zstd, BG2_FRAME_HEX),
+        (bg4_chunk(), Scheme::ByteGrouped4Zstd, BG4_FRAME_HEX),
+    ] {
+        b.try_push(EncodedChunk {
+            info: ChunkInfo {
+                hash: ChunkHash::of(&data),
+                len: data.len() as u32,
+            },
+            scheme,
+            payload: hex::decode(hex_payload).unwrap(),
+        })
+        .unwrap();
+    }
     let x = b.finish().unwrap();
     XorbView::parse(&x.bytes).unwrap().verify(x.hash).unwrap();
-    writeln!(w, "Chunks \"hello\" (raw), \"xorb\" (raw), and \"ab\" x 2048 as the zstd frame `{ZSTD_FRAME_HEX}`:\n").unwrap();
+    writeln!(
+        w,
+        "Chunks \"hello\" (raw), \"xorb\" (raw), \"ab\" x 2048 as the zstd frame \
+         `{ZSTD_FRAME_HEX}`, then 150 words `[i % 3, 0x3c]` (i = 0, 1, ...) as the \
+         byte-grouped-2 frame `{BG2_FRAME_HEX}`, then 80 words `[i % 5, i % 2, 0x80, 0x3c]` \
+         and the tail bytes `01 02 03` as the byte-grouped-4 frame `{BG4_FRAME_HEX}`:\n"
+    )
+    .unwrap();
     writeln!(w, "- xorb hash = {}", x.hash).unwrap();
     writeln!(w, "- xorb bytes ({}) =", x.bytes.len()).unwrap();
     hex_block(w, &x.bytes);
@@ -232,8 +270,21 @@ fn protocol_md_vectors_match_the_code() {
 }
 
 #[test]
-fn zstd_vector_frame_decodes() {
+fn vector_frames_decode() {
     let frame = hex::decode(ZSTD_FRAME_HEX).unwrap();
     let ab: Vec<u8> = b"ab".iter().copied().cycle().take(4096).collect();
     assert_eq!(zstd::bulk::decompress(&frame, 4096).unwrap(), ab);
+    // A byte-grouped payload is one zstd frame of the planes.
+    let planes = zstd::bulk::decompress(&hex::decode(BG2_FRAME_HEX).unwrap(), 300).unwrap();
+    let mut expected = Vec::new();
+    cas_protocol::compression::group(&bg2_chunk(), 2, &mut expected);
+    assert_eq!(planes, expected);
+    let mut out = vec![0; 323];
+    cas_protocol::compression::decompress(
+        Scheme::ByteGrouped4Zstd,
+        &hex::decode(BG4_FRAME_HEX).unwrap(),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(out, bg4_chunk());
 }

@@ -4,7 +4,7 @@
 use cas_protocol::chunking::chunks;
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{Tree, TreeEntry};
-use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder};
+use cas_protocol::xorb::{Compression, EncodedChunk, Scheme, XorbBuilder};
 use cas_protocol::{ChunkRange, FileHash, Message, Sha256};
 use std::fs;
 
@@ -16,14 +16,19 @@ fn main() {
             b.try_push(EncodedChunk::encode(piece, Compression::default()).unwrap()).unwrap();
         }
     }
-    b.try_push(EncodedChunk::encode(b"raw tail", Compression::NONE).unwrap()).unwrap();
+    b.try_push(EncodedChunk::encode(b"raw tail", Compression::Raw).unwrap()).unwrap();
+    // Word-structured chunks in both byte-grouped schemes.
+    let words: Vec<u8> = (0..3000u32).flat_map(|i| [(i * 7) as u8, (i % 3) as u8, 0x80, 0x3c]).collect();
+    for scheme in [Scheme::ByteGrouped2Zstd, Scheme::ByteGrouped4Zstd] {
+        b.try_push(EncodedChunk::encode(&words[..9001], Compression::Fixed(scheme)).unwrap()).unwrap();
+    }
     let xorb = b.finish().unwrap();
     let n = xorb.chunks.len() as u32;
     let recipe = FileRecipe {
         hash: FileHash::from_chunks(&xorb.chunks),
         sha256: Sha256::of(&data),
         size: xorb.chunks.iter().map(|c| u64::from(c.len)).sum(),
-        terms: vec![Term { xorb: xorb.hash, chunks: ChunkRange { start: 0, end: n }, len: 100_008 }],
+        terms: vec![Term { xorb: xorb.hash, chunks: ChunkRange { start: 0, end: n }, len: xorb.chunks.iter().map(|c| u64::from(c.len)).sum() }],
     };
     let shard = Shard {
         xorbs: vec![XorbChunkTable { hash: xorb.hash, chunks: xorb.chunks.clone() }],
@@ -31,7 +36,7 @@ fn main() {
     };
     let tree = Tree::new(vec![
         TreeEntry { path: "config.json".into(), mode: 0o644, size: 10, file: FileHash::from_chunks([]) },
-        TreeEntry { path: "weights/model.safetensors".into(), mode: 0o755, size: 100_008, file: shard.files[0].hash },
+        TreeEntry { path: "weights/model.safetensors".into(), mode: 0o755, size: shard.files[0].size, file: shard.files[0].hash },
     ]);
     write("xorb", "valid", &xorb.bytes);
     write("shard", "valid.bin", &shard.to_bytes());
