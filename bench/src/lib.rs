@@ -1,6 +1,8 @@
 //! Seeded, deterministic workloads for benchmarks and tests: the same seed
 //! always yields the same bytes, so runs compare like with like.
 
+use cas_protocol::chunking::chunks;
+use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, XorbBuilder};
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -76,4 +78,26 @@ pub fn edited(base: &[u8], seed: u64, edits: usize, fraction: f64) -> Vec<u8> {
         rng.fill_bytes(&mut v[at..end]);
     }
     v
+}
+
+/// Chunks `data` and packs every chunk into xorbs under `policy`, in order
+/// (no dedup): the xorbs an uploader of this data would build.
+pub fn pack(data: &[u8], policy: Compression) -> Vec<BuiltXorb> {
+    let mut out = Vec::new();
+    let mut b = XorbBuilder::new();
+    for r in chunks(data) {
+        let c = EncodedChunk::encode(&data[r], policy).expect("chunks are within limits");
+        if let Err(c) = b.try_push(c) {
+            out.push(
+                std::mem::take(&mut b)
+                    .finish()
+                    .expect("a full xorb is not empty"),
+            );
+            b.try_push(c).expect("a chunk fits an empty xorb");
+        }
+    }
+    if !b.is_empty() {
+        out.push(b.finish().expect("not empty"));
+    }
+    out
 }

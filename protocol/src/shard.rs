@@ -62,6 +62,15 @@ pub struct Shard {
 
 impl_message!(Shard, "shard", b"CSHD", MAX_SHARD_BYTES);
 
+impl From<&crate::xorb::BuiltXorb> for XorbChunkTable {
+    fn from(x: &crate::xorb::BuiltXorb) -> Self {
+        Self {
+            hash: x.hash,
+            chunks: x.chunks.clone(),
+        }
+    }
+}
+
 /// Why a recipe does not match the chunks it names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecipeError {

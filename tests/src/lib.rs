@@ -193,13 +193,7 @@ pub fn upload(base: &str, files: &[&[u8]]) -> Result<Uploaded, String> {
         .map(|(d, chunks)| recipe(d, chunks, &known))
         .collect();
     let shard = Shard {
-        xorbs: built
-            .iter()
-            .map(|x| XorbChunkTable {
-                hash: x.hash,
-                chunks: x.chunks.clone(),
-            })
-            .collect(),
+        xorbs: built.iter().map(XorbChunkTable::from).collect(),
         files: recipes.clone(),
     };
     let r = agent

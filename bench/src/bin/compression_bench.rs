@@ -8,10 +8,10 @@
 
 use std::time::Instant;
 
-use cas_bench::{bf16_weights, f16_weights, f32_weights, int8_weights, random_bytes};
+use cas_bench::{bf16_weights, f16_weights, f32_weights, int8_weights, pack, random_bytes};
 use cas_protocol::chunking::chunks;
 use cas_protocol::compression::{compress, predict, Compression, Scheme};
-use cas_protocol::xorb::{EncodedChunk, XorbBuilder, XorbView};
+use cas_protocol::xorb::XorbView;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -35,17 +35,8 @@ fn name(c: Compression) -> &'static str {
 /// Builds xorbs of `data` under `policy`: (serialized xorbs, seconds).
 fn build(data: &[u8], policy: Compression) -> (Vec<Vec<u8>>, f64) {
     let t = Instant::now();
-    let mut out = Vec::new();
-    let mut b = XorbBuilder::new();
-    for r in chunks(data) {
-        let c = EncodedChunk::encode(&data[r], policy).expect("chunk");
-        if let Err(c) = b.try_push(c) {
-            out.push(std::mem::take(&mut b).finish().expect("non-empty").bytes);
-            b.try_push(c).expect("fits");
-        }
-    }
-    out.push(b.finish().expect("non-empty").bytes);
-    (out, t.elapsed().as_secs_f64())
+    let xorbs = pack(data, policy).into_iter().map(|x| x.bytes).collect();
+    (xorbs, t.elapsed().as_secs_f64())
 }
 
 fn verify(xorbs: &[Vec<u8>]) -> f64 {

@@ -11,10 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use cas_bench::bf16_weights;
-use cas_protocol::chunking::chunks;
+use cas_bench::{bf16_weights, pack};
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
-use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, XorbBuilder, XorbView};
+use cas_protocol::xorb::{Compression, XorbView};
 use cas_protocol::{ChunkRange, FileHash, Message, Sha256};
 use clap::Parser;
 
@@ -32,20 +31,6 @@ struct Args {
     /// Seconds per wrk run.
     #[arg(long, default_value_t = 10)]
     seconds: u32,
-}
-
-fn build_xorbs(data: &[u8]) -> Vec<BuiltXorb> {
-    let mut out = Vec::new();
-    let mut b = XorbBuilder::new();
-    for r in chunks(data) {
-        let c = EncodedChunk::encode(&data[r], Compression::default()).expect("chunk");
-        if let Err(c) = b.try_push(c) {
-            out.push(std::mem::take(&mut b).finish().expect("non-empty"));
-            b.try_push(c).expect("fits");
-        }
-    }
-    out.push(b.finish().expect("non-empty"));
-    out
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,7 +65,7 @@ fn run(args: &Args, base: &str, data_dir: &std::path::Path) -> anyhow::Result<()
         args.mib
     );
     let data = bf16_weights(11, args.mib << 20);
-    let xorbs = build_xorbs(&data);
+    let xorbs = pack(&data, Compression::default());
     let total: usize = xorbs.iter().map(|x| x.bytes.len()).sum();
 
     // Baseline in the same run: verification alone, one thread.
@@ -160,13 +145,7 @@ fn run(args: &Args, base: &str, data_dir: &std::path::Path) -> anyhow::Result<()
             .collect(),
     };
     let shard = Shard {
-        xorbs: xorbs
-            .iter()
-            .map(|x| XorbChunkTable {
-                hash: x.hash,
-                chunks: x.chunks.clone(),
-            })
-            .collect(),
+        xorbs: xorbs.iter().map(XorbChunkTable::from).collect(),
         files: vec![recipe.clone()],
     };
     let r = agent
