@@ -14,7 +14,7 @@ use cas_protocol::messages::{
     DedupAnswer, DedupQuery, FetchRange, Reconstruction, ReconstructionTerm, XorbFetch,
 };
 use cas_protocol::shard::{FileRecipe, RecipeError, Shard};
-use cas_protocol::xorb::{frame_byte_range, XorbError, XorbView};
+use cas_protocol::xorb::{FrameOffsets, XorbError, XorbView};
 use cas_protocol::{
     ByteRange, ChunkInfo, ChunkRange, FileHash, Message, MessageError, RangeHash, XorbHash,
 };
@@ -387,13 +387,13 @@ fn plan(
                 _ => merged.push(r),
             }
         }
-        let entries = &records.map[&xorb].entries;
+        let offsets = FrameOffsets::new(&records.map[&xorb].entries);
         let ranges = merged
             .into_iter()
             .map(|chunks| {
                 Ok(FetchRange {
                     chunks,
-                    bytes: frame_byte_range(entries, chunks)?,
+                    bytes: offsets.range(chunks)?,
                 })
             })
             .collect::<Result<_, XorbError>>()

@@ -249,21 +249,15 @@ impl<'a> Iterator for Frames<'a> {
 pub struct XorbView<'a> {
     bytes: &'a [u8],
     entries: Vec<IndexEntry>,
-    /// Byte offset of frame `i`; one extra entry for the end.
-    offsets: Vec<u64>,
+    offsets: FrameOffsets,
 }
 
 impl<'a> XorbView<'a> {
     /// Parses and structurally validates a whole xorb.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, XorbError> {
         let entries = parse_header(bytes)?;
-        let mut offsets = Vec::with_capacity(entries.len() + 1);
-        let mut pos = header_len(entries.len()) as u64;
-        for e in &entries {
-            offsets.push(pos);
-            pos += e.frame_len();
-        }
-        offsets.push(pos);
+        let offsets = FrameOffsets::new(&entries);
+        let pos = offsets.end();
         if (bytes.len() as u64) < pos {
             return Err(XorbError::Truncated {
                 offset: bytes.len() as u64,
@@ -310,13 +304,13 @@ impl<'a> XorbView<'a> {
 
     /// The bytes holding the frames of chunks `range`.
     pub fn byte_range(&self, range: ChunkRange) -> Result<ByteRange, XorbError> {
-        byte_range_of(&self.offsets, range)
+        self.offsets.range(range)
     }
 
     /// Frame `i`.
     pub fn frame(&self, i: usize) -> Result<Frame<'a>, XorbError> {
-        let start = self.offsets[i] as usize;
-        let end = self.offsets[i + 1] as usize;
+        let start = self.offsets.0[i] as usize;
+        let end = self.offsets.0[i + 1] as usize;
         Frames::new(&self.bytes[start..end], i)
             .next()
             .expect("frame range is never empty")
@@ -412,31 +406,43 @@ pub fn serialized_len(entries: &[IndexEntry]) -> u64 {
     header_len(entries.len()) as u64 + entries.iter().map(IndexEntry::frame_len).sum::<u64>()
 }
 
-/// Byte range of the frames of `range`, given the index entries of a xorb.
-pub fn frame_byte_range(entries: &[IndexEntry], range: ChunkRange) -> Result<ByteRange, XorbError> {
-    let mut offsets = Vec::with_capacity(entries.len() + 1);
-    let mut pos = header_len(entries.len()) as u64;
-    for e in entries {
-        offsets.push(pos);
-        pos += e.frame_len();
-    }
-    offsets.push(pos);
-    byte_range_of(&offsets, range)
-}
+/// Where each frame of a xorb starts, from its index entries alone: maps a
+/// chunk range to the one contiguous byte range holding its frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameOffsets(Vec<u64>);
 
-fn byte_range_of(offsets: &[u64], range: ChunkRange) -> Result<ByteRange, XorbError> {
-    let count = offsets.len() - 1;
-    if range.is_empty() || range.end as usize > count {
-        return Err(XorbError::BadRange {
-            start: range.start,
-            end: range.end,
-            count,
-        });
+impl FrameOffsets {
+    pub fn new(entries: &[IndexEntry]) -> Self {
+        let mut offsets = Vec::with_capacity(entries.len() + 1);
+        let mut pos = header_len(entries.len()) as u64;
+        for e in entries {
+            offsets.push(pos);
+            pos += e.frame_len();
+        }
+        offsets.push(pos);
+        Self(offsets)
     }
-    Ok(ByteRange {
-        start: offsets[range.start as usize],
-        end: offsets[range.end as usize],
-    })
+
+    /// The xorb's serialized length.
+    pub fn end(&self) -> u64 {
+        *self.0.last().expect("never empty")
+    }
+
+    /// The bytes holding the frames of chunks `range`.
+    pub fn range(&self, range: ChunkRange) -> Result<ByteRange, XorbError> {
+        let count = self.0.len() - 1;
+        if range.is_empty() || range.end as usize > count {
+            return Err(XorbError::BadRange {
+                start: range.start,
+                end: range.end,
+                count,
+            });
+        }
+        Ok(ByteRange {
+            start: self.0[range.start as usize],
+            end: self.0[range.end as usize],
+        })
+    }
 }
 
 /// A chunk hashed and encoded for a xorb. Building one is pure CPU work that
@@ -600,7 +606,9 @@ mod tests {
         }
         assert_eq!(out, [chunks[1].clone(), chunks[2].clone()].concat());
         assert_eq!(
-            frame_byte_range(v.entries(), ChunkRange { start: 1, end: 3 }).unwrap(),
+            FrameOffsets::new(v.entries())
+                .range(ChunkRange { start: 1, end: 3 })
+                .unwrap(),
             r
         );
         assert!(v.byte_range(ChunkRange { start: 2, end: 4 }).is_err());
