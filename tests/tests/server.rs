@@ -555,3 +555,54 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
         (200, b"ok\n".to_vec())
     );
 }
+
+#[test]
+fn defaults_and_env_twins() {
+    use std::io::{BufRead, BufReader};
+    // No flags: data in ./cas-data; the address comes from CAS_LISTEN (the
+    // default 127.0.0.1:8080 may be taken on a test machine).
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = cas_e2e::bin("cas-server")
+        .current_dir(cwd.path())
+        .env("CAS_LISTEN", "127.0.0.1:0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("cas-server listening on ")
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        body(agent().get(format!("{url}/healthz")).call().unwrap()).0,
+        200
+    );
+    assert!(cwd.path().join("cas-data/index").is_dir());
+    assert!(cwd.path().join("cas-data/objects/xorbs").is_dir());
+    child.kill().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    child.wait().unwrap();
+    assert!(
+        log.contains("local filesystem") && log.contains("RocksDB"),
+        "{log}"
+    );
+
+    let help = cas_e2e::bin("cas-server").arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for flag in [
+        "--listen",
+        "CAS_LISTEN",
+        "--data-dir",
+        "CAS_DATA_DIR",
+        "--public-url",
+        "--max-concurrent-uploads",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
