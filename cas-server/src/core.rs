@@ -16,7 +16,8 @@ use cas_protocol::messages::{
 use cas_protocol::shard::{FileRecipe, RecipeError, Shard};
 use cas_protocol::xorb::{FrameOffsets, XorbError, XorbView};
 use cas_protocol::{
-    ByteRange, ChunkInfo, ChunkRange, FileHash, Message, MessageError, RangeHash, XorbHash,
+    ByteRange, ChunkInfo, ChunkRange, Encoding, FileHash, Message, MessageError, RangeHash,
+    XorbHash,
 };
 use serde::Serialize;
 
@@ -117,13 +118,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         f: impl FnOnce(&I) -> Result<T, CoreError> + Send + 'static,
     ) -> Result<T, CoreError> {
         let index = self.index.clone();
-        tokio::task::spawn_blocking(move || f(&index))
-            .await
-            .map_err(std::io::Error::other)?
-    }
-
-    pub fn index(&self) -> &I {
-        &self.index
+        blocking(move || f(&index)).await
     }
 
     /// Verifies a xorb completely (parse, decompress, re-hash every chunk,
@@ -139,15 +134,14 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             });
         }
         let verify_body = body.clone();
-        let record = tokio::task::spawn_blocking(move || {
+        let record = blocking(move || {
             let view = XorbView::parse(&verify_body)?;
             view.verify(hash)?;
-            Ok::<_, XorbError>(XorbRecord {
+            Ok(XorbRecord {
                 entries: view.entries().to_vec(),
             })
         })
-        .await
-        .map_err(std::io::Error::other)??;
+        .await?;
         let upload = XorbUpload {
             xorb: hash,
             created: true,
@@ -175,17 +169,25 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         .await
     }
 
-    /// Checks a shard against the stored xorbs and commits its files
-    /// atomically; nothing changes if any check fails.
-    pub async fn commit_shard(&self, body: Bytes) -> Result<ShardCommit, CoreError> {
-        let index = self.index.clone();
-        let (shard, body) = tokio::task::spawn_blocking(move || {
-            let shard = Shard::from_bytes(&body)?;
-            check_shard(&*index, &shard)?;
-            Ok::<_, CoreError>((shard, body))
-        })
-        .await
-        .map_err(std::io::Error::other)??;
+    /// Checks a shard (in either encoding) against the stored xorbs and
+    /// commits its files atomically; nothing changes if any check fails.
+    /// The shard object is always stored in the binary form.
+    pub async fn commit_shard(
+        &self,
+        body: Bytes,
+        encoding: Encoding,
+    ) -> Result<ShardCommit, CoreError> {
+        let (shard, body) = self
+            .with_index(move |index| {
+                let shard = Shard::decode_as(&body, encoding)?;
+                check_shard(index, &shard)?;
+                let body = match encoding {
+                    Encoding::Binary => body,
+                    Encoding::Json => Bytes::from(shard.to_bytes()),
+                };
+                Ok((shard, body))
+            })
+            .await?;
         let id = blake3::hash(&body);
         self.objects
             .put(&ObjectKey::new(ObjectKind::Shard, id.as_bytes()), body)
@@ -212,11 +214,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 
     async fn recipe(&self, hash: FileHash) -> Result<FileRecipe, CoreError> {
-        self.with_index(move |i| {
-            i.file(&hash)?
-                .ok_or_else(|| CoreError::NotFound(format!("file {hash}")))
-        })
-        .await
+        self.with_index(move |i| load_recipe(i, hash)).await
     }
 
     /// The terms and xorb byte ranges that rebuild `range` of a file (the
@@ -228,9 +226,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         xorb_url: impl Fn(&XorbHash) -> String + Send + 'static,
     ) -> Result<Reconstruction, CoreError> {
         self.with_index(move |i| {
-            let recipe = i
-                .file(&hash)?
-                .ok_or_else(|| CoreError::NotFound(format!("file {hash}")))?;
+            let recipe = load_recipe(i, hash)?;
             let range = match range {
                 None => ByteRange {
                     start: 0,
@@ -264,6 +260,21 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             .read_range(&ObjectKey::new(ObjectKind::Xorb, hash.as_bytes()), range)
             .await?)
     }
+}
+
+/// Runs blocking work (CPU or index) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CoreError> + Send + 'static,
+) -> Result<T, CoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn load_recipe(index: &impl Index, hash: FileHash) -> Result<FileRecipe, CoreError> {
+    index
+        .file(&hash)?
+        .ok_or_else(|| CoreError::NotFound(format!("file {hash}")))
 }
 
 /// Xorb records of one request, each read from the index once.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use cas_protocol::messages::{DedupQuery, MAX_DEDUP_BATCH};
 use cas_protocol::shard::MAX_SHARD_BYTES;
 use cas_protocol::xorb::{XorbError, MAX_XORB_SERIALIZED};
-use cas_protocol::{ByteRange, FileHash, Message, MessageError, XorbHash};
+use cas_protocol::{ByteRange, Encoding, FileHash, Message, MessageError, XorbHash};
 use futures_util::TryStreamExt;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -61,6 +61,18 @@ impl ApiError {
         }
     }
 
+    /// 416, with the `Content-Range: bytes */SIZE` that HTTP asks for.
+    fn unsatisfiable(size: u64, message: String) -> Self {
+        let mut err = Self::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range_not_satisfiable",
+            message,
+        );
+        let value = HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii");
+        err.headers.push((header::CONTENT_RANGE, value));
+        err
+    }
+
     fn into_response(self) -> Response<Body> {
         #[derive(Serialize)]
         struct E<'a> {
@@ -94,12 +106,7 @@ impl From<CoreError> for ApiError {
             CoreError::UnknownXorb(_) => Self::new(S::BAD_REQUEST, "unknown_xorb", message),
             CoreError::InvalidRecipe { .. } => Self::new(S::BAD_REQUEST, "invalid_recipe", message),
             CoreError::NotFound(_) => Self::new(S::NOT_FOUND, "not_found", message),
-            CoreError::RangeNotSatisfiable { size } => {
-                let mut err = Self::new(S::RANGE_NOT_SATISFIABLE, "range_not_satisfiable", message);
-                err.headers
-                    .push((header::CONTENT_RANGE, content_range_unsatisfied(size)));
-                err
-            }
+            CoreError::RangeNotSatisfiable { size } => Self::unsatisfiable(size, message),
             CoreError::Index(_) | CoreError::Io(_) => {
                 tracing::error!(error = %e, "internal error");
                 Self::new(
@@ -112,17 +119,14 @@ impl From<CoreError> for ApiError {
     }
 }
 
-fn content_range_unsatisfied(size: u64) -> HeaderValue {
-    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii")
+fn full_body(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let body: Bytes = body.into();
-    let mut r = Response::new(
-        Full::new(body)
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
+    let mut r = Response::new(full_body(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -130,29 +134,35 @@ fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
 }
 
 fn empty() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    full_body(Bytes::new())
 }
 
 fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     full(status, JSON, serde_json::to_vec(value).expect("json"))
 }
 
-/// Whether the client sent (or wants) JSON rather than the binary form.
-fn wants_json(headers: &HeaderMap, name: header::HeaderName) -> bool {
+fn header_contains(headers: &HeaderMap, name: header::HeaderName, needle: &str) -> bool {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(JSON))
+        .is_some_and(|v| v.contains(needle))
 }
 
-fn message_response<M: Message>(as_json: bool, m: &M) -> Response<Body> {
-    if as_json {
-        full(StatusCode::OK, JSON, m.to_json())
+/// The form of a request body: JSON when its Content-Type says so.
+fn body_encoding(headers: &HeaderMap) -> Encoding {
+    if header_contains(headers, header::CONTENT_TYPE, JSON) {
+        Encoding::Json
     } else {
-        full(StatusCode::OK, BINARY, m.to_bytes())
+        Encoding::Binary
     }
+}
+
+fn message_response<M: Message>(encoding: Encoding, m: &M) -> Response<Body> {
+    let content_type = match encoding {
+        Encoding::Binary => BINARY,
+        Encoding::Json => JSON,
+    };
+    full(StatusCode::OK, content_type, m.encode_as(encoding))
 }
 
 fn parse_hash<T: std::str::FromStr>(s: &str) -> Result<T, ApiError> {
@@ -400,21 +410,16 @@ async fn dedup<O: ObjectStore, I: Index>(
     app: &App<O, I>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let as_json = wants_json(req.headers(), header::CONTENT_TYPE);
+    let encoding = body_encoding(req.headers());
     let body = read_body(req, MAX_DEDUP_BODY, &app.metrics).await?;
-    let query = if as_json {
-        DedupQuery::from_json(&body)
-    } else {
-        DedupQuery::from_bytes(&body)
-    }
-    .map_err(CoreError::from)?;
+    let query = DedupQuery::decode_as(&body, encoding).map_err(CoreError::from)?;
     Metrics::add(&app.metrics.dedup_queried, query.chunks.len() as u64);
     let answer = app.core.dedup(query).await?;
     Metrics::add(
         &app.metrics.dedup_hits,
         answer.found.iter().flatten().count() as u64,
     );
-    Ok(message_response(as_json, &answer))
+    Ok(message_response(encoding, &answer))
 }
 
 async fn put_xorb<O: ObjectStore, I: Index>(
@@ -497,14 +502,7 @@ async fn get_xorb<O: ObjectStore, I: Index>(
         ),
         Some(r) => {
             let range = r.resolve(size).ok_or_else(|| {
-                let mut e = ApiError::new(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    "range_not_satisfiable",
-                    format!("range outside a xorb of {size} bytes"),
-                );
-                e.headers
-                    .push((header::CONTENT_RANGE, content_range_unsatisfied(size)));
-                e
+                ApiError::unsatisfiable(size, format!("range outside a xorb of {size} bytes"))
             })?;
             let cr = format!("bytes {}-{}/{size}", range.start, range.end - 1);
             builder = builder.header(header::CONTENT_RANGE, cr);
@@ -536,15 +534,9 @@ async fn post_shard<O: ObjectStore, I: Index>(
     app: &App<O, I>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let as_json = wants_json(req.headers(), header::CONTENT_TYPE);
+    let encoding = body_encoding(req.headers());
     let body = read_body(req, MAX_SHARD_BYTES, &app.metrics).await?;
-    let body = if as_json {
-        let shard = cas_protocol::shard::Shard::from_json(&body).map_err(CoreError::from)?;
-        Bytes::from(shard.to_bytes())
-    } else {
-        body
-    };
-    let commit = app.core.commit_shard(body).await?;
+    let commit = app.core.commit_shard(body, encoding).await?;
     Metrics::add(&app.metrics.files, commit.files as u64);
     Ok(json(StatusCode::OK, &commit))
 }
@@ -571,20 +563,19 @@ async fn reconstruct<O: ObjectStore, I: Index>(
         .core
         .reconstruct(hash, range, move |x| format!("{base}/v1/xorbs/{x}"))
         .await?;
-    let mut resp = message_response(
-        wants_json(req.headers(), header::ACCEPT) || !accepts_binary(req.headers()),
-        &r,
-    );
+    // JSON unless the client asks for the binary form (and not for JSON).
+    let h = req.headers();
+    let encoding = if header_contains(h, header::ACCEPT, BINARY)
+        && !header_contains(h, header::ACCEPT, JSON)
+    {
+        Encoding::Binary
+    } else {
+        Encoding::Json
+    };
+    let mut resp = message_response(encoding, &r);
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
-}
-
-fn accepts_binary(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(BINARY))
 }
 
 async fn file_info<O: ObjectStore, I: Index>(

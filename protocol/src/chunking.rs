@@ -93,6 +93,11 @@ fn info_of(chunk: &[u8]) -> ChunkInfo {
     }
 }
 
+/// The (hashed) chunk that starts at `pos` in the sequential chain.
+fn chunk_at(data: &[u8], pos: usize) -> ChunkInfo {
+    info_of(&data[pos..pos + first_chunk_len(&data[pos..])])
+}
+
 /// Smallest region one thread chunks on its own in [`chunk_and_hash_parallel`].
 const PARALLEL_REGION: usize = 16 * 1024 * 1024;
 
@@ -125,9 +130,9 @@ fn region_chain(data: &[u8], start: usize, stop: usize) -> Vec<(usize, ChunkInfo
     let mut out = Vec::with_capacity((stop - start) / AVG_CHUNK + 2);
     let mut pos = start;
     while pos < stop {
-        let len = first_chunk_len(&data[pos..]);
-        out.push((pos, info_of(&data[pos..pos + len])));
-        pos += len;
+        let c = chunk_at(data, pos);
+        out.push((pos, c));
+        pos += c.len as usize;
     }
     out
 }
@@ -152,9 +157,9 @@ fn stitch(data: &[u8], chains: Vec<Vec<(usize, ChunkInfo)>>) -> Vec<ChunkInfo> {
                     break;
                 }
                 Some(_) => {
-                    let len = first_chunk_len(&data[pos..]);
-                    out.push(info_of(&data[pos..pos + len]));
-                    pos += len;
+                    let c = chunk_at(data, pos);
+                    out.push(c);
+                    pos += c.len as usize;
                     i = chain.partition_point(|(s, _)| *s < pos);
                 }
             }
@@ -162,9 +167,9 @@ fn stitch(data: &[u8], chains: Vec<Vec<(usize, ChunkInfo)>>) -> Vec<ChunkInfo> {
     }
     // Only reachable when the last region's chain never met the sequential one.
     while pos < data.len() {
-        let len = first_chunk_len(&data[pos..]);
-        out.push(info_of(&data[pos..pos + len]));
-        pos += len;
+        let c = chunk_at(data, pos);
+        out.push(c);
+        pos += c.len as usize;
     }
     out
 }

@@ -56,6 +56,13 @@ fn decode_body<M: Message>(body: &[u8]) -> Result<(M, usize), bincode::error::De
     }
 }
 
+/// The two forms of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Binary,
+    Json,
+}
+
 /// A protocol message with a binary and a JSON form.
 pub trait Message:
     Sized + bincode::Encode + bincode::Decode<()> + Serialize + DeserializeOwned
@@ -146,6 +153,22 @@ pub trait Message:
         msg.validate()
             .map_err(|reason| MessageError::Invalid { kind, reason })?;
         Ok(msg)
+    }
+
+    /// The form `encoding` names.
+    fn encode_as(&self, encoding: Encoding) -> Vec<u8> {
+        match encoding {
+            Encoding::Binary => self.to_bytes(),
+            Encoding::Json => self.to_json().into_bytes(),
+        }
+    }
+
+    /// Parses and validates the form `encoding` names.
+    fn decode_as(bytes: &[u8], encoding: Encoding) -> Result<Self, MessageError> {
+        match encoding {
+            Encoding::Binary => Self::from_bytes(bytes),
+            Encoding::Json => Self::from_json(bytes),
+        }
     }
 }
 

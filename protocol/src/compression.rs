@@ -235,36 +235,35 @@ fn zstd_decompress(payload: &[u8], out: &mut [u8]) -> Result<(), String> {
 /// than the chunk by at least 1/[`MIN_SAVING_DIV`] (store it raw then).
 pub fn compress(data: &[u8], scheme: Scheme) -> Option<Vec<u8>> {
     let limit = data.len() - data.len() / MIN_SAVING_DIV;
-    let z = match scheme.group_width() {
-        _ if scheme == Scheme::Raw => return None,
-        1 => zstd_compress(data),
-        w => SCRATCH.with(|s| {
-            let mut grouped = s.borrow_mut();
-            group(data, w, &mut grouped);
-            zstd_compress_planes(&grouped, w).map_err(std::io::Error::other)
-        }),
-    }
-    .ok()?;
+    let z = match scheme {
+        Scheme::Raw => return None,
+        Scheme::Zstd => zstd_compress(data).ok()?,
+        grouped => SCRATCH.with(|s| {
+            let mut planes = s.borrow_mut();
+            group(data, grouped.group_width(), &mut planes);
+            zstd_compress_planes(&planes, grouped.group_width()).ok()
+        })?,
+    };
     (z.len() < limit && z.len() < data.len()).then_some(z)
 }
 
 /// Decodes a payload of `scheme` into `out`, which has the chunk's length.
 pub fn decompress(scheme: Scheme, payload: &[u8], out: &mut [u8]) -> Result<(), String> {
-    match scheme.group_width() {
-        _ if scheme == Scheme::Raw => {
+    match scheme {
+        Scheme::Raw => {
             if payload.len() != out.len() {
                 return Err("raw payload length differs from the chunk length".into());
             }
             out.copy_from_slice(payload);
             Ok(())
         }
-        1 => zstd_decompress(payload, out),
-        w => SCRATCH.with(|s| {
-            let mut grouped = s.borrow_mut();
-            grouped.clear();
-            grouped.resize(out.len(), 0);
-            zstd_decompress(payload, &mut grouped)?;
-            ungroup(&grouped, w, out);
+        Scheme::Zstd => zstd_decompress(payload, out),
+        grouped => SCRATCH.with(|s| {
+            let mut planes = s.borrow_mut();
+            planes.clear();
+            planes.resize(out.len(), 0);
+            zstd_decompress(payload, &mut planes)?;
+            ungroup(&planes, grouped.group_width(), out);
             Ok(())
         }),
     }

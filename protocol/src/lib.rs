@@ -51,7 +51,7 @@ pub mod shard;
 pub mod tree;
 pub mod xorb;
 
-pub use codec::{Message, MessageError};
+pub use codec::{Encoding, Message, MessageError};
 pub use hash::{
     ChunkHash, ChunkInfo, FileHash, FileHasher, RangeHash, Sha256, Sha256Hasher, XorbHash,
 };

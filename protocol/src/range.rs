@@ -30,10 +30,6 @@ macro_rules! range_newtype {
             pub fn is_empty(&self) -> bool {
                 self.end <= self.start
             }
-
-            pub fn contains(&self, x: $int) -> bool {
-                self.start <= x && x < self.end
-            }
         }
     };
 }

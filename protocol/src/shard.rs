@@ -8,7 +8,7 @@ use crate::chunking::MAX_CHUNK;
 use crate::codec::impl_message;
 use crate::hash::{ChunkInfo, FileHash, FileHasher, Sha256, XorbHash};
 use crate::range::ChunkRange;
-use crate::xorb::{MAX_XORB_CHUNKS, MAX_XORB_UNCOMPRESSED};
+use crate::xorb::{check_chunk_list, MAX_XORB_CHUNKS};
 
 /// Largest encoded shard.
 pub const MAX_SHARD_BYTES: usize = 128 * 1024 * 1024;
@@ -99,29 +99,7 @@ pub enum RecipeError {
 
 impl XorbChunkTable {
     fn check(&self) -> Result<(), String> {
-        let n = self.chunks.len();
-        if n == 0 || n > MAX_XORB_CHUNKS {
-            return Err(format!(
-                "xorb {}: {n} chunks, expected 1..={MAX_XORB_CHUNKS}",
-                self.hash
-            ));
-        }
-        let mut total = 0u64;
-        for c in &self.chunks {
-            if c.len == 0 || c.len as usize > MAX_CHUNK {
-                return Err(format!(
-                    "xorb {}: chunk length {} out of range",
-                    self.hash, c.len
-                ));
-            }
-            total += u64::from(c.len);
-        }
-        if total > MAX_XORB_UNCOMPRESSED as u64 {
-            return Err(format!(
-                "xorb {}: more than {MAX_XORB_UNCOMPRESSED} bytes",
-                self.hash
-            ));
-        }
+        check_chunk_list(&self.chunks).map_err(|e| format!("xorb {}: {e}", self.hash))?;
         let actual = XorbHash::from_chunks(&self.chunks);
         if actual != self.hash {
             return Err(format!("xorb table hashes to {actual}, not {}", self.hash));

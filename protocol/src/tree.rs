@@ -96,11 +96,6 @@ impl Tree {
         Self { entries }
     }
 
-    /// Total bytes of all files.
-    pub fn total_size(&self) -> u64 {
-        self.entries.iter().map(|e| e.size).sum()
-    }
-
     fn check(&self) -> Result<(), String> {
         if self.entries.len() > MAX_TREE_ENTRIES {
             return Err(format!(

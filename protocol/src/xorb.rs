@@ -130,10 +130,50 @@ pub struct Frame<'a> {
     pub payload: &'a [u8],
 }
 
-fn check_lengths(index: usize, scheme: Scheme, len: u64, stored: u64) -> Result<(), XorbError> {
+fn check_chunk_len(index: usize, len: u64) -> Result<(), XorbError> {
     if len == 0 || len > MAX_CHUNK as u64 {
         return Err(XorbError::ChunkLen { index, len });
     }
+    Ok(())
+}
+
+fn check_chunk_count(count: usize) -> Result<(), XorbError> {
+    if count == 0 || count > MAX_XORB_CHUNKS {
+        return Err(XorbError::ChunkCount(count as u64));
+    }
+    Ok(())
+}
+
+/// Running check of a chunk list against the per-chunk and per-xorb limits.
+#[derive(Default)]
+struct ChunkListCheck {
+    total: u64,
+}
+
+impl ChunkListCheck {
+    fn push(&mut self, index: usize, len: u32) -> Result<(), XorbError> {
+        check_chunk_len(index, len.into())?;
+        self.total += u64::from(len);
+        if self.total > MAX_XORB_UNCOMPRESSED as u64 {
+            return Err(XorbError::TooLarge);
+        }
+        Ok(())
+    }
+}
+
+/// Whether a chunk list obeys the xorb limits (count, chunk lengths, total),
+/// wherever it comes from: a xorb header or a shard's chunk table.
+pub fn check_chunk_list(chunks: &[ChunkInfo]) -> Result<(), XorbError> {
+    check_chunk_count(chunks.len())?;
+    let mut limits = ChunkListCheck::default();
+    chunks
+        .iter()
+        .enumerate()
+        .try_for_each(|(i, c)| limits.push(i, c.len))
+}
+
+fn check_lengths(index: usize, scheme: Scheme, len: u64, stored: u64) -> Result<(), XorbError> {
+    check_chunk_len(index, len)?;
     let ok = match scheme {
         Scheme::Raw => stored == len,
         _ => stored > 0 && stored < len,
@@ -351,22 +391,15 @@ pub fn parse_header(bytes: &[u8]) -> Result<Vec<IndexEntry>, XorbError> {
         return Err(XorbError::UnsupportedVersion(version));
     }
     let count = cur.u32()? as usize;
-    if count == 0 || count > MAX_XORB_CHUNKS {
-        return Err(XorbError::ChunkCount(count as u64));
-    }
+    check_chunk_count(count)?;
     let raw = cur.take(count * INDEX_ENTRY_LEN)?;
     let mut entries = Vec::with_capacity(count);
-    let mut total = 0u64;
+    let mut limits = ChunkListCheck::default();
     for (index, e) in raw.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
         let hash = ChunkHash::from_bytes(e[..32].try_into().expect("32 bytes"));
         let len = u32::from_le_bytes(e[32..36].try_into().expect("4 bytes"));
         let stored_len = u32::from_le_bytes(e[36..40].try_into().expect("4 bytes"));
-        if len == 0 || len as usize > MAX_CHUNK {
-            return Err(XorbError::ChunkLen {
-                index,
-                len: len.into(),
-            });
-        }
+        check_chunk_len(index, len.into())?;
         if stored_len > len {
             return Err(XorbError::StoredLen {
                 index,
@@ -375,10 +408,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<Vec<IndexEntry>, XorbError> {
                 len: len.into(),
             });
         }
-        total += u64::from(len);
-        if total > MAX_XORB_UNCOMPRESSED as u64 {
-            return Err(XorbError::TooLarge);
-        }
+        limits.push(index, len)?;
         entries.push(IndexEntry {
             info: ChunkInfo { hash, len },
             stored_len,
@@ -466,12 +496,7 @@ impl EncodedChunk {
         hash: ChunkHash,
         compression: Compression,
     ) -> Result<Self, XorbError> {
-        if data.is_empty() || data.len() > MAX_CHUNK {
-            return Err(XorbError::ChunkLen {
-                index: 0,
-                len: data.len() as u64,
-            });
-        }
+        check_chunk_len(0, data.len() as u64)?;
         let info = ChunkInfo {
             hash,
             len: data.len() as u32,

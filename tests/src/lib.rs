@@ -105,6 +105,23 @@ pub fn body(mut r: ureq::http::Response<ureq::Body>) -> (u16, Vec<u8>) {
     (status, bytes)
 }
 
+/// The body of a response whose status is one of `ok`; anything else
+/// (including a transport error) is an error naming `what`.
+fn expect_status(
+    r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ok: &[u16],
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    let (status, bytes) = body(r.map_err(|e| format!("{what}: {e}"))?);
+    if !ok.contains(&status) {
+        return Err(format!(
+            "{what}: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        ));
+    }
+    Ok(bytes)
+}
+
 /// Result of [`upload`].
 pub struct Uploaded {
     pub files: Vec<FileHash>,
@@ -125,15 +142,8 @@ pub fn upload(base: &str, files: &[&[u8]]) -> Result<Uploaded, String> {
         };
         let r = agent
             .post(format!("{base}/v1/dedup"))
-            .send(&q.to_bytes()[..])
-            .map_err(|e| e.to_string())?;
-        let (status, bytes) = body(r);
-        if status != 200 {
-            return Err(format!(
-                "dedup: {status} {}",
-                String::from_utf8_lossy(&bytes)
-            ));
-        }
+            .send(&q.to_bytes()[..]);
+        let bytes = expect_status(r, &[200], "dedup")?;
         let a = DedupAnswer::from_bytes(&bytes).map_err(|e| e.to_string())?;
         for (h, loc) in batch.iter().zip(a.found) {
             if let Some(l) = loc {
@@ -177,15 +187,8 @@ pub fn upload(base: &str, files: &[&[u8]]) -> Result<Uploaded, String> {
     for x in &built {
         let r = agent
             .put(format!("{base}/v1/xorbs/{}", x.hash))
-            .send(&x.bytes[..])
-            .map_err(|e| e.to_string())?;
-        let (status, bytes) = body(r);
-        if status != 201 && status != 200 {
-            return Err(format!(
-                "xorb put: {status} {}",
-                String::from_utf8_lossy(&bytes)
-            ));
-        }
+            .send(&x.bytes[..]);
+        expect_status(r, &[201, 200], "xorb put")?;
     }
     let recipes: Vec<FileRecipe> = files
         .iter()
@@ -198,15 +201,8 @@ pub fn upload(base: &str, files: &[&[u8]]) -> Result<Uploaded, String> {
     };
     let r = agent
         .post(format!("{base}/v1/shards"))
-        .send(&shard.to_bytes()[..])
-        .map_err(|e| e.to_string())?;
-    let (status, bytes) = body(r);
-    if status != 200 {
-        return Err(format!(
-            "shard: {status} {}",
-            String::from_utf8_lossy(&bytes)
-        ));
-    }
+        .send(&shard.to_bytes()[..]);
+    expect_status(r, &[200], "shard")?;
     Ok(Uploaded {
         files: recipes.iter().map(|r| r.hash).collect(),
         xorbs_sent: built.len(),
@@ -255,13 +251,7 @@ pub fn fetch(base: &str, file: &FileHash, range: Option<&str>) -> Result<Vec<u8>
     if let Some(r) = range {
         req = req.header("Range", r);
     }
-    let (status, bytes) = body(req.call().map_err(|e| e.to_string())?);
-    if status != 200 {
-        return Err(format!(
-            "reconstruction: {status} {}",
-            String::from_utf8_lossy(&bytes)
-        ));
-    }
+    let bytes = expect_status(req.call(), &[200], "reconstruction")?;
     let rec = Reconstruction::from_bytes(&bytes).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     let mut cache: HashMap<(XorbHash, u64), Vec<u8>> = HashMap::new();
@@ -271,16 +261,8 @@ pub fn fetch(base: &str, file: &FileHash, range: Option<&str>) -> Result<Vec<u8>
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let range = fr.bytes.to_http_range().expect("non-empty");
-                let r = agent
-                    .get(&f.url)
-                    .header("Range", range)
-                    .call()
-                    .map_err(|e| e.to_string())?;
-                let (status, bytes) = body(r);
-                if status != 206 {
-                    return Err(format!("xorb get: {status}"));
-                }
-                e.insert(bytes)
+                let r = agent.get(&f.url).header("Range", range).call();
+                e.insert(expect_status(r, &[206], "xorb get")?)
             }
         };
         let mut data = Vec::new();
