@@ -1,6 +1,8 @@
 //! Seeded, deterministic workloads for benchmarks and tests: the same seed
 //! always yields the same bytes, so runs compare like with like.
 
+pub mod model;
+
 use cas_protocol::chunking::chunks;
 use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, XorbBuilder};
 use rand::{Rng, RngCore, SeedableRng};

@@ -1,69 +1,237 @@
-//! The CAS client as a library. So far: local chunking and hashing of files
-//! (`cas-client hash`); upload and fetch arrive with the client issue.
+//! The CAS client as a library: upload files and directories with dedup
+//! and compression, fetch them back verified (resuming, through a local
+//! chunk cache shared by processes and users), read ranges of stored files
+//! with an `AsyncRead + AsyncSeek` reader, and hash files locally.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cas_client::Error> {
+//! use cas_client::{Client, ClientConfig};
+//! let client = Client::new(ClientConfig::new("http://127.0.0.1:8080"))?;
+//! let report = client.upload(&["./model".into()]).await?;
+//! let tree = report.roots[0].hash;
+//! client.fetch(tree, "./model-copy".as_ref(), false).await?;
+//! # Ok(()) }
+//! ```
 
-use std::fs::File;
+mod cache;
+mod digest;
+mod error;
+mod fetch;
+mod progress;
+mod reader;
+mod remote;
+mod restore;
+mod upload;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
-use cas_protocol::chunking::chunk_and_hash_parallel;
-use cas_protocol::{FileHash, Sha256, Sha256Hasher};
-use serde::Serialize;
+use cas_protocol::tree::Tree;
+use cas_protocol::{ByteRange, FileHash, Message};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-/// What hashing a file yields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FileDigest {
-    pub path: PathBuf,
-    pub size: u64,
-    pub file_hash: FileHash,
-    pub sha256: Sha256,
-    pub chunks: usize,
+pub use cache::{ChunkCache, DEFAULT_CACHE_SIZE};
+pub use digest::{hash_file, FileDigest};
+pub use error::{Error, Result};
+pub use fetch::Transfer;
+pub use progress::{NoProgress, Progress, Stage};
+pub use reader::FileReader;
+pub use remote::{FileInfo, RetryPolicy};
+pub use restore::FetchReport;
+pub use upload::{UploadReport, UploadedFile, UploadedRoot};
+
+/// How to reach a server and how hard to work.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Base URL of the server, e.g. `http://127.0.0.1:8080`.
+    pub endpoint: String,
+    /// Bearer token sent to the endpoint (never to other hosts).
+    pub token: Option<String>,
+    /// Local chunk cache; `None` disables it.
+    pub cache_dir: Option<PathBuf>,
+    pub cache_size: u64,
+    /// Concurrent range GETs.
+    pub connections: usize,
+    /// Concurrent xorb uploads (each holds up to 64 MiB).
+    pub upload_concurrency: usize,
+    pub retry: RetryPolicy,
 }
 
-/// Errors of the local operations.
-#[derive(Debug, thiserror::Error)]
-pub enum HashError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0}: not a regular file")]
-    NotAFile(PathBuf),
-}
-
-/// Chunks and hashes one file with all cores: the chunk chain is split
-/// across threads while SHA-256 runs beside it.
-pub fn hash_file(path: &Path) -> Result<FileDigest, HashError> {
-    let io = |source| HashError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(io)?;
-    let meta = file.metadata().map_err(io)?;
-    if !meta.is_file() {
-        return Err(HashError::NotAFile(path.to_owned()));
+impl ClientConfig {
+    /// Defaults: the default cache directory, 8 connections, 4 uploads.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            token: None,
+            cache_dir: ChunkCache::default_dir(),
+            cache_size: DEFAULT_CACHE_SIZE,
+            connections: 8,
+            upload_concurrency: 4,
+            retry: RetryPolicy::default(),
+        }
     }
-    // SAFETY: the map is only read, through a shared slice. A file truncated
-    // or rewritten by another process while we hash it is the one hazard
-    // (as for every mmap-based reader); we accept it for zero-copy hashing.
-    let map = if meta.len() == 0 {
-        None
-    } else {
-        Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
-    };
-    let data: &[u8] = map.as_deref().unwrap_or(&[]);
-    let (chunks, sha256) = rayon::join(
-        || chunk_and_hash_parallel(data),
-        || {
-            let mut h = Sha256Hasher::new();
-            h.update(data);
-            h.finalize()
-        },
-    );
-    Ok(FileDigest {
-        path: path.to_owned(),
-        size: data.len() as u64,
-        file_hash: FileHash::from_chunks(&chunks),
-        sha256,
-        chunks: chunks.len(),
-    })
+}
+
+/// A client of one server. Cheap to clone; clones share connections, the
+/// cache and the connection limit.
+#[derive(Clone)]
+pub struct Client {
+    fetcher: fetch::Fetcher,
+    connections: usize,
+    upload_concurrency: usize,
+}
+
+/// Bytes per window when streaming a file out (`cat`).
+const CAT_WINDOW: u64 = 64 << 20;
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Self> {
+        let remote = remote::Remote::new(&config.endpoint, config.token.as_deref(), config.retry)?;
+        let cache = config
+            .cache_dir
+            .map(|d| ChunkCache::open(&d, config.cache_size))
+            .transpose()?;
+        Ok(Self {
+            fetcher: fetch::Fetcher {
+                remote,
+                cache,
+                connections: Arc::new(tokio::sync::Semaphore::new(config.connections.max(1))),
+                progress: Arc::new(NoProgress),
+            },
+            connections: config.connections.max(1),
+            upload_concurrency: config.upload_concurrency,
+        })
+    }
+
+    /// Reports progress of later operations to `progress`.
+    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
+        self.fetcher.progress = progress;
+        self
+    }
+
+    pub fn cache(&self) -> Option<&ChunkCache> {
+        self.fetcher.cache.as_ref()
+    }
+
+    /// Uploads files and directories (each directory as a tree) and commits
+    /// them; the report's `roots` name each path's hash.
+    pub async fn upload(&self, paths: &[PathBuf]) -> Result<UploadReport> {
+        upload::upload(
+            &self.fetcher.remote,
+            paths,
+            self.upload_concurrency,
+            self.fetcher.progress.clone(),
+        )
+        .await
+    }
+
+    /// Size, SHA-256 and layout of a stored file.
+    pub async fn stat(&self, file: FileHash) -> Result<FileInfo> {
+        self.fetcher.remote.file_info(file).await
+    }
+
+    /// The tree a file holds, if it is one (a file that starts with the
+    /// tree tag and decodes as a valid tree).
+    pub async fn tree(&self, info: &FileInfo) -> Result<Option<Tree>> {
+        let tag = cas_protocol::tree::Tree::TAG;
+        if info.size < tag.len() as u64 || info.size > cas_protocol::tree::MAX_TREE_BYTES as u64 {
+            return Ok(None);
+        }
+        let head = ByteRange {
+            start: 0,
+            end: tag.len() as u64,
+        };
+        if self.fetcher.read(info.hash, Some(head)).await? != tag {
+            return Ok(None);
+        }
+        let bytes = self.fetcher.read(info.hash, None).await?;
+        Ok(Tree::from_bytes(&bytes).ok())
+    }
+
+    /// Fetches a file, or a whole tree as a directory, to `dest`. An
+    /// interrupted fetch of the same hash to the same place resumes.
+    /// Existing files are only replaced with `force`.
+    pub async fn fetch(&self, file: FileHash, dest: &Path, force: bool) -> Result<FetchReport> {
+        let started = Instant::now();
+        let info = self.stat(file).await?;
+        let tree = self.tree(&info).await?;
+        let progress = &self.fetcher.progress;
+        let (transfer, resumed, files, bytes) = match &tree {
+            Some(t) => {
+                let bytes = t.entries.iter().map(|e| e.size).sum();
+                progress.start(Stage::Download, Some(bytes));
+                let (tr, r) =
+                    restore::fetch_tree(&self.fetcher, t, dest, force, self.connections).await?;
+                (tr, r, t.entries.len() as u64, bytes)
+            }
+            None => {
+                progress.start(Stage::Download, Some(info.size));
+                let (tr, r) = restore::fetch_file(&self.fetcher, &info, dest, None, force).await?;
+                (tr, r, 1, info.size)
+            }
+        };
+        progress.finish(Stage::Download);
+        self.evict().await?;
+        Ok(FetchReport {
+            hash: file,
+            path: dest.to_owned(),
+            tree: tree.is_some(),
+            files,
+            bytes,
+            resumed_bytes: resumed,
+            transfer,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Bytes `range` of a file (all of it without one), verified.
+    pub async fn read(&self, file: FileHash, range: Option<ByteRange>) -> Result<Vec<u8>> {
+        self.fetcher.read(file, range).await
+    }
+
+    /// Streams `range` of a file (all of it without one) to `out`, in
+    /// verified windows; returns the bytes written.
+    pub async fn cat<W: AsyncWrite + Unpin>(
+        &self,
+        file: FileHash,
+        range: Option<ByteRange>,
+        out: &mut W,
+    ) -> Result<u64> {
+        let range = match range {
+            Some(r) => r,
+            None => ByteRange {
+                start: 0,
+                end: self.stat(file).await?.size,
+            },
+        };
+        let mut pos = range.start;
+        while pos < range.end {
+            let end = (pos + CAT_WINDOW).min(range.end);
+            let bytes = self.read(file, Some(ByteRange { start: pos, end })).await?;
+            out.write_all(&bytes)
+                .await
+                .map_err(Error::io("standard output"))?;
+            pos = end;
+        }
+        out.flush().await.map_err(Error::io("standard output"))?;
+        self.evict().await?;
+        Ok(range.len())
+    }
+
+    /// A reader over a stored file that fetches only what is read.
+    pub async fn open(&self, file: FileHash) -> Result<FileReader> {
+        let info = self.stat(file).await?;
+        Ok(FileReader::new(self.fetcher.clone(), file, info.size))
+    }
+
+    /// Keeps the cache under its cap.
+    async fn evict(&self) -> Result<()> {
+        if let Some(c) = self.fetcher.cache.clone() {
+            tokio::task::spawn_blocking(move || c.evict())
+                .await
+                .expect("eviction does not panic")?;
+        }
+        Ok(())
+    }
 }

@@ -1,9 +1,15 @@
 //! `cas-client`: a thin command-line shell over the `cas_client` library.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use cas_client::{Client, ClientConfig, Progress, RetryPolicy, Stage};
+use cas_protocol::{ByteRange, FileHash};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(version, about = "Content-addressed chunk store client")]
@@ -12,8 +18,83 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args)]
+struct Remote {
+    /// Server base URL.
+    #[arg(long, env = "CAS_ENDPOINT", default_value = "http://127.0.0.1:8080")]
+    endpoint: String,
+    /// Bearer token for the server.
+    #[arg(long, env = "CAS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Local chunk cache directory [default: $XDG_CACHE_HOME/cas or ~/.cache/cas].
+    /// Point several users at one setgid directory to share it.
+    #[arg(long, env = "CAS_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Do not use the local chunk cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Cache size cap, e.g. 500M, 20G.
+    #[arg(long, env = "CAS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
+    cache_size: u64,
+    /// Concurrent range requests when fetching.
+    #[arg(long, env = "CAS_CONNECTIONS", default_value_t = 8)]
+    connections: usize,
+    /// Concurrent xorb uploads (each holds up to 64 MiB).
+    #[arg(long, env = "CAS_UPLOADS", default_value_t = 4)]
+    uploads: usize,
+    /// Retries of a request that failed transiently (5xx, timeout, reset).
+    #[arg(long, env = "CAS_RETRIES", default_value_t = 5)]
+    retries: u32,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Upload files and directories; prints one hash per path (a directory
+    /// becomes a tree).
+    Upload {
+        #[command(flatten)]
+        remote: Remote,
+        /// Also print every file's hash, SHA-256 and size.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Fetch a file (or a tree, as a directory), verified; resumes an
+    /// interrupted fetch to the same place.
+    Fetch {
+        #[command(flatten)]
+        remote: Remote,
+        hash: FileHash,
+        /// Destination [default: the hash, in the current directory].
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a file (or a byte range of it) to stdout, verified.
+    Cat {
+        #[command(flatten)]
+        remote: Remote,
+        hash: FileHash,
+        /// Inclusive byte range: START-END, START- or -SUFFIX_LENGTH.
+        #[arg(long)]
+        range: Option<String>,
+    },
+    /// Show a stored file's size, SHA-256 and layout (and entries of a tree).
+    Stat {
+        #[command(flatten)]
+        remote: Remote,
+        hash: FileHash,
+        #[arg(long)]
+        json: bool,
+    },
     /// Chunk and hash files locally (no server): prints file hash, SHA-256,
     /// size and path, one line per file.
     Hash {
@@ -25,16 +106,255 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Hash { json, paths } => {
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in {s:?} (K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("not a size: {s:?}"))
+}
+
+/// `START-END` (inclusive), `START-` or `-SUFFIX` against a file size.
+fn parse_range(s: &str, size: u64) -> Result<ByteRange> {
+    let (a, b) = s
+        .split_once('-')
+        .with_context(|| format!("range {s:?} is not START-END"))?;
+    let num = |x: &str| {
+        x.parse::<u64>()
+            .with_context(|| format!("range {s:?}: {x:?} is not a number"))
+    };
+    let r = match (a.is_empty(), b.is_empty()) {
+        (true, false) => ByteRange {
+            start: size.saturating_sub(num(b)?),
+            end: size,
+        },
+        (false, true) => ByteRange {
+            start: num(a)?,
+            end: size,
+        },
+        (false, false) => ByteRange {
+            start: num(a)?,
+            end: num(b)?.saturating_add(1).min(size),
+        },
+        (true, true) => bail!("range {s:?} is not START-END"),
+    };
+    if r.start >= r.end {
+        bail!("range {s:?} is outside the file's {size} bytes");
+    }
+    Ok(r)
+}
+
+impl Remote {
+    fn client(self) -> Result<Client> {
+        let config = ClientConfig {
+            endpoint: self.endpoint,
+            token: self.token,
+            cache_dir: if self.no_cache {
+                None
+            } else {
+                self.cache_dir.or_else(cas_client::ChunkCache::default_dir)
+            },
+            cache_size: self.cache_size,
+            connections: self.connections,
+            upload_concurrency: self.uploads,
+            retry: RetryPolicy {
+                attempts: self.retries + 1,
+                ..RetryPolicy::default()
+            },
+        };
+        let bars: Arc<dyn Progress> = Arc::new(Bars::default());
+        Ok(Client::new(config)?.with_progress(bars))
+    }
+}
+
+/// Progress bars on stderr; indicatif hides them when stderr is not a
+/// terminal.
+#[derive(Default)]
+struct Bars {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<Stage, ProgressBar>>,
+}
+
+impl Progress for Bars {
+    fn start(&self, stage: Stage, total: Option<u64>) {
+        let label = match stage {
+            Stage::Hash => "hashing",
+            Stage::Upload => "uploading",
+            Stage::Download => "fetching",
+        };
+        let (bar, template) = match total {
+            Some(t) => (
+                ProgressBar::new(t),
+                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            ),
+            None => (
+                ProgressBar::no_length(),
+                "{prefix:>10} {spinner} {bytes} {binary_bytes_per_sec}",
+            ),
+        };
+        let style = ProgressStyle::with_template(template)
+            .expect("valid template")
+            .progress_chars("=> ");
+        let bar = self.multi.add(bar.with_style(style).with_prefix(label));
+        self.bars.lock().expect("not poisoned").insert(stage, bar);
+    }
+
+    fn advance(&self, stage: Stage, bytes: u64) {
+        if let Some(b) = self.bars.lock().expect("not poisoned").get(&stage) {
+            b.inc(bytes);
+        }
+    }
+
+    fn finish(&self, stage: Stage) {
+        if let Some(b) = self.bars.lock().expect("not poisoned").remove(&stage) {
+            b.finish_and_clear();
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("serializable")
+}
+
+fn rate(bytes: u64, seconds: f64) -> String {
+    format!(
+        "{}/s",
+        HumanBytes((bytes as f64 / seconds.max(1e-9)) as u64)
+    )
+}
+
+async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Upload {
+            remote,
+            verbose,
+            json: as_json,
+            paths,
+        } => {
+            let r = remote.client()?.upload(&paths).await?;
+            if as_json {
+                let mut v = serde_json::to_value(&r)?;
+                v["dedup_ratio"] = r.dedup_ratio().into();
+                v["compression_ratio"] = r.compression_ratio().into();
+                v["throughput"] = r.throughput().into();
+                println!("{v}");
+                return Ok(());
+            }
+            if verbose {
+                for f in &r.files {
+                    println!("{}  {}  {}  {}", f.hash, f.sha256, f.size, f.path.display());
+                }
+            }
+            for root in &r.roots {
+                let kind = if root.tree { "tree" } else { "file" };
+                println!("{}  {kind}  {}", root.hash, root.path.display());
+            }
+            for s in &r.skipped {
+                eprintln!("skipped (not a regular file): {}", s.display());
+            }
+            let compression = if r.new_bytes == 0 {
+                "nothing new".to_owned()
+            } else {
+                format!("compressed to {:.1}%", 100.0 * r.compression_ratio())
+            };
+            eprintln!(
+                "{} files, {} in {:.1} s ({}); {} new ({:.1}% deduplicated), \
+                 sent as {} in {} xorbs ({compression})",
+                r.files.len(),
+                HumanBytes(r.bytes),
+                r.seconds,
+                rate(r.bytes, r.seconds),
+                HumanBytes(r.new_bytes),
+                100.0 * r.dedup_ratio(),
+                HumanBytes(r.sent_bytes),
+                r.xorbs,
+            );
+        }
+        Command::Fetch {
+            remote,
+            hash,
+            output,
+            force,
+            json: as_json,
+        } => {
+            let dest = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
+            let r = remote.client()?.fetch(hash, &dest, force).await?;
+            if as_json {
+                println!("{}", json(&r));
+            } else {
+                eprintln!(
+                    "{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, {} resumed",
+                    if r.tree { "tree" } else { "file" },
+                    r.hash,
+                    r.path.display(),
+                    r.files,
+                    HumanBytes(r.bytes),
+                    r.seconds,
+                    rate(r.bytes, r.seconds),
+                    HumanBytes(r.transfer.network_bytes),
+                    HumanBytes(r.transfer.cache_bytes),
+                    HumanBytes(r.resumed_bytes),
+                );
+            }
+        }
+        Command::Cat {
+            remote,
+            hash,
+            range,
+        } => {
+            let client = remote.client()?;
+            let range = match range {
+                Some(r) => Some(parse_range(&r, client.stat(hash).await?.size)?),
+                None => None,
+            };
+            client.cat(hash, range, &mut tokio::io::stdout()).await?;
+        }
+        Command::Stat {
+            remote,
+            hash,
+            json: as_json,
+        } => {
+            let client = remote.client()?;
+            let info = client.stat(hash).await?;
+            let tree = client.tree(&info).await?;
+            if as_json {
+                let mut v = serde_json::to_value(&info)?;
+                v["tree"] = serde_json::to_value(&tree)?;
+                println!("{v}");
+            } else {
+                println!("hash     {}", info.hash);
+                println!("size     {}", info.size);
+                println!("sha256   {}", info.sha256);
+                println!("chunks   {} in {} terms", info.chunks, info.terms);
+                if let Some(t) = tree {
+                    println!("tree     {} entries", t.entries.len());
+                    for e in &t.entries {
+                        println!("  {}  {:o}  {:>12}  {}", e.file, e.mode, e.size, e.path);
+                    }
+                }
+            }
+        }
+        Command::Hash {
+            json: as_json,
+            paths,
+        } => {
             let mut failed = false;
             for path in paths {
                 match cas_client::hash_file(&path) {
-                    Ok(d) if json => {
-                        println!("{}", serde_json::to_string(&d).expect("serializable"))
-                    }
+                    Ok(d) if as_json => println!("{}", json(&d)),
                     Ok(d) => println!(
                         "{}  {}  {}  {}",
                         d.file_hash,
@@ -49,10 +369,51 @@ fn main() -> ExitCode {
                 }
             }
             if failed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
+                bail!("some files could not be hashed");
             }
         }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_target(false)
+        .init();
+    match run(cli.command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cas-client: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_ranges_parse() {
+        assert_eq!(parse_size("500M").unwrap(), 500 << 20);
+        assert_eq!(parse_size("20g").unwrap(), 20 << 30);
+        assert_eq!(parse_size("1234").unwrap(), 1234);
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        let r = |s| parse_range(s, 100).map(|r| (r.start, r.end)).ok();
+        assert_eq!(r("0-9"), Some((0, 10)));
+        assert_eq!(r("90-"), Some((90, 100)));
+        assert_eq!(r("-10"), Some((90, 100)));
+        assert_eq!(r("50-500"), Some((50, 100)));
+        assert_eq!(r("100-"), None);
+        assert_eq!(r("x-1"), None);
+        assert_eq!(r("-"), None);
     }
 }

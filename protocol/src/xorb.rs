@@ -266,6 +266,22 @@ impl<'a> Frames<'a> {
     }
 }
 
+/// Length of the longest prefix of `bytes` made of whole frames (by their
+/// headers' stored lengths): what a reader of a streamed range body can hand
+/// to [`Frames`] now, keeping the rest until more bytes arrive. Headers are
+/// not validated here; [`Frames`] does that.
+pub fn whole_frames_len(bytes: &[u8]) -> usize {
+    let mut pos = 0usize;
+    while let Some(h) = bytes.get(pos..pos + FRAME_HEADER_LEN) {
+        let stored = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes")) as usize;
+        match pos.checked_add(FRAME_HEADER_LEN + stored) {
+            Some(end) if end <= bytes.len() => pos = end,
+            _ => break,
+        }
+    }
+    pos
+}
+
 impl<'a> Iterator for Frames<'a> {
     type Item = Result<Frame<'a>, XorbError>;
 
@@ -611,6 +627,23 @@ mod tests {
             (0..=255u8).cycle().take(70_000).collect(),
             b"tiny".to_vec(),
         ]
+    }
+
+    #[test]
+    fn whole_frames_len_stops_at_a_partial_frame() {
+        let x = build(&sample_chunks(), Compression::default());
+        let frames = &x.bytes[header_len(3)..];
+        assert_eq!(whole_frames_len(frames), frames.len());
+        let v = XorbView::parse(&x.bytes).unwrap();
+        let first = v.byte_range(ChunkRange { start: 0, end: 1 }).unwrap().len() as usize;
+        for cut in 0..frames.len() {
+            let n = whole_frames_len(&frames[..cut]);
+            assert!(n <= cut);
+            assert!(Frames::new(&frames[..n], 0).all(|f| f.is_ok()));
+            if cut >= first {
+                assert!(n >= first, "cut {cut}: first frame is whole");
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,403 @@
+//! The local chunk cache: xorb frame ranges exactly as fetched, shared by
+//! every process and user of a machine.
+//!
+//! Layout under the root: `xorbs/<2 hex>/<xorb hex>/<first>-<end>` holds the
+//! frames of chunks `first..end` of that xorb; `.../lock` serialises fetches
+//! of one xorb across processes (so two fetches of the same file move its
+//! bytes once); `tmp/` holds entries being written. Entries are immutable
+//! and appear by atomic rename, so a reader sees a whole entry or none.
+//! Entries are not trusted: every read is verified against the range hashes
+//! of a reconstruction like bytes from the network, and a bad entry is
+//! deleted and fetched again.
+//!
+//! Sharing among users: when the root directory is setgid, directories are
+//! created `rwxrwsr-x` and entries `rw-rw-r--`, so every member of the group
+//! can read, add and evict. Lock files are opened read-only when they are
+//! not writable, which `flock` allows.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use cas_protocol::{ChunkRange, XorbHash};
+
+use crate::error::{Error, Result};
+
+/// Default size cap: 20 GiB.
+pub const DEFAULT_CACHE_SIZE: u64 = 20 << 30;
+
+/// Temp files older than this belong to a dead process.
+const STALE_TMP: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone)]
+pub struct ChunkCache {
+    root: PathBuf,
+    cap: u64,
+    shared: bool,
+}
+
+/// A cached frame range of one xorb.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheEntry {
+    pub path: PathBuf,
+    pub chunks: ChunkRange,
+}
+
+/// Holds one xorb's fetch lock (an `flock`) until dropped.
+#[derive(Debug)]
+pub struct XorbLock {
+    _file: File,
+}
+
+impl ChunkCache {
+    /// `$CAS_CACHE_DIR`, else `$XDG_CACHE_HOME/cas`, else `~/.cache/cas`.
+    pub fn default_dir() -> Option<PathBuf> {
+        let env = |k| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        env("CAS_CACHE_DIR")
+            .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("cas")))
+            .or_else(|| env("HOME").map(|d| d.join(".cache").join("cas")))
+    }
+
+    /// Opens (creating if needed) a cache at `root` capped at `cap` bytes.
+    pub fn open(root: &Path, cap: u64) -> Result<Self> {
+        fs::create_dir_all(root).map_err(Error::io(root))?;
+        let mode = fs::metadata(root)
+            .map_err(Error::io(root))?
+            .permissions()
+            .mode();
+        let cache = Self {
+            root: root.to_owned(),
+            cap,
+            shared: mode & 0o2000 != 0,
+        };
+        cache.mkdir(&root.join("xorbs"))?;
+        cache.mkdir(&root.join("tmp"))?;
+        Ok(cache)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates a directory (and parents) with the sharing mode. Another
+    /// user may own an existing one: failing to chmod it is fine.
+    fn mkdir(&self, dir: &Path) -> Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        if self.shared {
+            let mut d = dir;
+            while d != self.root {
+                let _ = fs::set_permissions(d, fs::Permissions::from_mode(0o2775));
+                d = d.parent().expect("under the root");
+            }
+        }
+        Ok(())
+    }
+
+    fn xorb_dir(&self, xorb: &XorbHash) -> PathBuf {
+        let hex = xorb.to_hex();
+        self.root.join("xorbs").join(&hex[..2]).join(hex)
+    }
+
+    /// The smallest cached range of `xorb` that covers `chunks`.
+    pub fn lookup(&self, xorb: &XorbHash, chunks: ChunkRange) -> Option<CacheEntry> {
+        let best = fs::read_dir(self.xorb_dir(xorb))
+            .ok()?
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name();
+                let (a, b) = name.to_str()?.split_once('-')?;
+                let r = ChunkRange {
+                    start: a.parse().ok()?,
+                    end: b.parse().ok()?,
+                };
+                (r.start <= chunks.start && chunks.end <= r.end).then(|| CacheEntry {
+                    path: e.path(),
+                    chunks: r,
+                })
+            })
+            .min_by_key(|e| e.chunks.len())?;
+        // Recently used entries are evicted last.
+        if let Ok(f) = File::options().append(true).open(&best.path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        Some(best)
+    }
+
+    /// Waits for the cross-process fetch lock of `xorb`.
+    pub fn lock(&self, xorb: &XorbHash) -> Result<XorbLock> {
+        let dir = self.xorb_dir(xorb);
+        self.mkdir(&dir)?;
+        let path = dir.join("lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(if self.shared { 0o664 } else { 0o644 })
+            .open(&path)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => File::open(&path),
+                _ => Err(e),
+            })
+            .map_err(Error::io(&path))?;
+        if self.shared {
+            let _ = file.set_permissions(fs::Permissions::from_mode(0o664));
+        }
+        file.lock().map_err(Error::io(&path))?;
+        Ok(XorbLock { _file: file })
+    }
+
+    /// Starts a new entry for `chunks` of `xorb`, written to a temp file.
+    pub fn writer(&self, xorb: &XorbHash, chunks: ChunkRange) -> Result<EntryWriter> {
+        let tmp_dir = self.root.join("tmp");
+        let tmp = tempfile_in(&tmp_dir)?;
+        let dir = self.xorb_dir(xorb);
+        Ok(EntryWriter {
+            file: Some(tmp.1),
+            tmp: tmp.0,
+            dest: dir.join(format!("{}-{}", chunks.start, chunks.end)),
+            dir,
+            mode: if self.shared { 0o664 } else { 0o644 },
+        })
+    }
+
+    /// Drops an entry that failed verification.
+    pub fn remove(&self, entry: &CacheEntry) {
+        if let Err(e) = fs::remove_file(&entry.path) {
+            tracing::warn!(
+                "cannot remove bad cache entry {}: {e}",
+                entry.path.display()
+            );
+        }
+    }
+
+    /// Brings the cache under its cap by deleting the least recently used
+    /// entries (down to 90% of the cap), and removes stale temp files.
+    /// Returns the bytes removed.
+    pub fn evict(&self) -> Result<u64> {
+        let now = SystemTime::now();
+        let age = |m: &fs::Metadata| {
+            now.duration_since(m.modified().unwrap_or(now))
+                .unwrap_or_default()
+        };
+        let mut removed = 0;
+        for e in read_dir_or_empty(&self.root.join("tmp"))? {
+            if let Ok(m) = e.metadata() {
+                if age(&m) > STALE_TMP && fs::remove_file(e.path()).is_ok() {
+                    removed += m.len();
+                }
+            }
+        }
+        let mut entries = Vec::new();
+        for prefix in read_dir_or_empty(&self.root.join("xorbs"))? {
+            for xorb in read_dir_or_empty(&prefix.path())? {
+                for e in read_dir_or_empty(&xorb.path())? {
+                    if e.file_name() == "lock" {
+                        continue;
+                    }
+                    if let Ok(m) = e.metadata() {
+                        entries.push((m.modified().unwrap_or(now), m.len(), e.path()));
+                    }
+                }
+            }
+        }
+        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        if total <= self.cap {
+            return Ok(removed);
+        }
+        entries.sort();
+        let target = self.cap / 10 * 9;
+        for (_, len, path) in entries {
+            if total <= target {
+                break;
+            }
+            // Another process may have evicted it first; either way it is gone.
+            let _ = fs::remove_file(&path);
+            total -= len;
+            removed += len;
+        }
+        Ok(removed)
+    }
+
+    /// Bytes held in entries.
+    pub fn size(&self) -> Result<u64> {
+        let mut total = 0;
+        for prefix in read_dir_or_empty(&self.root.join("xorbs"))? {
+            for xorb in read_dir_or_empty(&prefix.path())? {
+                for e in read_dir_or_empty(&xorb.path())? {
+                    if e.file_name() != "lock" {
+                        total += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    }
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+fn read_dir_or_empty(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    match fs::read_dir(dir) {
+        Ok(rd) => Ok(rd.filter_map(|e| e.ok()).collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::io(dir)(e)),
+    }
+}
+
+/// A uniquely named new file in `dir`.
+fn tempfile_in(dir: &Path) -> Result<(PathBuf, File)> {
+    loop {
+        let path = dir.join(format!(".{:016x}", rand::random::<u64>()));
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(f) => return Ok((path, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(dir)(e)),
+        }
+    }
+}
+
+/// An entry being written; it appears under its name only on
+/// [`commit`](EntryWriter::commit), and the temp file goes away on drop.
+#[derive(Debug)]
+pub struct EntryWriter {
+    file: Option<File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    dir: PathBuf,
+    mode: u32,
+}
+
+impl EntryWriter {
+    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let file = self.file.as_mut().expect("not committed");
+        file.write_all(bytes).map_err(Error::io(&self.tmp))
+    }
+
+    /// Publishes the entry. Not fsynced: a cache entry lost in a crash is
+    /// refetched, and a torn one fails verification and is replaced.
+    pub fn commit(mut self, cache: &ChunkCache) -> Result<()> {
+        let file = self.file.take().expect("not committed");
+        file.set_permissions(fs::Permissions::from_mode(self.mode))
+            .map_err(Error::io(&self.tmp))?;
+        drop(file);
+        cache.mkdir(&self.dir)?;
+        fs::rename(&self.tmp, &self.dest).map_err(Error::io(&self.dest))
+    }
+}
+
+impl Drop for EntryWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn xorb(n: u8) -> XorbHash {
+        XorbHash::from_bytes([n; 32])
+    }
+
+    fn put(c: &ChunkCache, x: &XorbHash, start: u32, end: u32, bytes: &[u8]) {
+        let mut w = c.writer(x, ChunkRange { start, end }).unwrap();
+        w.write(bytes).unwrap();
+        w.commit(c).unwrap();
+    }
+
+    #[test]
+    fn lookup_finds_the_smallest_covering_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        let x = xorb(1);
+        assert_eq!(c.lookup(&x, ChunkRange { start: 0, end: 1 }), None);
+        put(&c, &x, 0, 10, b"big");
+        put(&c, &x, 2, 5, b"small");
+        let hit = |s, e| {
+            c.lookup(&x, ChunkRange { start: s, end: e })
+                .map(|e| e.chunks)
+        };
+        assert_eq!(hit(3, 4), Some(ChunkRange { start: 2, end: 5 }));
+        assert_eq!(hit(1, 4), Some(ChunkRange { start: 0, end: 10 }));
+        assert_eq!(hit(9, 11), None);
+        assert_eq!(c.lookup(&xorb(2), ChunkRange { start: 0, end: 1 }), None);
+        assert_eq!(
+            fs::read(c.lookup(&x, ChunkRange { start: 3, end: 4 }).unwrap().path).unwrap(),
+            b"small"
+        );
+    }
+
+    #[test]
+    fn an_uncommitted_entry_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        let mut w = c.writer(&xorb(1), ChunkRange { start: 0, end: 1 }).unwrap();
+        w.write(b"partial").unwrap();
+        drop(w);
+        assert_eq!(c.lookup(&xorb(1), ChunkRange { start: 0, end: 1 }), None);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn eviction_removes_least_recently_used_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 2500).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(100);
+        for n in 0..3u8 {
+            put(&c, &xorb(n), 0, 1, &[n; 1000]);
+            let e = c.lookup(&xorb(n), ChunkRange { start: 0, end: 1 }).unwrap();
+            let f = File::options().append(true).open(&e.path).unwrap();
+            f.set_modified(old + Duration::from_secs(n.into())).unwrap();
+        }
+        // Touch the oldest: now xorb 1 is the least recently used.
+        c.lookup(&xorb(0), ChunkRange { start: 0, end: 1 }).unwrap();
+        assert_eq!(c.size().unwrap(), 3000);
+        assert_eq!(c.evict().unwrap(), 1000);
+        assert_eq!(c.size().unwrap(), 2000);
+        assert!(c
+            .lookup(&xorb(1), ChunkRange { start: 0, end: 1 })
+            .is_none());
+        assert!(c
+            .lookup(&xorb(0), ChunkRange { start: 0, end: 1 })
+            .is_some());
+        assert!(c
+            .lookup(&xorb(2), ChunkRange { start: 0, end: 1 })
+            .is_some());
+    }
+
+    #[test]
+    fn setgid_root_makes_everything_group_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o2775)).unwrap();
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        put(&c, &xorb(7), 0, 1, b"x");
+        let e = c.lookup(&xorb(7), ChunkRange { start: 0, end: 1 }).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&e.path), 0o664);
+        assert_eq!(mode(e.path.parent().unwrap()), 0o2775);
+        drop(c.lock(&xorb(7)).unwrap());
+        assert_eq!(mode(&e.path.parent().unwrap().join("lock")), 0o664);
+    }
+
+    #[test]
+    fn lock_excludes_a_second_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        let held = c.lock(&xorb(3)).unwrap();
+        let path = c.xorb_dir(&xorb(3)).join("lock");
+        let other = File::open(&path).unwrap();
+        assert!(other.try_lock().is_err());
+        drop(held);
+        assert!(other.try_lock().is_ok());
+    }
+}

@@ -1,0 +1,74 @@
+//! One error type for every client operation; each variant renders as one
+//! line a user can act on.
+
+use std::io;
+use std::path::PathBuf;
+
+use cas_protocol::XorbHash;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No HTTP answer at all (refused, reset, timed out). `transient` says
+    /// whether trying again may help.
+    #[error("{what}: cannot reach {url}: {reason}")]
+    Transport {
+        what: String,
+        url: String,
+        reason: String,
+        transient: bool,
+    },
+    /// The server answered with an error status.
+    #[error("{what}: server answered {status} {code}: {message}")]
+    Server {
+        what: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The server answered success with a body we cannot use.
+    #[error("{what}: unusable answer: {reason}")]
+    BadAnswer { what: String, reason: String },
+    /// Bytes of a xorb did not decode or did not hash to what the
+    /// reconstruction promised.
+    #[error("xorb {xorb} failed verification ({reason}), read from {origin}")]
+    CorruptXorb {
+        xorb: XorbHash,
+        reason: String,
+        origin: String,
+    },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    /// An input that cannot be uploaded as given.
+    #[error("{path}: {reason}")]
+    Input { path: PathBuf, reason: String },
+    /// The assembled file does not match its hashes; it was removed.
+    #[error("{path}: fetched bytes do not match ({reason}); the partial file was removed")]
+    Mismatch { path: PathBuf, reason: String },
+    #[error("{0} already exists (use force to replace it)")]
+    Exists(PathBuf),
+    /// A tree names a path that must not be written.
+    #[error("refusing tree entry {path:?}: {reason}")]
+    UnsafePath { path: String, reason: String },
+    /// A worker stopped because another part of the operation failed.
+    #[error("operation cancelled")]
+    Cancelled,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+
+    /// Whether retrying the same request may succeed: dropped connections,
+    /// timeouts, 5xx, 408 and 429.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Transport { transient, .. } => *transient,
+            Error::Server { status, .. } => *status >= 500 || *status == 408 || *status == 429,
+            _ => false,
+        }
+    }
+}

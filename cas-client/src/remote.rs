@@ -1,0 +1,459 @@
+//! The server's HTTP API as typed async calls, each retried on transient
+//! failures with capped exponential backoff and jitter.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use cas_protocol::messages::{ChunkLocation, DedupAnswer, DedupQuery, MAX_DEDUP_BATCH};
+use cas_protocol::messages::{Reconstruction, MAX_RECONSTRUCTION_BYTES};
+use cas_protocol::shard::Shard;
+use cas_protocol::{ByteRange, ChunkHash, FileHash, Message, Sha256, XorbHash};
+use rand::Rng;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use reqwest::{RequestBuilder, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// How often and how patiently to retry a transient failure.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 6,
+            base_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(8),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before retry number `attempt` (0-based): half of the capped
+    /// exponential step plus a random share of the other half, so clients
+    /// that failed together do not retry together.
+    fn delay(&self, attempt: u32) -> Duration {
+        let step = self
+            .base_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_delay);
+        let half = step / 2;
+        half + half.mul_f64(rand::thread_rng().gen::<f64>())
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or runs out of tries.
+    pub(crate) async fn run<T, F, Fut>(&self, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(e) if e.is_transient() && attempt + 1 < self.attempts => {
+                    let wait = self.delay(attempt);
+                    tracing::warn!("{e}; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+/// What `GET /v1/files/{hash}` says about a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub hash: FileHash,
+    pub size: u64,
+    pub sha256: Sha256,
+    pub chunks: u64,
+    pub terms: u64,
+}
+
+/// A connection to one server: base URL, optional bearer token, retries.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    http: reqwest::Client,
+    endpoint: String,
+    token: Option<HeaderValue>,
+    retry: RetryPolicy,
+}
+
+const OCTETS: &str = "application/octet-stream";
+
+impl Remote {
+    pub fn new(endpoint: &str, token: Option<&str>, retry: RetryPolicy) -> Result<Self> {
+        let bad = |reason: String| Error::Input {
+            path: endpoint.into(),
+            reason,
+        };
+        let url = reqwest::Url::parse(endpoint).map_err(|e| bad(format!("not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad("endpoint must be an http:// or https:// URL".into()));
+        }
+        let token = token
+            .map(|t| {
+                let mut v = HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| bad("token contains characters not allowed in a header".into()))?;
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .transpose()?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(32)
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Self {
+            http,
+            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            token,
+            retry,
+        })
+    }
+
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// A request with the token attached, but only to the endpoint's own
+    /// URLs: xorb URLs may point at a CDN that must not see it.
+    fn request(&self, method: reqwest::Method, url: &str) -> RequestBuilder {
+        let rb = self.http.request(method, url);
+        match &self.token {
+            Some(t) if same_origin(url, &self.endpoint) => rb.header(AUTHORIZATION, t.clone()),
+            _ => rb,
+        }
+    }
+
+    /// Sends a request, mapping transport failures and error statuses.
+    async fn send(&self, what: &str, url: &str, rb: RequestBuilder) -> Result<Response> {
+        let resp = rb.send().await.map_err(|e| transport(what, url, &e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        Err(server_error(what, resp).await)
+    }
+
+    /// Which of `hashes` the server already stores, in order. Queries in
+    /// batches of the protocol's maximum.
+    pub async fn dedup(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<ChunkLocation>>> {
+        let url = format!("{}/v1/dedup", self.endpoint);
+        let mut out = Vec::with_capacity(hashes.len());
+        for batch in hashes.chunks(MAX_DEDUP_BATCH) {
+            let body = Bytes::from(
+                DedupQuery {
+                    chunks: batch.to_vec(),
+                }
+                .to_bytes(),
+            );
+            let what = "dedup query";
+            let answer: DedupAnswer = self
+                .retry
+                .run(|| async {
+                    let rb = self
+                        .request(reqwest::Method::POST, &url)
+                        .header(CONTENT_TYPE, OCTETS)
+                        .body(body.clone());
+                    let resp = self.send(what, &url, rb).await?;
+                    decode(
+                        what,
+                        &read_limited(what, &url, resp, 16 + batch.len() * 48).await?,
+                    )
+                })
+                .await?;
+            if answer.found.len() != batch.len() {
+                return Err(Error::BadAnswer {
+                    what: what.into(),
+                    reason: format!("{} answers for {} hashes", answer.found.len(), batch.len()),
+                });
+            }
+            out.extend(answer.found);
+        }
+        Ok(out)
+    }
+
+    /// Stores a xorb; `true` when the server did not have it yet.
+    pub async fn put_xorb(&self, hash: XorbHash, bytes: Bytes) -> Result<bool> {
+        let url = format!("{}/v1/xorbs/{hash}", self.endpoint);
+        let what = format!("upload of xorb {hash}");
+        self.retry
+            .run(|| async {
+                let rb = self
+                    .request(reqwest::Method::PUT, &url)
+                    .header(CONTENT_TYPE, OCTETS)
+                    .body(bytes.clone());
+                let resp = self.send(&what, &url, rb).await?;
+                Ok(resp.status() == StatusCode::CREATED)
+            })
+            .await
+    }
+
+    /// Commits file recipes; all become visible at once or none do.
+    pub async fn commit_shard(&self, shard: &Shard) -> Result<()> {
+        let url = format!("{}/v1/shards", self.endpoint);
+        let body = Bytes::from(shard.to_bytes());
+        self.retry
+            .run(|| async {
+                let rb = self
+                    .request(reqwest::Method::POST, &url)
+                    .header(CONTENT_TYPE, OCTETS)
+                    .body(body.clone());
+                self.send("shard commit", &url, rb).await.map(drop)
+            })
+            .await
+    }
+
+    /// How to rebuild `range` of `file` (all of it without one).
+    pub async fn reconstruct(
+        &self,
+        file: FileHash,
+        range: Option<ByteRange>,
+    ) -> Result<Reconstruction> {
+        let url = format!("{}/v1/reconstructions/{file}", self.endpoint);
+        let what = format!("reconstruction of {file}");
+        let rec: Reconstruction = self
+            .retry
+            .run(|| async {
+                let mut rb = self
+                    .request(reqwest::Method::GET, &url)
+                    .header(ACCEPT, OCTETS);
+                if let Some(r) = range.and_then(|r| r.to_http_range()) {
+                    rb = rb.header(RANGE, r);
+                }
+                let resp = self.send(&what, &url, rb).await?;
+                decode(
+                    &what,
+                    &read_limited(&what, &url, resp, MAX_RECONSTRUCTION_BYTES).await?,
+                )
+            })
+            .await?;
+        if rec.file != file || range.is_some_and(|r| r != rec.range) {
+            return Err(Error::BadAnswer {
+                what,
+                reason: "answer is for another file or range".into(),
+            });
+        }
+        Ok(rec)
+    }
+
+    pub async fn file_info(&self, file: FileHash) -> Result<FileInfo> {
+        let url = format!("{}/v1/files/{file}", self.endpoint);
+        let what = format!("lookup of file {file}");
+        let info: FileInfo = self
+            .retry
+            .run(|| async {
+                let rb = self.request(reqwest::Method::GET, &url);
+                let resp = self.send(&what, &url, rb).await?;
+                let body = read_limited(&what, &url, resp, 64 * 1024).await?;
+                serde_json::from_slice(&body).map_err(|e| Error::BadAnswer {
+                    what: what.clone(),
+                    reason: e.to_string(),
+                })
+            })
+            .await?;
+        if info.hash != file {
+            return Err(Error::BadAnswer {
+                what,
+                reason: "answer is for another file".into(),
+            });
+        }
+        Ok(info)
+    }
+
+    /// Starts a range GET of a xorb URL; the caller streams the body. Only a
+    /// 206 for exactly `range` is accepted (a proxy that ignores `Range`
+    /// would otherwise hand us the wrong bytes).
+    pub async fn get_range(&self, xorb: XorbHash, url: &str, range: ByteRange) -> Result<Response> {
+        let what = format!("read of xorb {xorb}");
+        let header = range.to_http_range().ok_or_else(|| Error::BadAnswer {
+            what: what.clone(),
+            reason: "empty fetch range".into(),
+        })?;
+        let rb = self
+            .request(reqwest::Method::GET, url)
+            .header(RANGE, header);
+        let resp = self.send(&what, url, rb).await?;
+        let expected = format!("bytes {}-{}/", range.start, range.end - 1);
+        let ok = resp.status() == StatusCode::PARTIAL_CONTENT
+            && resp
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with(&expected));
+        if !ok {
+            return Err(Error::BadAnswer {
+                what,
+                reason: format!(
+                    "{url} answered {} without the requested range {}-{}",
+                    resp.status(),
+                    range.start,
+                    range.end - 1
+                ),
+            });
+        }
+        Ok(resp)
+    }
+}
+
+fn same_origin(url: &str, endpoint: &str) -> bool {
+    url.strip_prefix(endpoint)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The innermost cause of a transport error: "Connection refused (os error
+/// 111)" says more than reqwest's "error sending request".
+pub(crate) fn transport(what: &str, url: &str, e: &reqwest::Error) -> Error {
+    let mut reason = e.to_string();
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        reason = c.to_string();
+        cur = c.source();
+    }
+    if e.is_timeout() {
+        reason = format!("timed out ({reason})");
+    }
+    Error::Transport {
+        what: what.into(),
+        url: url.into(),
+        reason,
+        transient: !e.is_builder(),
+    }
+}
+
+async fn server_error(what: &str, resp: Response) -> Error {
+    #[derive(Deserialize)]
+    struct Body {
+        error: String,
+        message: String,
+    }
+    let status = resp.status();
+    let url = resp.url().to_string();
+    let body = read_limited(what, &url, resp, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let (code, message) = match serde_json::from_slice::<Body>(&body) {
+        Ok(b) => (b.error, b.message),
+        Err(_) => (
+            status.canonical_reason().unwrap_or("error").to_lowercase(),
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+                .trim()
+                .to_owned(),
+        ),
+    };
+    Error::Server {
+        what: what.into(),
+        status: status.as_u16(),
+        code,
+        message,
+    }
+}
+
+/// Reads a whole body, refusing one longer than `limit` before and while
+/// reading it.
+async fn read_limited(what: &str, url: &str, mut resp: Response, limit: usize) -> Result<Bytes> {
+    let too_long = || Error::BadAnswer {
+        what: what.into(),
+        reason: format!("body longer than {limit} bytes"),
+    };
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_long());
+    }
+    let mut buf = BytesMut::new();
+    while let Some(piece) = resp.chunk().await.map_err(|e| transport(what, url, &e))? {
+        if buf.len() + piece.len() > limit {
+            return Err(too_long());
+        }
+        buf.extend_from_slice(&piece);
+    }
+    Ok(buf.freeze())
+}
+
+fn decode<M: Message>(what: &str, body: &[u8]) -> Result<M> {
+    M::from_bytes(body).map_err(|e| Error::BadAnswer {
+        what: what.into(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let p = RetryPolicy::default();
+        for attempt in 0..20 {
+            let step = (p.base_delay * (1 << attempt.min(16))).min(p.max_delay);
+            let d = p.delay(attempt);
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?}");
+        }
+        let spread: std::collections::HashSet<_> = (0..20).map(|_| p.delay(3)).collect();
+        assert!(spread.len() > 1, "delays are jittered");
+    }
+
+    #[test]
+    fn token_only_goes_to_the_endpoint() {
+        assert!(same_origin("http://h:1/v1/x", "http://h:1"));
+        assert!(!same_origin("http://h:12/v1/x", "http://h:1"));
+        assert!(!same_origin("http://cdn/v1/x", "http://h:1"));
+    }
+
+    #[tokio::test]
+    async fn retries_transient_failures_only() {
+        let p = RetryPolicy {
+            attempts: 4,
+            base_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+        };
+        let server = |status| Error::Server {
+            what: "x".into(),
+            status,
+            code: String::new(),
+            message: String::new(),
+        };
+        let mut calls = 0;
+        let r: Result<()> = p
+            .run(|| {
+                calls += 1;
+                async { Err(server(503)) }
+            })
+            .await;
+        assert!(r.is_err());
+        assert_eq!(calls, 4);
+        let mut calls = 0;
+        let r: Result<()> = p
+            .run(|| {
+                calls += 1;
+                async { Err(server(404)) }
+            })
+            .await;
+        assert!(r.is_err());
+        assert_eq!(calls, 1);
+        let mut calls = 0;
+        let r = p
+            .run(|| {
+                calls += 1;
+                let c = calls;
+                async move {
+                    if c < 3 {
+                        Err(server(500))
+                    } else {
+                        Ok(c)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(r.unwrap(), 3);
+    }
+}

@@ -1,0 +1,290 @@
+//! Writing fetched files and trees to disk: positioned writes into
+//! `NAME.part`, a journal of verified terms for resuming, a final check of
+//! file hash and SHA-256, then an atomic rename. Nothing unverified ever
+//! stands under the final name.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use cas_protocol::tree::{check_path, Tree};
+use cas_protocol::FileHash;
+use futures_util::StreamExt;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::fetch::{Fetcher, FileSink, Journal, Sink, Transfer};
+use crate::progress::Stage;
+use crate::remote::FileInfo;
+
+/// What a fetch did.
+#[derive(Debug, Clone, Serialize)]
+pub struct FetchReport {
+    pub hash: FileHash,
+    pub path: PathBuf,
+    /// Whether `hash` named a tree (restored as a directory).
+    pub tree: bool,
+    pub files: u64,
+    /// File bytes written.
+    pub bytes: u64,
+    /// File bytes an earlier, interrupted fetch had already verified.
+    pub resumed_bytes: u64,
+    #[serde(flatten)]
+    pub transfer: Transfer,
+    pub seconds: f64,
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// Fails unless `path` is absent, or a regular file and `force` is set.
+fn check_target(path: &Path, force: bool) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path)(e)),
+        Ok(m) if m.is_file() && force => Ok(()),
+        Ok(m) if m.file_type().is_symlink() => Err(Error::Input {
+            path: path.to_owned(),
+            reason: "is a symlink; refusing to write through it".into(),
+        }),
+        Ok(_) => Err(Error::Exists(path.to_owned())),
+    }
+}
+
+/// Fetches one file to `dest`, resuming from `dest.part` and its journal.
+/// Returns the transfer and the bytes that were already there.
+pub(crate) async fn fetch_file(
+    fetcher: &Fetcher,
+    info: &FileInfo,
+    dest: &Path,
+    mode: Option<u32>,
+    force: bool,
+) -> Result<(Transfer, u64)> {
+    check_target(dest, force)?;
+    let part = sibling(dest, ".part");
+    let journal_path = sibling(dest, ".part.journal");
+    for p in [&part, &journal_path] {
+        if fs::symlink_metadata(p).is_ok_and(|m| !m.is_file()) {
+            return Err(Error::Input {
+                path: p.clone(),
+                reason: "exists and is not a regular file".into(),
+            });
+        }
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&part)
+        .map_err(Error::io(&part))?;
+    file.set_len(info.size).map_err(Error::io(&part))?;
+    let mut journal = Journal::open(&journal_path, info.hash, info.size)?;
+    let resumed: u64 = journal.done.iter().map(|(a, b)| b - a).sum();
+    fetcher.progress.advance(Stage::Download, resumed);
+    let sink = Arc::new(FileSink {
+        file,
+        path: part.clone(),
+    });
+    let mut transfer = Transfer::default();
+    if info.size > 0 {
+        let rec = fetcher.remote.reconstruct(info.hash, None).await?;
+        if rec.file_size != info.size {
+            return Err(Error::BadAnswer {
+                what: format!("reconstruction of {}", info.hash),
+                reason: format!(
+                    "file size {} but the file is {} bytes",
+                    rec.file_size, info.size
+                ),
+            });
+        }
+        let done = std::mem::take(&mut journal.done);
+        let s: Arc<dyn Sink> = sink.clone();
+        transfer = fetcher
+            .run(&rec, s, &done, |unit| {
+                // Data reaches the disk before the journal says it did.
+                sink.file.sync_data().map_err(Error::io(&part))?;
+                journal.record(&unit.terms)
+            })
+            .await?;
+    }
+    let digest = {
+        let part = part.clone();
+        tokio::task::spawn_blocking(move || crate::hash_file(&part))
+            .await
+            .expect("hashing does not panic")
+    };
+    let digest = digest?;
+    let mismatch = if digest.file_hash != info.hash {
+        Some(format!(
+            "file hash {} instead of {}",
+            digest.file_hash, info.hash
+        ))
+    } else if digest.sha256 != info.sha256 {
+        Some(format!(
+            "SHA-256 {} instead of {}",
+            digest.sha256, info.sha256
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = mismatch {
+        let _ = fs::remove_file(&part);
+        let _ = fs::remove_file(&journal_path);
+        return Err(Error::Mismatch {
+            path: dest.to_owned(),
+            reason,
+        });
+    }
+    if let Some(mode) = mode {
+        sink.file
+            .set_permissions(fs::Permissions::from_mode(mode & 0o777))
+            .map_err(Error::io(&part))?;
+    }
+    sink.file.sync_all().map_err(Error::io(&part))?;
+    fs::rename(&part, dest).map_err(Error::io(dest))?;
+    let dir = match dest.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io(dir))?;
+    fs::remove_file(&journal_path).map_err(Error::io(&journal_path))?;
+    Ok((transfer, resumed))
+}
+
+/// Creates the directories leading to `rel` under `root`, refusing to pass
+/// through anything that is not a real directory (a symlink planted in the
+/// target must not redirect writes outside it).
+fn prepare_parents(root: &Path, rel: &str) -> Result<PathBuf> {
+    let unsafe_path = |reason: String| Error::UnsafePath {
+        path: rel.to_owned(),
+        reason,
+    };
+    check_path(rel).map_err(|e| unsafe_path(e.to_string()))?;
+    let rel_path = Path::new(rel);
+    if rel_path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(unsafe_path("not a plain relative path".into()));
+    }
+    let mut cur = root.to_owned();
+    let parts: Vec<_> = rel_path.components().collect();
+    for c in &parts[..parts.len() - 1] {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(unsafe_path(format!(
+                    "{} exists and is not a directory",
+                    cur.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir(&cur).map_err(Error::io(&cur))?
+            }
+            Err(e) => return Err(Error::io(&cur)(e)),
+        }
+    }
+    Ok(root.join(rel_path))
+}
+
+/// Restores a tree under `dest`: every path is checked and every target
+/// vetted before the first byte is fetched; files then run concurrently.
+pub(crate) async fn fetch_tree(
+    fetcher: &Fetcher,
+    tree: &Tree,
+    dest: &Path,
+    force: bool,
+    parallel_files: usize,
+) -> Result<(Transfer, u64)> {
+    match fs::symlink_metadata(dest) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(Error::Exists(dest.to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dest).map_err(Error::io(dest))?
+        }
+        Err(e) => return Err(Error::io(dest)(e)),
+    }
+    let mut targets = Vec::with_capacity(tree.entries.len());
+    for e in &tree.entries {
+        let target = prepare_parents(dest, &e.path)?;
+        check_target(&target, force)?;
+        targets.push(target);
+    }
+    let jobs = tree
+        .entries
+        .iter()
+        .zip(targets)
+        .map(|(e, target)| async move {
+            let info = fetcher.remote.file_info(e.file).await?;
+            if info.size != e.size {
+                return Err(Error::BadAnswer {
+                    what: format!("tree entry {}", e.path),
+                    reason: format!("tree says {} bytes, the server {}", e.size, info.size),
+                });
+            }
+            fetch_file(fetcher, &info, &target, Some(e.mode), force).await
+        });
+    let mut runs = futures_util::stream::iter(jobs).buffer_unordered(parallel_files.max(1));
+    let mut total = Transfer::default();
+    let mut resumed = 0;
+    while let Some(r) = runs.next().await {
+        let (t, r) = r?;
+        total += t;
+        resumed += r;
+    }
+    Ok((total, resumed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_never_pass_through_a_symlink_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        fs::create_dir(&root).unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
+        fs::write(root.join("file"), b"x").unwrap();
+        assert_eq!(prepare_parents(&root, "a/b/c").unwrap(), root.join("a/b/c"));
+        assert!(root.join("a/b").is_dir());
+        for bad in [
+            "link/x",
+            "file/x",
+            "../x",
+            "/etc/passwd",
+            "a/../../x",
+            "a//b",
+            "",
+        ] {
+            assert!(
+                matches!(prepare_parents(&root, bad), Err(Error::UnsafePath { .. })),
+                "{bad}"
+            );
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn targets_are_not_overwritten_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        assert!(check_target(&f, false).is_ok());
+        fs::write(&f, b"x").unwrap();
+        assert!(matches!(check_target(&f, false), Err(Error::Exists(_))));
+        assert!(check_target(&f, true).is_ok());
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("l")).unwrap();
+        assert!(check_target(&dir.path().join("l"), true).is_err());
+        assert!(check_target(dir.path(), true).is_err());
+    }
+}

@@ -1,0 +1,707 @@
+//! Upload: a pipeline of bounded stages so memory stays flat and both
+//! cores stay busy whatever the input size.
+//!
+//! 1. scan: walk the inputs (directories become trees), refuse what cannot
+//!    be uploaded before anything is sent;
+//! 2. chunker thread: read 16 MiB segments, chunk and BLAKE3 them across
+//!    cores while SHA-256 runs beside, group pieces of many files into
+//!    batches (so 20,000 small files make a few dedup queries, not 20,000);
+//! 3. planner thread: per batch one dedup query for chunks not seen in this
+//!    upload, compress the new chunks in parallel, pack them into xorbs,
+//!    build each file's terms;
+//! 4. uploader (async): PUT xorbs concurrently, retried; a xorb is only
+//!    built when an upload slot is free, which bounds memory;
+//! 5. commit: shards of recipes once every xorb is stored, so no file is
+//!    ever visible with missing data.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use cas_protocol::compression::Compression;
+use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
+use cas_protocol::tree::{check_path, Tree, TreeEntry};
+use cas_protocol::xorb::{BuiltXorb, EncodedChunk, XorbBuilder};
+use cas_protocol::{ChunkHash, ChunkInfo, ChunkRange, FileHash, Message, Sha256, XorbHash};
+use rayon::prelude::*;
+use serde::Serialize;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+use crate::digest::digest_stream;
+use crate::error::{Error, Result};
+use crate::progress::{Progress, Stage};
+use crate::remote::Remote;
+
+/// A batch closes at this many bytes or chunks.
+const BATCH_BYTES: usize = 16 << 20;
+const BATCH_CHUNKS: usize = 4096;
+/// Entries of the in-upload chunk map before it is cleared (~80 MiB);
+/// later repeats are then found by the server's dedup answer instead.
+const MAX_KNOWN: usize = 1 << 20;
+/// Recipes and chunk tables per shard, by estimated encoded size.
+const SHARD_BUDGET: usize = 32 << 20;
+
+/// One named thing given to `upload`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadedRoot {
+    pub path: PathBuf,
+    pub hash: FileHash,
+    /// Whether `hash` names a tree (the path was a directory).
+    pub tree: bool,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadedFile {
+    pub path: PathBuf,
+    pub hash: FileHash,
+    pub sha256: Sha256,
+    pub size: u64,
+}
+
+/// What an upload did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UploadReport {
+    pub roots: Vec<UploadedRoot>,
+    pub files: Vec<UploadedFile>,
+    /// Symlinks and special files inside directories, not uploaded.
+    pub skipped: Vec<PathBuf>,
+    /// Input bytes (tree listings included).
+    pub bytes: u64,
+    pub chunks: u64,
+    /// Chunks and bytes the server did not have and this upload sent.
+    pub new_chunks: u64,
+    pub new_bytes: u64,
+    /// Xorb bytes sent (after compression) and xorbs PUT.
+    pub sent_bytes: u64,
+    pub xorbs: u64,
+    pub seconds: f64,
+}
+
+impl UploadReport {
+    /// Share of the input that did not need sending.
+    pub fn dedup_ratio(&self) -> f64 {
+        ratio(self.bytes - self.new_bytes, self.bytes)
+    }
+
+    /// Bytes sent per new byte (below 1 when compression paid).
+    pub fn compression_ratio(&self) -> f64 {
+        ratio(self.sent_bytes, self.new_bytes)
+    }
+
+    pub fn throughput(&self) -> f64 {
+        self.bytes as f64 / self.seconds.max(1e-9)
+    }
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+/// A regular file to read.
+struct Input {
+    path: PathBuf,
+    size: u64,
+}
+
+enum RootKind {
+    File(usize),
+    /// Tree entries: relative path, mode, input index.
+    Dir(Vec<(String, u32, usize)>),
+}
+
+struct Root {
+    path: PathBuf,
+    kind: RootKind,
+}
+
+struct Scan {
+    inputs: Vec<Input>,
+    roots: Vec<Root>,
+    skipped: Vec<PathBuf>,
+}
+
+/// Walks the inputs; every problem (missing path, unreadable directory,
+/// a name that is not UTF-8 or breaks the tree rules) stops the upload
+/// here, before anything is sent.
+fn scan(paths: &[PathBuf]) -> Result<Scan> {
+    let mut s = Scan {
+        inputs: Vec::new(),
+        roots: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for path in paths {
+        let meta = fs::metadata(path).map_err(Error::io(path))?;
+        let kind = if meta.is_dir() {
+            let mut entries = Vec::new();
+            walk(path, "", &mut s, &mut entries)?;
+            RootKind::Dir(entries)
+        } else if meta.is_file() {
+            s.inputs.push(Input {
+                path: path.clone(),
+                size: meta.len(),
+            });
+            RootKind::File(s.inputs.len() - 1)
+        } else {
+            return Err(Error::Input {
+                path: path.clone(),
+                reason: "not a regular file or directory".into(),
+            });
+        };
+        s.roots.push(Root {
+            path: path.clone(),
+            kind,
+        });
+    }
+    Ok(s)
+}
+
+fn walk(dir: &Path, rel: &str, s: &mut Scan, out: &mut Vec<(String, u32, usize)>) -> Result<()> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(Error::io(dir))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .map_err(Error::io(dir))?;
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let name = name.to_str().ok_or_else(|| Error::Input {
+            path: path.clone(),
+            reason: "name is not UTF-8; trees store UTF-8 paths".into(),
+        })?;
+        let rel = if rel.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let meta = fs::symlink_metadata(&path).map_err(Error::io(&path))?;
+        if meta.is_dir() {
+            walk(&path, &rel, s, out)?;
+        } else if meta.is_file() {
+            check_path(&rel).map_err(|e| Error::Input {
+                path: path.clone(),
+                reason: format!("cannot be stored in a tree: {e}"),
+            })?;
+            s.inputs.push(Input {
+                path: path.clone(),
+                size: meta.len(),
+            });
+            out.push((rel, meta.permissions().mode() & 0o777, s.inputs.len() - 1));
+        } else {
+            s.skipped.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// What the chunker hands the planner.
+enum Item {
+    Piece {
+        file: usize,
+        data: Bytes,
+        chunks: Vec<ChunkInfo>,
+    },
+    End {
+        file: usize,
+        hash: FileHash,
+        sha256: Sha256,
+        size: u64,
+    },
+}
+
+#[derive(Default)]
+struct Batch {
+    items: Vec<Item>,
+    bytes: usize,
+    chunks: usize,
+}
+
+/// Chunks and hashes one source, handing its pieces to the planner.
+fn chunk_source(
+    file: usize,
+    path: &Path,
+    src: &mut dyn Read,
+    expected: u64,
+    progress: &dyn Progress,
+    emit: &mut dyn FnMut(Item) -> Result<()>,
+) -> Result<()> {
+    let d = digest_stream(path, src, progress, &mut |data, chunks| {
+        emit(Item::Piece { file, data, chunks })
+    })?;
+    if d.size != expected {
+        return Err(Error::Input {
+            path: path.to_owned(),
+            reason: format!(
+                "changed while being read ({expected} bytes before, {} now)",
+                d.size
+            ),
+        });
+    }
+    emit(Item::End {
+        file,
+        hash: d.file_hash,
+        sha256: d.sha256,
+        size: d.size,
+    })
+}
+
+/// Stage 2: reads every input and then the tree listings, sending batches.
+fn chunker(
+    scan: &Scan,
+    progress: &dyn Progress,
+    tx: &std::sync::mpsc::SyncSender<Result<Batch>>,
+) -> Result<()> {
+    let mut batch = Batch::default();
+    let mut hashes: Vec<Option<FileHash>> = vec![None; scan.inputs.len()];
+    let send = |batch: &mut Batch| {
+        tx.send(Ok(std::mem::take(batch)))
+            .map_err(|_| Error::Cancelled)
+    };
+    let emit = |item: Item, batch: &mut Batch, hashes: &mut Vec<Option<FileHash>>| {
+        match &item {
+            Item::Piece { data, chunks, .. } => {
+                batch.bytes += data.len();
+                batch.chunks += chunks.len();
+            }
+            Item::End { file, hash, .. } => {
+                if let Some(h) = hashes.get_mut(*file) {
+                    *h = Some(*hash);
+                }
+            }
+        }
+        batch.items.push(item);
+        if batch.bytes >= BATCH_BYTES || batch.chunks >= BATCH_CHUNKS {
+            send(batch)?;
+        }
+        Ok(())
+    };
+    for (i, input) in scan.inputs.iter().enumerate() {
+        let mut f = File::open(&input.path).map_err(Error::io(&input.path))?;
+        chunk_source(i, &input.path, &mut f, input.size, progress, &mut |item| {
+            emit(item, &mut batch, &mut hashes)
+        })?;
+    }
+    for (k, root) in scan.roots.iter().enumerate() {
+        if let RootKind::Dir(entries) = &root.kind {
+            let tree = Tree::new(
+                entries
+                    .iter()
+                    .map(|(path, mode, i)| TreeEntry {
+                        path: path.clone(),
+                        mode: *mode,
+                        size: scan.inputs[*i].size,
+                        file: hashes[*i].expect("every input was read"),
+                    })
+                    .collect(),
+            );
+            let bytes = tree.to_bytes();
+            chunk_source(
+                scan.inputs.len() + k,
+                &root.path,
+                &mut &bytes[..],
+                bytes.len() as u64,
+                progress,
+                &mut |item| emit(item, &mut batch, &mut hashes),
+            )?;
+        }
+    }
+    if !batch.items.is_empty() {
+        send(&mut batch)?;
+    }
+    Ok(())
+}
+
+/// Where a chunk is: a stored xorb, or the n-th xorb this upload builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XorbRef {
+    Stored(XorbHash),
+    Built(u32),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    xorb: XorbRef,
+    index: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RefTerm {
+    xorb: XorbRef,
+    chunks: ChunkRange,
+    len: u64,
+}
+
+#[derive(Default)]
+struct FilePlan {
+    terms: Vec<RefTerm>,
+    end: Option<(FileHash, Sha256, u64)>,
+}
+
+impl FilePlan {
+    fn push(&mut self, loc: Loc, len: u32) {
+        match self.terms.last_mut() {
+            Some(t) if t.xorb == loc.xorb && t.chunks.end == loc.index => {
+                t.chunks.end += 1;
+                t.len += u64::from(len);
+            }
+            _ => self.terms.push(RefTerm {
+                xorb: loc.xorb,
+                chunks: ChunkRange {
+                    start: loc.index,
+                    end: loc.index + 1,
+                },
+                len: u64::from(len),
+            }),
+        }
+    }
+}
+
+fn plan_of(files: &mut Vec<FilePlan>, i: usize) -> &mut FilePlan {
+    if files.len() <= i {
+        files.resize_with(i + 1, FilePlan::default);
+    }
+    &mut files[i]
+}
+
+/// A xorb on its way to the server, with the upload slot it holds.
+struct Outgoing {
+    xorb: BuiltXorb,
+    permit: OwnedSemaphorePermit,
+}
+
+/// What the planner leaves for the commit.
+struct Plan {
+    built: Vec<XorbChunkTable>,
+    files: Vec<FilePlan>,
+    chunks: u64,
+    new_chunks: u64,
+    new_bytes: u64,
+}
+
+struct Planner {
+    remote: Remote,
+    rt: tokio::runtime::Handle,
+    slots: Arc<Semaphore>,
+    tx: mpsc::Sender<Outgoing>,
+    known: HashMap<ChunkHash, Loc>,
+    builder: XorbBuilder,
+    built: Vec<XorbChunkTable>,
+    files: Vec<FilePlan>,
+    chunks: u64,
+    new_chunks: u64,
+    new_bytes: u64,
+}
+
+impl Planner {
+    fn batch(&mut self, batch: Batch) -> Result<()> {
+        // Which chunks are new to this upload, first occurrences in order.
+        let mut fresh: Vec<(ChunkHash, &[u8])> = Vec::new();
+        let mut seen = HashSet::new();
+        for item in &batch.items {
+            if let Item::Piece { data, chunks, .. } = item {
+                let mut pos = 0;
+                for c in chunks {
+                    let bytes = &data[pos..pos + c.len as usize];
+                    pos += c.len as usize;
+                    if !self.known.contains_key(&c.hash) && seen.insert(c.hash) {
+                        fresh.push((c.hash, bytes));
+                    }
+                }
+            }
+        }
+        // Ask the server about those.
+        if !fresh.is_empty() {
+            let hashes: Vec<ChunkHash> = fresh.iter().map(|f| f.0).collect();
+            let answers = self.rt.block_on(self.remote.dedup(&hashes))?;
+            for (h, a) in hashes.iter().zip(answers) {
+                if let Some(l) = a {
+                    self.known.insert(
+                        *h,
+                        Loc {
+                            xorb: XorbRef::Stored(l.xorb),
+                            index: l.index,
+                        },
+                    );
+                }
+            }
+            fresh.retain(|f| !self.known.contains_key(&f.0));
+        }
+        // Compress the new ones on all cores, then pack in order.
+        let encoded: Vec<EncodedChunk> = fresh
+            .par_iter()
+            .map(|(h, data)| EncodedChunk::encode_with_hash(data, *h, Compression::default()))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| Error::Input {
+                path: PathBuf::new(),
+                reason: format!("chunk encoding failed: {e}"),
+            })?;
+        for chunk in encoded {
+            self.new_chunks += 1;
+            self.new_bytes += u64::from(chunk.info.len);
+            let hash = chunk.info.hash;
+            if let Err(chunk) = self.builder.try_push(chunk) {
+                self.ship()?;
+                self.builder
+                    .try_push(chunk)
+                    .expect("a chunk fits an empty xorb");
+            }
+            self.known.insert(
+                hash,
+                Loc {
+                    xorb: XorbRef::Built(self.built.len() as u32),
+                    index: self.builder.len() as u32 - 1,
+                },
+            );
+        }
+        // Every chunk now has a place: extend the files' terms.
+        for item in batch.items {
+            match item {
+                Item::Piece { file, chunks, .. } => {
+                    self.chunks += chunks.len() as u64;
+                    let plan = plan_of(&mut self.files, file);
+                    for c in &chunks {
+                        plan.push(self.known[&c.hash], c.len);
+                    }
+                }
+                Item::End {
+                    file,
+                    hash,
+                    sha256,
+                    size,
+                } => plan_of(&mut self.files, file).end = Some((hash, sha256, size)),
+            }
+        }
+        if self.known.len() > MAX_KNOWN {
+            self.known.clear();
+        }
+        Ok(())
+    }
+
+    /// Finishes the current xorb and hands it to the uploader once an
+    /// upload slot is free.
+    fn ship(&mut self) -> Result<()> {
+        let builder = std::mem::take(&mut self.builder);
+        let xorb = builder.finish().expect("non-empty");
+        self.built.push(XorbChunkTable::from(&xorb));
+        let permit = self
+            .rt
+            .block_on(self.slots.clone().acquire_owned())
+            .map_err(|_| Error::Cancelled)?;
+        self.tx
+            .blocking_send(Outgoing { xorb, permit })
+            .map_err(|_| Error::Cancelled)
+    }
+}
+
+/// Uploads `paths` (files and directories) and commits their recipes.
+pub(crate) async fn upload(
+    remote: &Remote,
+    paths: &[PathBuf],
+    concurrency: usize,
+    progress: Arc<dyn Progress>,
+) -> Result<UploadReport> {
+    let started = Instant::now();
+    let scan = {
+        let paths = paths.to_vec();
+        tokio::task::spawn_blocking(move || scan(&paths))
+            .await
+            .expect("scan does not panic")?
+    };
+    let total: u64 = scan.inputs.iter().map(|i| i.size).sum();
+    progress.start(Stage::Hash, Some(total));
+    progress.start(Stage::Upload, None);
+    let scan = Arc::new(scan);
+
+    let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
+    let chunker_thread = {
+        let scan = scan.clone();
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = chunker(&scan, &*progress, &batch_tx) {
+                let _ = batch_tx.send(Err(e));
+            }
+        })
+    };
+    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+    let (xorb_tx, mut xorb_rx) = mpsc::channel::<Outgoing>(1);
+    let planner_thread = {
+        let mut planner = Planner {
+            remote: remote.clone(),
+            rt: tokio::runtime::Handle::current(),
+            slots: slots.clone(),
+            tx: xorb_tx,
+            known: HashMap::new(),
+            builder: XorbBuilder::new(),
+            built: Vec::new(),
+            files: Vec::new(),
+            chunks: 0,
+            new_chunks: 0,
+            new_bytes: 0,
+        };
+        std::thread::spawn(move || -> Result<Plan> {
+            for batch in batch_rx {
+                planner.batch(batch?)?;
+            }
+            if !planner.builder.is_empty() {
+                planner.ship()?;
+            }
+            // The uploader stops when the xorb channel closes, so the
+            // planner's sender must go now, not when the thread is joined.
+            Ok(Plan {
+                built: planner.built,
+                files: planner.files,
+                chunks: planner.chunks,
+                new_chunks: planner.new_chunks,
+                new_bytes: planner.new_bytes,
+            })
+        })
+    };
+
+    let mut puts = tokio::task::JoinSet::new();
+    let mut sent_bytes = 0u64;
+    let mut put_done = |r: std::result::Result<Result<u64>, tokio::task::JoinError>| {
+        let n = r.expect("upload task does not panic")?;
+        sent_bytes += n;
+        progress.advance(Stage::Upload, n);
+        Ok::<_, Error>(())
+    };
+    while let Some(out) = xorb_rx.recv().await {
+        let remote = remote.clone();
+        puts.spawn(async move {
+            let len = out.xorb.bytes.len() as u64;
+            remote
+                .put_xorb(out.xorb.hash, Bytes::from(out.xorb.bytes))
+                .await?;
+            drop(out.permit);
+            Ok(len)
+        });
+        while let Some(r) = puts.try_join_next() {
+            put_done(r)?;
+        }
+    }
+    while let Some(r) = puts.join_next().await {
+        put_done(r)?;
+    }
+    let planner = tokio::task::spawn_blocking(move || {
+        let _ = chunker_thread.join();
+        planner_thread.join()
+    })
+    .await
+    .expect("join does not panic")
+    .expect("planner does not panic")?;
+    progress.finish(Stage::Hash);
+    progress.finish(Stage::Upload);
+
+    let resolve = |r: XorbRef| match r {
+        XorbRef::Stored(h) => h,
+        XorbRef::Built(n) => planner.built[n as usize].hash,
+    };
+    // Indexed like the planner's files: inputs, then one slot per root
+    // (a tree listing for directories, nothing for files).
+    let recipes: Vec<Option<FileRecipe>> = planner
+        .files
+        .iter()
+        .map(|f| {
+            let (hash, sha256, size) = f.end?;
+            Some(FileRecipe {
+                hash,
+                sha256,
+                size,
+                terms: f
+                    .terms
+                    .iter()
+                    .map(|t| Term {
+                        xorb: resolve(t.xorb),
+                        chunks: t.chunks,
+                        len: t.len,
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    let recipe = |i: usize| recipes[i].as_ref().expect("every input and tree was read");
+    commit(remote, &planner.built, recipes.iter().flatten()).await?;
+
+    let n = scan.inputs.len();
+    let roots = scan
+        .roots
+        .iter()
+        .enumerate()
+        .map(|(k, r)| {
+            let (i, tree) = match r.kind {
+                RootKind::File(i) => (i, false),
+                RootKind::Dir(_) => (n + k, true),
+            };
+            UploadedRoot {
+                path: r.path.clone(),
+                hash: recipe(i).hash,
+                tree,
+                size: recipe(i).size,
+            }
+        })
+        .collect();
+    let files = scan
+        .inputs
+        .iter()
+        .enumerate()
+        .map(|(k, i)| (i, recipe(k)))
+        .map(|(i, r)| UploadedFile {
+            path: i.path.clone(),
+            hash: r.hash,
+            sha256: r.sha256,
+            size: r.size,
+        })
+        .collect();
+    Ok(UploadReport {
+        roots,
+        files,
+        skipped: scan.skipped.clone(),
+        bytes: recipes.iter().flatten().map(|r| r.size).sum(),
+        chunks: planner.chunks,
+        new_chunks: planner.new_chunks,
+        new_bytes: planner.new_bytes,
+        sent_bytes,
+        xorbs: planner.built.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Commits recipes (and the new xorbs' chunk tables) in shards of bounded
+/// size. Every xorb is already stored, so each shard is valid on its own.
+async fn commit(
+    remote: &Remote,
+    tables: &[XorbChunkTable],
+    recipes: impl Iterator<Item = &FileRecipe>,
+) -> Result<()> {
+    let mut shard = Shard::default();
+    let mut size = 0;
+    for t in tables {
+        size += 40 + 40 * t.chunks.len();
+        shard.xorbs.push(t.clone());
+        if size > SHARD_BUDGET {
+            remote.commit_shard(&std::mem::take(&mut shard)).await?;
+            size = 0;
+        }
+    }
+    for r in recipes {
+        size += 120 + 56 * r.terms.len();
+        shard.files.push(r.clone());
+        if size > SHARD_BUDGET {
+            remote.commit_shard(&std::mem::take(&mut shard)).await?;
+            size = 0;
+        }
+    }
+    if !shard.xorbs.is_empty() || !shard.files.is_empty() {
+        remote.commit_shard(&shard).await?;
+    }
+    Ok(())
+}
