@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use cas_protocol::messages::{FetchRange, Reconstruction, ReconstructionTerm};
+use cas_protocol::messages::{ChunkLocation, FetchRange, Reconstruction, ReconstructionTerm};
 use cas_protocol::xorb::{whole_frames_len, Frames, MAX_XORB_SERIALIZED};
 use cas_protocol::{ByteRange, ChunkHash, ChunkInfo, ChunkRange, RangeHash, XorbHash};
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
-use crate::cache::{CacheEntry, ChunkCache, EntryWriter};
+use crate::cache::{CacheEntry, ChunkCache, EntryWriter, LocationLog};
 use crate::error::{Error, Result};
 use crate::progress::{Progress, Stage};
 use crate::remote::Remote;
@@ -155,6 +155,8 @@ struct UnitDecoder {
     sink: Arc<dyn Sink>,
     chunk: Vec<u8>,
     tee: Option<EntryWriter>,
+    /// Every verified chunk of the unit and where it lives.
+    located: Vec<(ChunkHash, ChunkLocation)>,
 }
 
 impl UnitDecoder {
@@ -185,6 +187,7 @@ impl UnitDecoder {
             sink,
             chunk: Vec::new(),
             tee: None,
+            located: Vec::new(),
         }
     }
 
@@ -241,6 +244,13 @@ impl UnitDecoder {
                     )));
                 }
             }
+            self.located.push((
+                info.hash,
+                ChunkLocation {
+                    xorb: self.xorb,
+                    index: k,
+                },
+            ));
             let terms = &self.terms;
             self.active
                 .retain(|&i| terms[i].placed.term.chunks.end > k + 1);
@@ -287,6 +297,8 @@ impl std::ops::AddAssign for Transfer {
 pub(crate) struct Fetcher {
     pub remote: Remote,
     pub cache: Option<ChunkCache>,
+    /// Where verified chunks live on this server, for later uploads.
+    pub log: Option<LocationLog>,
     /// Bounds concurrent range GETs across everything this client does.
     pub connections: Arc<Semaphore>,
     pub progress: Arc<dyn Progress>,
@@ -458,6 +470,9 @@ impl Fetcher {
                 dec.finish()?;
                 if let (Some(c), Some(w)) = (cache, dec.tee.take()) {
                     w.commit(c)?;
+                }
+                if let Some(log) = &self.log {
+                    log.record(&dec.located);
                 }
                 Ok(Transfer {
                     network_bytes: received,

@@ -94,6 +94,7 @@ impl Client {
             .transpose()?;
         Ok(Self {
             fetcher: fetch::Fetcher {
+                log: cache.as_ref().map(|c| c.locations(&config.endpoint)),
                 remote,
                 cache,
                 connections: Arc::new(tokio::sync::Semaphore::new(config.connections.max(1))),
@@ -117,13 +118,40 @@ impl Client {
     /// Uploads files and directories (each directory as a tree) and commits
     /// them; the report's `roots` name each path's hash.
     pub async fn upload(&self, paths: &[PathBuf]) -> Result<UploadReport> {
-        upload::upload(
-            &self.fetcher.remote,
-            paths,
-            self.upload_concurrency,
-            self.fetcher.progress.clone(),
-        )
-        .await
+        let log = self.fetcher.log.clone();
+        let hints = match log.clone() {
+            Some(l) => tokio::task::spawn_blocking(move || l.load())
+                .await
+                .expect("loading does not panic"),
+            None => Default::default(),
+        };
+        let used_hints = !hints.is_empty();
+        let run = |hints| {
+            upload::upload(
+                &self.fetcher.remote,
+                paths,
+                self.upload_concurrency,
+                self.fetcher.progress.clone(),
+                hints,
+                log.clone(),
+            )
+        };
+        match run(hints).await {
+            // A recipe built from stale or forged local hints: the server
+            // caught it. Forget them and plan again from the server alone.
+            Err(Error::Server { code, .. })
+                if used_hints && (code == "unknown_xorb" || code == "invalid_recipe") =>
+            {
+                tracing::warn!(
+                    "server refused locally known chunk locations ({code}); retrying without them"
+                );
+                if let Some(l) = &log {
+                    l.forget();
+                }
+                run(Default::default()).await
+            }
+            r => r,
+        }
     }
 
     /// Size, SHA-256 and layout of a stored file.

@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cas_protocol::compression::Compression;
+use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{check_path, Tree, TreeEntry};
 use cas_protocol::xorb::{BuiltXorb, EncodedChunk, XorbBuilder};
@@ -32,6 +33,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::cache::LocationLog;
 use crate::digest::digest_stream;
 use crate::error::{Error, Result};
 use crate::progress::{Progress, Stage};
@@ -74,6 +76,8 @@ pub struct UploadReport {
     /// Input bytes (tree listings included).
     pub bytes: u64,
     pub chunks: u64,
+    /// Distinct chunks found in the local location log (no server query).
+    pub cache_chunks: u64,
     /// Chunks and bytes the server did not have and this upload sent.
     pub new_chunks: u64,
     pub new_bytes: u64,
@@ -383,6 +387,7 @@ struct Plan {
     built: Vec<XorbChunkTable>,
     files: Vec<FilePlan>,
     chunks: u64,
+    cache_chunks: u64,
     new_chunks: u64,
     new_bytes: u64,
 }
@@ -393,10 +398,14 @@ struct Planner {
     slots: Arc<Semaphore>,
     tx: mpsc::Sender<Outgoing>,
     known: HashMap<ChunkHash, Loc>,
+    /// Chunk locations this machine learned earlier (the cache's log).
+    hints: HashMap<ChunkHash, ChunkLocation>,
+    log: Option<LocationLog>,
     builder: XorbBuilder,
     built: Vec<XorbChunkTable>,
     files: Vec<FilePlan>,
     chunks: u64,
+    cache_chunks: u64,
     new_chunks: u64,
     new_bytes: u64,
 }
@@ -412,7 +421,17 @@ impl Planner {
                 for c in chunks {
                     let bytes = &data[pos..pos + c.len as usize];
                     pos += c.len as usize;
-                    if !self.known.contains_key(&c.hash) && seen.insert(c.hash) {
+                    if self.known.contains_key(&c.hash) {
+                        continue;
+                    }
+                    if let Some(l) = self.hints.get(&c.hash) {
+                        let loc = Loc {
+                            xorb: XorbRef::Stored(l.xorb),
+                            index: l.index,
+                        };
+                        self.known.insert(c.hash, loc);
+                        self.cache_chunks += 1;
+                    } else if seen.insert(c.hash) {
                         fresh.push((c.hash, bytes));
                     }
                 }
@@ -422,16 +441,20 @@ impl Planner {
         if !fresh.is_empty() {
             let hashes: Vec<ChunkHash> = fresh.iter().map(|f| f.0).collect();
             let answers = self.rt.block_on(self.remote.dedup(&hashes))?;
-            for (h, a) in hashes.iter().zip(answers) {
-                if let Some(l) = a {
-                    self.known.insert(
-                        *h,
-                        Loc {
-                            xorb: XorbRef::Stored(l.xorb),
-                            index: l.index,
-                        },
-                    );
-                }
+            let found: Vec<(ChunkHash, ChunkLocation)> = hashes
+                .iter()
+                .zip(answers)
+                .filter_map(|(h, a)| Some((*h, a?)))
+                .collect();
+            if let Some(log) = &self.log {
+                log.record(&found);
+            }
+            for (h, l) in &found {
+                let loc = Loc {
+                    xorb: XorbRef::Stored(l.xorb),
+                    index: l.index,
+                };
+                self.known.insert(*h, loc);
             }
             fresh.retain(|f| !self.known.contains_key(&f.0));
         }
@@ -508,6 +531,8 @@ pub(crate) async fn upload(
     paths: &[PathBuf],
     concurrency: usize,
     progress: Arc<dyn Progress>,
+    hints: HashMap<ChunkHash, ChunkLocation>,
+    log: Option<LocationLog>,
 ) -> Result<UploadReport> {
     let started = Instant::now();
     let scan = {
@@ -540,10 +565,13 @@ pub(crate) async fn upload(
             slots: slots.clone(),
             tx: xorb_tx,
             known: HashMap::new(),
+            hints,
+            log: log.clone(),
             builder: XorbBuilder::new(),
             built: Vec::new(),
             files: Vec::new(),
             chunks: 0,
+            cache_chunks: 0,
             new_chunks: 0,
             new_bytes: 0,
         };
@@ -560,6 +588,7 @@ pub(crate) async fn upload(
                 built: planner.built,
                 files: planner.files,
                 chunks: planner.chunks,
+                cache_chunks: planner.cache_chunks,
                 new_chunks: planner.new_chunks,
                 new_bytes: planner.new_bytes,
             })
@@ -576,12 +605,19 @@ pub(crate) async fn upload(
     };
     while let Some(out) = xorb_rx.recv().await {
         let remote = remote.clone();
+        let log = log.clone();
         puts.spawn(async move {
             let len = out.xorb.bytes.len() as u64;
-            remote
-                .put_xorb(out.xorb.hash, Bytes::from(out.xorb.bytes))
-                .await?;
+            let (hash, chunks) = (out.xorb.hash, out.xorb.chunks);
+            remote.put_xorb(hash, Bytes::from(out.xorb.bytes)).await?;
             drop(out.permit);
+            if let Some(log) = log {
+                let located: Vec<_> = (0u32..)
+                    .zip(&chunks)
+                    .map(|(index, c)| (c.hash, ChunkLocation { xorb: hash, index }))
+                    .collect();
+                log.record(&located);
+            }
             Ok(len)
         });
         while let Some(r) = puts.try_join_next() {
@@ -667,6 +703,7 @@ pub(crate) async fn upload(
         skipped: scan.skipped.clone(),
         bytes: recipes.iter().flatten().map(|r| r.size).sum(),
         chunks: planner.chunks,
+        cache_chunks: planner.cache_chunks,
         new_chunks: planner.new_chunks,
         new_bytes: planner.new_bytes,
         sent_bytes,

@@ -1,6 +1,7 @@
-//! The library's `FileReader` against the real server: random access reads
-//! return the file's bytes, and reading a safetensors header moves a tiny
-//! fraction of the file.
+//! The client library against the real server: `FileReader` random access
+//! (reading a safetensors header moves a tiny fraction of the file), and
+//! uploads that dedup against the local chunk location log, including a
+//! forged log that the server's recipe check catches.
 
 use std::io::SeekFrom;
 
@@ -97,5 +98,46 @@ fn file_reader_reads_only_what_it_is_asked() {
             .seek(SeekFrom::Current(-(data.len() as i64) - 1))
             .await
             .is_err());
+    });
+}
+
+#[test]
+fn upload_dedups_locally_and_survives_forged_hints() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("server"));
+    let v1 = cas_bench::random_bytes(1, 3 << 20);
+    let v2 = cas_bench::edited(&v1, 2, 3, 0.05);
+    let (p1, p2) = (dir.path().join("v1"), dir.path().join("v2"));
+    std::fs::write(&p1, &v1).unwrap();
+    std::fs::write(&p2, &v2).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut config = ClientConfig::new(server.url.clone());
+        config.cache_dir = Some(dir.path().join("cache"));
+        let client = Client::new(config).unwrap();
+        let first = client.upload(&[p1.clone()]).await.unwrap();
+        assert_eq!(first.cache_chunks, 0);
+        // The second time every chunk is known locally: nothing to ask.
+        let again = client.upload(&[p1.clone()]).await.unwrap();
+        assert_eq!((again.cache_chunks, again.new_chunks), (again.chunks, 0));
+        assert_eq!(again.roots[0].hash, first.roots[0].hash);
+
+        // Forge the log: every chunk "lives" where the next one does.
+        let log = client.cache().unwrap().locations(&server.url);
+        let known: Vec<_> = log.load().into_iter().collect();
+        assert!(known.len() > 2);
+        let forged: Vec<_> = known
+            .iter()
+            .zip(known.iter().cycle().skip(1))
+            .map(|((h, _), (_, l))| (*h, *l))
+            .collect();
+        log.record(&forged);
+        let up = client.upload(&[p2.clone()]).await.unwrap();
+        assert_eq!(
+            up.cache_chunks, 0,
+            "the retry planned without the forged log"
+        );
+        let got = client.read(up.roots[0].hash, None).await.unwrap();
+        assert_eq!(got, v2);
     });
 }
