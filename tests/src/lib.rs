@@ -47,9 +47,15 @@ impl ServerProcess {
         Self::start_with(data_dir, &[])
     }
 
+    /// As [`start`](Self::start) with more flags; a `--listen` among them
+    /// replaces the default free port.
     pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
-        let mut child = bin("cas-server")
-            .args(["--listen", "127.0.0.1:0", "--log", "warn", "--data-dir"])
+        let mut cmd = bin("cas-server");
+        if !extra_args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
+            .args(["--log", "warn", "--data-dir"])
             .arg(data_dir)
             .args(extra_args)
             .stdout(Stdio::piped())
