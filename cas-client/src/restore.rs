@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::fetch::{Fetcher, FileSink, Journal, Sink, Transfer};
+use crate::fetch::{Fetcher, FileSink, Journal, PlacedTerm, Sink, Transfer};
 use crate::progress::Stage;
 use crate::remote::FileInfo;
 
@@ -103,14 +103,19 @@ pub(crate) async fn fetch_file(
             });
         }
         let done = std::mem::take(&mut journal.done);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let journaling = tokio::spawn(checkpoints(rx, sink.clone(), journal, info.size));
         let s: Arc<dyn Sink> = sink.clone();
-        transfer = fetcher
+        let fetched = fetcher
             .run(&rec, s, &done, |unit| {
-                // Data reaches the disk before the journal says it did.
-                sink.file.sync_data().map_err(Error::io(&part))?;
-                journal.record(&unit.terms)
+                let _ = tx.send(unit.terms.clone());
+                Ok(())
             })
-            .await?;
+            .await;
+        drop(tx);
+        let journaled = journaling.await.expect("journaling does not panic");
+        transfer = fetched?;
+        journaled?;
     }
     let digest = {
         let part = part.clone();
@@ -156,6 +161,52 @@ pub(crate) async fn fetch_file(
         .map_err(Error::io(dir))?;
     fs::remove_file(&journal_path).map_err(Error::io(&journal_path))?;
     Ok((transfer, resumed))
+}
+
+/// Most verified bytes, and longest time, between journal checkpoints.
+const CHECKPOINT_BYTES: u64 = 256 << 20;
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Journals verified units beside the download: the `.part` is synced
+/// before the journal names its data, at most every [`CHECKPOINT_BYTES`]
+/// (an eighth of a smaller file) or [`CHECKPOINT_EVERY`], and when the
+/// fetch ends (even when it failed). So the download never waits for the
+/// disk and a kill loses at most one checkpoint of progress.
+async fn checkpoints(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<PlacedTerm>>,
+    sink: Arc<FileSink>,
+    journal: Journal,
+    size: u64,
+) -> Result<()> {
+    let threshold = CHECKPOINT_BYTES.min(size / 8);
+    let mut last = std::time::Instant::now();
+    let mut journal = Some(journal);
+    let mut pending: Vec<PlacedTerm> = Vec::new();
+    let mut bytes = 0u64;
+    loop {
+        let msg = rx.recv().await;
+        let end = msg.is_none();
+        if let Some(terms) = msg {
+            bytes += terms.iter().map(|t| t.term.len).sum::<u64>();
+            pending.extend(terms);
+        }
+        if !pending.is_empty() && (end || bytes >= threshold || last.elapsed() >= CHECKPOINT_EVERY)
+        {
+            let (sink, mut j) = (sink.clone(), journal.take().expect("returned"));
+            let terms = std::mem::take(&mut pending);
+            let synced = tokio::task::spawn_blocking(move || {
+                sink.file.sync_data().map_err(Error::io(&sink.path))?;
+                j.record(&terms)?;
+                Ok::<_, Error>(j)
+            });
+            journal = Some(synced.await.expect("journaling does not panic")?);
+            bytes = 0;
+            last = std::time::Instant::now();
+        }
+        if end {
+            return Ok(());
+        }
+    }
 }
 
 /// Creates the directories leading to `rel` under `root`, refusing to pass
