@@ -2,9 +2,9 @@
 //! every process and user of a machine.
 //!
 //! Layout under the root: `xorbs/<2 hex>/<xorb hex>/<first>-<end>` holds the
-//! frames of chunks `first..end` of that xorb; `.../lock` serialises fetches
-//! of one xorb across processes (so two fetches of the same file move its
-//! bytes once); `tmp/` holds entries being written. Entries are immutable
+//! frames of chunks `first..end` of that xorb; `.../lock.<first>-<end>`
+//! serialises fetches of that range across processes (so two fetches of
+//! the same file move its bytes once) and is removed once the entry exists; `tmp/` holds entries being written. Entries are immutable
 //! and appear by atomic rename, so a reader sees a whole entry or none.
 //! Entries are not trusted: every read is verified against the range hashes
 //! of a reconstruction like bytes from the network, and a bad entry is
@@ -53,10 +53,22 @@ pub struct CacheEntry {
     pub chunks: ChunkRange,
 }
 
-/// Holds one xorb's fetch lock (an `flock`) until dropped.
+/// Holds the fetch lock (an `flock`) of one xorb range until dropped.
 #[derive(Debug)]
-pub struct XorbLock {
+pub struct RangeLock {
     _file: File,
+    path: PathBuf,
+}
+
+impl RangeLock {
+    /// Releases the lock and deletes its file once the entry it guarded
+    /// is in place, so lock files do not pile up. A process that opened
+    /// the file before the unlink still gets its lock, then finds the
+    /// entry; one that races the unlink can at worst fetch the range
+    /// again, never see a partial entry.
+    pub fn release(self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 impl ChunkCache {
@@ -141,11 +153,11 @@ impl ChunkCache {
         Some(best)
     }
 
-    /// Waits for the cross-process fetch lock of `xorb`.
-    pub fn lock(&self, xorb: &XorbHash) -> Result<XorbLock> {
+    /// Waits for the cross-process fetch lock of `chunks` of `xorb`.
+    pub fn lock(&self, xorb: &XorbHash, chunks: ChunkRange) -> Result<RangeLock> {
         let dir = self.xorb_dir(xorb);
         self.mkdir(&dir)?;
-        let path = dir.join("lock");
+        let path = dir.join(format!("lock.{}-{}", chunks.start, chunks.end));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -162,7 +174,7 @@ impl ChunkCache {
             let _ = file.set_permissions(fs::Permissions::from_mode(0o664));
         }
         file.lock().map_err(Error::io(&path))?;
-        Ok(XorbLock { _file: file })
+        Ok(RangeLock { _file: file, path })
     }
 
     /// Starts a new entry for `chunks` of `xorb`, written to a temp file.
@@ -219,7 +231,7 @@ impl ChunkCache {
         for prefix in read_dir_or_empty(&self.root.join("xorbs"))? {
             for xorb in read_dir_or_empty(&prefix.path())? {
                 for e in read_dir_or_empty(&xorb.path())? {
-                    if e.file_name() == "lock" {
+                    if e.file_name().as_encoded_bytes().starts_with(b"lock") {
                         continue;
                     }
                     if let Ok(m) = e.metadata() {
@@ -252,7 +264,7 @@ impl ChunkCache {
         for prefix in read_dir_or_empty(&self.root.join("xorbs"))? {
             for xorb in read_dir_or_empty(&prefix.path())? {
                 for e in read_dir_or_empty(&xorb.path())? {
-                    if e.file_name() != "lock" {
+                    if !e.file_name().as_encoded_bytes().starts_with(b"lock") {
                         total += e.metadata().map(|m| m.len()).unwrap_or(0);
                     }
                 }
@@ -479,8 +491,11 @@ mod tests {
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&e.path), 0o664);
         assert_eq!(mode(e.path.parent().unwrap()), 0o2775);
-        drop(c.lock(&xorb(7)).unwrap());
-        assert_eq!(mode(&e.path.parent().unwrap().join("lock")), 0o664);
+        let r = ChunkRange { start: 0, end: 1 };
+        let lock = c.lock(&xorb(7), r).unwrap();
+        assert_eq!(mode(&e.path.parent().unwrap().join("lock.0-1")), 0o664);
+        lock.release();
+        assert!(!e.path.parent().unwrap().join("lock.0-1").exists());
     }
 
     #[test]
@@ -517,8 +532,10 @@ mod tests {
     fn lock_excludes_a_second_holder() {
         let dir = tempfile::tempdir().unwrap();
         let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
-        let held = c.lock(&xorb(3)).unwrap();
-        let path = c.xorb_dir(&xorb(3)).join("lock");
+        let r = ChunkRange { start: 2, end: 9 };
+        let held = c.lock(&xorb(3), r).unwrap();
+        assert!(c.lookup(&xorb(3), r).is_none(), "a lock is not an entry");
+        let path = c.xorb_dir(&xorb(3)).join("lock.2-9");
         let other = File::open(&path).unwrap();
         assert!(other.try_lock().is_err());
         drop(held);

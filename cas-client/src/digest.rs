@@ -32,9 +32,14 @@ pub struct FileDigest {
 /// cores while SHA-256 runs over its new bytes; all chunks but the last
 /// (whose end may not be a cut point yet) go to `on_piece` with their
 /// bytes, and the last is carried into the next segment.
+///
+/// `size_hint` (the expected length) sizes the buffers: pieces keep their
+/// segment's allocation alive until they are packed, so a small file must
+/// not sit in a 16 MiB buffer.
 pub(crate) fn digest_stream(
     path: &Path,
     src: &mut dyn Read,
+    size_hint: u64,
     progress: &dyn Progress,
     on_piece: &mut dyn FnMut(Bytes, Vec<ChunkInfo>) -> Result<()>,
 ) -> Result<FileDigest> {
@@ -45,17 +50,16 @@ pub(crate) fn digest_stream(
     loop {
         let mut buf = std::mem::take(&mut carry);
         let start = buf.len();
-        buf.resize(start + SEGMENT, 0);
-        let mut filled = start;
-        while filled < buf.len() {
-            match src.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(path)(e)),
-            }
+        let left = size_hint.saturating_sub(size).min(SEGMENT as u64) as usize;
+        // One byte more than expected, so reaching the end needs no regrowth.
+        buf.reserve_exact(left + 1);
+        src.take(SEGMENT as u64)
+            .read_to_end(&mut buf)
+            .map_err(Error::io(path))?;
+        if buf.capacity() > 2 * buf.len() {
+            buf.shrink_to_fit();
         }
-        buf.truncate(filled);
+        let filled = buf.len();
         let eof = filled < start + SEGMENT;
         size += (filled - start) as u64;
         progress.advance(Stage::Hash, (filled - start) as u64);
@@ -98,7 +102,7 @@ pub fn hash_file(path: &Path) -> Result<FileDigest> {
             reason: "not a regular file".into(),
         });
     }
-    digest_stream(path, &mut file, &NoProgress, &mut |_, _| Ok(()))
+    digest_stream(path, &mut file, meta.len(), &NoProgress, &mut |_, _| Ok(()))
 }
 
 #[cfg(test)]
@@ -114,10 +118,16 @@ mod tests {
             .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
             .collect();
         let mut pieces = Vec::new();
-        let d = digest_stream(Path::new("x"), &mut &data[..], &NoProgress, &mut |b, c| {
-            pieces.push((b, c));
-            Ok(())
-        })
+        let d = digest_stream(
+            Path::new("x"),
+            &mut &data[..],
+            0,
+            &NoProgress,
+            &mut |b, c| {
+                pieces.push((b, c));
+                Ok(())
+            },
+        )
         .unwrap();
         let expected = chunk_and_hash(&data);
         let streamed: Vec<ChunkInfo> = pieces.iter().flat_map(|p| p.1.clone()).collect();

@@ -357,14 +357,17 @@ impl Fetcher {
             return Ok(t);
         }
         let c = cache.clone();
-        let xorb = unit.xorb;
-        let _lock = tokio::task::spawn_blocking(move || c.lock(&xorb))
+        let (xorb, chunks) = (unit.xorb, unit.range.chunks);
+        let lock = tokio::task::spawn_blocking(move || c.lock(&xorb, chunks))
             .await
             .expect("lock does not panic")?;
         if let Some(t) = self.cached(cache, unit, &sink, window).await? {
+            lock.release();
             return Ok(t);
         }
-        self.network(unit, sink, window, Some(cache)).await
+        let t = self.network(unit, sink, window, Some(cache)).await?;
+        lock.release();
+        Ok(t)
     }
 
     async fn cached(

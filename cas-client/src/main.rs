@@ -1,6 +1,7 @@
 //! `cas-client`: a thin command-line shell over the `cas_client` library.
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -10,6 +11,14 @@ use cas_client::{Client, ClientConfig, Progress, RetryPolicy, Stage};
 use cas_protocol::{ByteRange, FileHash};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
+
+/// `println!` that fails (a closed pipe, a full disk) instead of panicking.
+macro_rules! out {
+    ($($t:tt)*) => {
+        writeln!(std::io::stdout(), $($t)*)
+            .map_err(|e| anyhow::anyhow!("standard output: {e}"))?
+    };
+}
 
 #[derive(Parser)]
 #[command(version, about = "Content-addressed chunk store client")]
@@ -84,7 +93,7 @@ enum Command {
         remote: Remote,
         hash: FileHash,
         /// Inclusive byte range: START-END, START- or -SUFFIX_LENGTH.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         range: Option<String>,
     },
     /// Show a stored file's size, SHA-256 and layout (and entries of a tree).
@@ -250,17 +259,17 @@ async fn run(command: Command) -> Result<()> {
                 v["dedup_ratio"] = r.dedup_ratio().into();
                 v["compression_ratio"] = r.compression_ratio().into();
                 v["throughput"] = r.throughput().into();
-                println!("{v}");
+                out!("{v}");
                 return Ok(());
             }
             if verbose {
                 for f in &r.files {
-                    println!("{}  {}  {}  {}", f.hash, f.sha256, f.size, f.path.display());
+                    out!("{}  {}  {}  {}", f.hash, f.sha256, f.size, f.path.display());
                 }
             }
             for root in &r.roots {
                 let kind = if root.tree { "tree" } else { "file" };
-                println!("{}  {kind}  {}", root.hash, root.path.display());
+                out!("{}  {kind}  {}", root.hash, root.path.display());
             }
             for s in &r.skipped {
                 eprintln!("skipped (not a regular file): {}", s.display());
@@ -293,7 +302,7 @@ async fn run(command: Command) -> Result<()> {
             let dest = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
             let r = remote.client()?.fetch(hash, &dest, force).await?;
             if as_json {
-                println!("{}", json(&r));
+                out!("{}", json(&r));
             } else {
                 eprintln!(
                     "{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, {} resumed",
@@ -333,16 +342,16 @@ async fn run(command: Command) -> Result<()> {
             if as_json {
                 let mut v = serde_json::to_value(&info)?;
                 v["tree"] = serde_json::to_value(&tree)?;
-                println!("{v}");
+                out!("{v}");
             } else {
-                println!("hash     {}", info.hash);
-                println!("size     {}", info.size);
-                println!("sha256   {}", info.sha256);
-                println!("chunks   {} in {} terms", info.chunks, info.terms);
+                out!("hash     {}", info.hash);
+                out!("size     {}", info.size);
+                out!("sha256   {}", info.sha256);
+                out!("chunks   {} in {} terms", info.chunks, info.terms);
                 if let Some(t) = tree {
-                    println!("tree     {} entries", t.entries.len());
+                    out!("tree     {} entries", t.entries.len());
                     for e in &t.entries {
-                        println!("  {}  {:o}  {:>12}  {}", e.file, e.mode, e.size, e.path);
+                        out!("  {}  {:o}  {:>12}  {}", e.file, e.mode, e.size, e.path);
                     }
                 }
             }
@@ -354,8 +363,8 @@ async fn run(command: Command) -> Result<()> {
             let mut failed = false;
             for path in paths {
                 match cas_client::hash_file(&path) {
-                    Ok(d) if as_json => println!("{}", json(&d)),
-                    Ok(d) => println!(
+                    Ok(d) if as_json => out!("{}", json(&d)),
+                    Ok(d) => out!(
                         "{}  {}  {}  {}",
                         d.file_hash,
                         d.sha256,
@@ -390,7 +399,9 @@ async fn main() -> ExitCode {
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cas-client: {e:#}");
+            // Library errors already name their cause; anyhow's chain
+            // would repeat it.
+            eprintln!("cas-client: {e}");
             ExitCode::FAILURE
         }
     }

@@ -238,7 +238,7 @@ fn chunk_source(
     progress: &dyn Progress,
     emit: &mut dyn FnMut(Item) -> Result<()>,
 ) -> Result<()> {
-    let d = digest_stream(path, src, progress, &mut |data, chunks| {
+    let d = digest_stream(path, src, expected, progress, &mut |data, chunks| {
         emit(Item::Piece { file, data, chunks })
     })?;
     if d.size != expected {

@@ -132,6 +132,11 @@ async fn serve<O: ObjectStore, I: Index>(
             },
             () = &mut shutdown => break,
         };
+        // Small answers (dedup, reconstruction, the last bytes of a range)
+        // must not wait for a delayed ACK on a reused connection (Nagle).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "set_nodelay failed");
+        }
         let app = app.clone();
         let service = service_fn(move |req| http::handle(app.clone(), req));
         let conn = hyper::server::conn::http1::Builder::new()

@@ -115,10 +115,10 @@ fn upload_dedups_locally_and_survives_forged_hints() {
         let mut config = ClientConfig::new(server.url.clone());
         config.cache_dir = Some(dir.path().join("cache"));
         let client = Client::new(config).unwrap();
-        let first = client.upload(&[p1.clone()]).await.unwrap();
+        let first = client.upload(std::slice::from_ref(&p1)).await.unwrap();
         assert_eq!(first.cache_chunks, 0);
         // The second time every chunk is known locally: nothing to ask.
-        let again = client.upload(&[p1.clone()]).await.unwrap();
+        let again = client.upload(std::slice::from_ref(&p1)).await.unwrap();
         assert_eq!((again.cache_chunks, again.new_chunks), (again.chunks, 0));
         assert_eq!(again.roots[0].hash, first.roots[0].hash);
 
@@ -132,7 +132,7 @@ fn upload_dedups_locally_and_survives_forged_hints() {
             .map(|((h, _), (_, l))| (*h, *l))
             .collect();
         log.record(&forged);
-        let up = client.upload(&[p2.clone()]).await.unwrap();
+        let up = client.upload(std::slice::from_ref(&p2)).await.unwrap();
         assert_eq!(
             up.cache_chunks, 0,
             "the retry planned without the forged log"
