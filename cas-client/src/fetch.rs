@@ -133,6 +133,14 @@ pub(crate) fn plan(rec: &Reconstruction) -> Result<Vec<Unit>> {
     Ok(units)
 }
 
+/// A verified term and its chunks (`None` when an earlier, interrupted
+/// fetch verified it and only its bytes on disk remain).
+#[derive(Debug, Clone)]
+pub(crate) struct TermDone {
+    pub placed: PlacedTerm,
+    pub chunks: Option<Vec<ChunkInfo>>,
+}
+
 struct TermProgress {
     placed: PlacedTerm,
     done: u64,
@@ -258,14 +266,22 @@ impl UnitDecoder {
         Ok(written)
     }
 
-    fn finish(&self) -> Result<()> {
+    /// Checks that every term is complete and hands back their chunks.
+    fn finish(&mut self) -> Result<Vec<TermDone>> {
         if self.next_term < self.terms.len() || !self.active.is_empty() {
             return Err(self.corrupt(format!(
                 "frames end at chunk {}, before the terms of chunks {}..{} are complete",
                 self.next_index, self.want.start, self.want.end
             )));
         }
-        Ok(())
+        Ok(self
+            .terms
+            .iter_mut()
+            .map(|t| TermDone {
+                placed: t.placed,
+                chunks: Some(std::mem::take(&mut t.infos)),
+            })
+            .collect())
     }
 }
 
@@ -307,13 +323,13 @@ pub(crate) struct Fetcher {
 impl Fetcher {
     /// Reads the requested range of `rec` into `sink`, skipping units whose
     /// terms are all in `done` (term `(start, end)` positions in the
-    /// concatenation), and calls `unit_done` after each verified unit.
+    /// concatenation), and hands each verified unit's terms to `unit_done`.
     pub async fn run(
         &self,
         rec: &Reconstruction,
         sink: Arc<dyn Sink>,
         done: &HashSet<(u64, u64)>,
-        mut unit_done: impl FnMut(&Unit) -> Result<()>,
+        mut unit_done: impl FnMut(Vec<TermDone>) -> Result<()>,
     ) -> Result<Transfer> {
         let window = Window {
             skip: rec.offset_into_first_term,
@@ -331,16 +347,13 @@ impl Fetcher {
         let mut runs = futures_util::stream::iter(units)
             .map(|u| {
                 let sink = sink.clone();
-                async move {
-                    let t = self.unit(&u, sink, window).await?;
-                    Ok::<_, Error>((u, t))
-                }
+                async move { self.unit(&u, sink, window).await }
             })
             .buffer_unordered(width);
         let mut total = Transfer::default();
         while let Some(r) = runs.next().await {
-            let (unit, t) = r?;
-            unit_done(&unit)?;
+            let (t, terms) = r?;
+            unit_done(terms)?;
             total += t;
         }
         Ok(total)
@@ -349,7 +362,12 @@ impl Fetcher {
     /// One unit: from the cache when it holds the range (re-checked under
     /// the xorb's lock, so a concurrent fetch of the same bytes waits and
     /// then reads them locally), else from the network.
-    async fn unit(&self, unit: &Unit, sink: Arc<dyn Sink>, window: Window) -> Result<Transfer> {
+    async fn unit(
+        &self,
+        unit: &Unit,
+        sink: Arc<dyn Sink>,
+        window: Window,
+    ) -> Result<(Transfer, Vec<TermDone>)> {
         let Some(cache) = &self.cache else {
             return self.network(unit, sink, window, None).await;
         };
@@ -376,7 +394,7 @@ impl Fetcher {
         unit: &Unit,
         sink: &Arc<dyn Sink>,
         window: Window,
-    ) -> Result<Option<Transfer>> {
+    ) -> Result<Option<(Transfer, Vec<TermDone>)>> {
         let Some(entry) = cache.lookup(&unit.xorb, unit.range.chunks) else {
             return Ok(None);
         };
@@ -393,10 +411,13 @@ impl Fetcher {
             .await
             .expect("decoder does not panic");
         match r {
-            Ok(bytes) => Ok(Some(Transfer {
-                network_bytes: 0,
-                cache_bytes: bytes,
-            })),
+            Ok((bytes, terms)) => Ok(Some((
+                Transfer {
+                    network_bytes: 0,
+                    cache_bytes: bytes,
+                },
+                terms,
+            ))),
             Err(e @ Error::CorruptXorb { .. }) => {
                 tracing::warn!("{e}; dropping it and fetching again");
                 cache.remove(&entry);
@@ -419,7 +440,7 @@ impl Fetcher {
         sink: Arc<dyn Sink>,
         window: Window,
         cache: Option<&ChunkCache>,
-    ) -> Result<Transfer> {
+    ) -> Result<(Transfer, Vec<TermDone>)> {
         let remote = &self.remote;
         remote
             .retry()
@@ -470,17 +491,18 @@ impl Fetcher {
                 let n_written;
                 (dec, n_written) = feed(dec, buf.freeze()).await?;
                 self.progress.advance(Stage::Download, n_written);
-                dec.finish()?;
+                let terms = dec.finish()?;
                 if let (Some(c), Some(w)) = (cache, dec.tee.take()) {
                     w.commit(c)?;
                 }
                 if let Some(log) = &self.log {
                     log.record(&dec.located);
                 }
-                Ok(Transfer {
+                let t = Transfer {
                     network_bytes: received,
                     cache_bytes: 0,
-                })
+                };
+                Ok((t, terms))
             })
             .await
     }
@@ -504,8 +526,13 @@ impl Fetcher {
     }
 }
 
-/// Streams a cache entry through a decoder; returns the entry's length.
-fn decode_entry(mut dec: UnitDecoder, entry: &CacheEntry, progress: &dyn Progress) -> Result<u64> {
+/// Streams a cache entry through a decoder; returns the entry's length and
+/// the verified terms.
+fn decode_entry(
+    mut dec: UnitDecoder,
+    entry: &CacheEntry,
+    progress: &dyn Progress,
+) -> Result<(u64, Vec<TermDone>)> {
     let mut f = File::open(&entry.path).map_err(Error::io(&entry.path))?;
     let mut buf = Vec::with_capacity(DECODE_BATCH);
     let mut total = 0;
@@ -526,8 +553,7 @@ fn decode_entry(mut dec: UnitDecoder, entry: &CacheEntry, progress: &dyn Progres
             break;
         }
     }
-    dec.finish()?;
-    Ok(total)
+    Ok((total, dec.finish()?))
 }
 
 /// Records which terms of a file fetch are verified and on disk, so an
@@ -578,7 +604,7 @@ impl Journal {
         })
     }
 
-    pub fn record(&mut self, terms: &[PlacedTerm]) -> Result<()> {
+    pub fn record<'a>(&mut self, terms: impl IntoIterator<Item = &'a PlacedTerm>) -> Result<()> {
         let mut lines = String::new();
         for p in terms {
             lines.push_str(&format!("{} {}\n", p.offset, p.offset + p.term.len));

@@ -3,18 +3,21 @@
 //! file hash and SHA-256, then an atomic rename. Nothing unverified ever
 //! stands under the final name.
 
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use cas_protocol::chunking::chunk_and_hash;
 use cas_protocol::tree::{check_path, Tree};
-use cas_protocol::FileHash;
+use cas_protocol::{ChunkInfo, FileHash, FileHasher, Sha256, Sha256Hasher};
 use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::fetch::{Fetcher, FileSink, Journal, PlacedTerm, Sink, Transfer};
+use crate::fetch::{Fetcher, FileSink, Journal, Sink, TermDone, Transfer};
 use crate::progress::Stage;
 use crate::remote::FileInfo;
 
@@ -91,6 +94,7 @@ pub(crate) async fn fetch_file(
         path: part.clone(),
     });
     let mut transfer = Transfer::default();
+    let mut digest = InOrder::default();
     if info.size > 0 {
         let rec = fetcher.remote.reconstruct(info.hash, None).await?;
         if rec.file_size != info.size {
@@ -103,39 +107,30 @@ pub(crate) async fn fetch_file(
             });
         }
         let done = std::mem::take(&mut journal.done);
+        for &(a, b) in &done {
+            digest.add(a, b - a, None);
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let journaling = tokio::spawn(checkpoints(rx, sink.clone(), journal, info.size));
+        let journaling = tokio::spawn(checkpoints(rx, sink.clone(), journal, digest, info.size));
         let s: Arc<dyn Sink> = sink.clone();
         let fetched = fetcher
-            .run(&rec, s, &done, |unit| {
-                let _ = tx.send(unit.terms.clone());
+            .run(&rec, s, &done, |terms| {
+                let _ = tx.send(terms);
                 Ok(())
             })
             .await;
         drop(tx);
         let journaled = journaling.await.expect("journaling does not panic");
         transfer = fetched?;
-        journaled?;
+        digest = journaled?;
     }
-    let digest = {
-        let part = part.clone();
-        tokio::task::spawn_blocking(move || crate::hash_file(&part))
-            .await
-            .expect("hashing does not panic")
-    };
-    let digest = digest?;
-    let mismatch = if digest.file_hash != info.hash {
-        Some(format!(
-            "file hash {} instead of {}",
-            digest.file_hash, info.hash
-        ))
-    } else if digest.sha256 != info.sha256 {
-        Some(format!(
-            "SHA-256 {} instead of {}",
-            digest.sha256, info.sha256
-        ))
-    } else {
-        None
+    let mismatch = match digest.finish(info.size) {
+        None => Some("the reconstruction does not cover the file".to_owned()),
+        Some((h, _)) if h != info.hash => Some(format!("file hash {h} instead of {}", info.hash)),
+        Some((_, sha)) if sha != info.sha256 => {
+            Some(format!("SHA-256 {sha} instead of {}", info.sha256))
+        }
+        Some(_) => None,
     };
     if let Some(reason) = mismatch {
         let _ = fs::remove_file(&part);
@@ -172,40 +167,98 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// (an eighth of a smaller file) or [`CHECKPOINT_EVERY`], and when the
 /// fetch ends (even when it failed). So the download never waits for the
 /// disk and a kill loses at most one checkpoint of progress.
+/// The checkpoints also advance the file's digest over the verified
+/// prefix, which the fetch returns when it ends.
 async fn checkpoints(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<PlacedTerm>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<TermDone>>,
     sink: Arc<FileSink>,
     journal: Journal,
+    digest: InOrder,
     size: u64,
-) -> Result<()> {
+) -> Result<InOrder> {
     let threshold = CHECKPOINT_BYTES.min(size / 8);
     let mut last = std::time::Instant::now();
-    let mut journal = Some(journal);
-    let mut pending: Vec<PlacedTerm> = Vec::new();
+    let mut state = Some((journal, digest));
+    let mut pending: Vec<TermDone> = Vec::new();
     let mut bytes = 0u64;
     loop {
         let msg = rx.recv().await;
         let end = msg.is_none();
         if let Some(terms) = msg {
-            bytes += terms.iter().map(|t| t.term.len).sum::<u64>();
+            bytes += terms.iter().map(|t| t.placed.term.len).sum::<u64>();
             pending.extend(terms);
         }
         if !pending.is_empty() && (end || bytes >= threshold || last.elapsed() >= CHECKPOINT_EVERY)
         {
-            let (sink, mut j) = (sink.clone(), journal.take().expect("returned"));
+            let (sink, (mut j, mut d)) = (sink.clone(), state.take().expect("returned"));
             let terms = std::mem::take(&mut pending);
             let synced = tokio::task::spawn_blocking(move || {
                 sink.file.sync_data().map_err(Error::io(&sink.path))?;
-                j.record(&terms)?;
-                Ok::<_, Error>(j)
+                j.record(terms.iter().map(|t| &t.placed))?;
+                for t in terms {
+                    d.add(t.placed.offset, t.placed.term.len, t.chunks);
+                }
+                d.advance(&sink.file, &sink.path)?;
+                Ok::<_, Error>((j, d))
             });
-            journal = Some(synced.await.expect("journaling does not panic")?);
+            state = Some(synced.await.expect("journaling does not panic")?);
             bytes = 0;
             last = std::time::Instant::now();
         }
         if end {
-            return Ok(());
+            return Ok(state.expect("returned").1);
         }
+    }
+}
+
+/// File hash and SHA-256 of a fetched file, computed in file order as
+/// verified terms come in, reading each term back once (from the page
+/// cache) instead of a second pass over the whole file at the end. Terms
+/// an earlier run verified come without their chunk list; their bytes are
+/// chunked again, which yields the same chunks because terms start and end
+/// at chunk boundaries.
+#[derive(Default)]
+pub(crate) struct InOrder {
+    next: u64,
+    waiting: BTreeMap<u64, (u64, Option<Vec<ChunkInfo>>)>,
+    file_hash: FileHasher,
+    sha: Sha256Hasher,
+    buf: Vec<u8>,
+}
+
+impl InOrder {
+    pub fn add(&mut self, offset: u64, len: u64, chunks: Option<Vec<ChunkInfo>>) {
+        self.waiting.insert(offset, (len, chunks));
+    }
+
+    /// Hashes every waiting term that continues the hashed prefix.
+    pub fn advance(&mut self, file: &fs::File, path: &Path) -> Result<()> {
+        const PIECE: u64 = 4 << 20;
+        while let Some((len, chunks)) = self.waiting.remove(&self.next) {
+            let end = self.next + len;
+            // A term to chunk again is read whole (a term lies in one xorb:
+            // at most 64 MiB); otherwise in pieces.
+            let step = if chunks.is_some() { PIECE } else { len };
+            let mut pos = self.next;
+            while pos < end {
+                let n = step.min(end - pos) as usize;
+                self.buf.resize(n, 0);
+                file.read_exact_at(&mut self.buf, pos)
+                    .map_err(Error::io(path))?;
+                self.sha.update(&self.buf);
+                pos += n as u64;
+            }
+            let chunks = chunks.unwrap_or_else(|| chunk_and_hash(&self.buf));
+            chunks.iter().for_each(|c| self.file_hash.push(c));
+            self.next = end;
+        }
+        Ok(())
+    }
+
+    /// The digest, if the terms covered exactly `size` bytes.
+    pub fn finish(self, size: u64) -> Option<(FileHash, Sha256)> {
+        (self.next == size && self.waiting.is_empty())
+            .then(|| (self.file_hash.finish(), self.sha.finalize()))
     }
 }
 
@@ -324,6 +377,40 @@ mod tests {
             );
         }
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    /// Terms arriving out of order, some without chunk lists (resumed),
+    /// give the digest of the whole file.
+    #[test]
+    fn in_order_digest_matches_the_file() {
+        let data: Vec<u8> = (0..3_000_000u64)
+            .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 57) as u8)
+            .collect();
+        let chunks = chunk_and_hash(&data);
+        assert!(chunks.len() > 10);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, &data).unwrap();
+        let file = fs::File::open(&path).unwrap();
+        // Terms of 3 chunks each.
+        let mut terms = Vec::new();
+        let mut offset = 0;
+        for group in chunks.chunks(3) {
+            let len: u64 = group.iter().map(|c| u64::from(c.len)).sum();
+            terms.push((offset, len, group.to_vec()));
+            offset += len;
+        }
+        let mut d = InOrder::default();
+        for (i, (offset, len, group)) in terms.iter().enumerate().rev() {
+            d.add(*offset, *len, (i % 2 == 0).then(|| group.clone()));
+            d.advance(&file, &path).unwrap();
+        }
+        let want = (FileHash::from_chunks(&chunks), Sha256::of(&data));
+        assert_eq!(d.finish(data.len() as u64), Some(want));
+        let mut partial = InOrder::default();
+        partial.add(0, terms[0].1, None);
+        partial.advance(&file, &path).unwrap();
+        assert_eq!(partial.finish(data.len() as u64), None);
     }
 
     #[test]
