@@ -13,7 +13,7 @@ use cas_protocol::{ChunkInfo, FileHash, FileHasher, Sha256, Sha256Hasher};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::progress::{NoProgress, Progress, Stage};
+use crate::progress::{Progress, Stage};
 
 /// Bytes read per step; memory per stream is about twice this.
 const SEGMENT: usize = 16 << 20;
@@ -92,8 +92,9 @@ pub(crate) fn digest_stream(
     }
 }
 
-/// Chunks and hashes one regular file with all cores, in bounded memory.
-pub fn hash_file(path: &Path) -> Result<FileDigest> {
+/// Chunks and hashes one regular file with all cores, in bounded memory,
+/// reporting bytes read as [`Stage::Hash`].
+pub fn hash_file(path: &Path, progress: &dyn Progress) -> Result<FileDigest> {
     let mut file = File::open(path).map_err(Error::io(path))?;
     let meta = file.metadata().map_err(Error::io(path))?;
     if !meta.is_file() {
@@ -102,12 +103,13 @@ pub fn hash_file(path: &Path) -> Result<FileDigest> {
             reason: "not a regular file".into(),
         });
     }
-    digest_stream(path, &mut file, meta.len(), &NoProgress, &mut |_, _| Ok(()))
+    digest_stream(path, &mut file, meta.len(), progress, &mut |_, _| Ok(()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::progress::NoProgress;
     use cas_protocol::chunking::chunk_and_hash;
 
     /// Segment boundaries must not move cut points: the streamed digest

@@ -9,7 +9,7 @@
 //! let client = Client::new(ClientConfig::new("http://127.0.0.1:8080"))?;
 //! let report = client.upload(&["./model".into()]).await?;
 //! let tree = report.roots[0].hash;
-//! client.fetch(tree, "./model-copy".as_ref(), false).await?;
+//! client.fetch(tree, "./model-copy".as_ref(), Default::default()).await?;
 //! # Ok(()) }
 //! ```
 
@@ -71,6 +71,15 @@ impl ClientConfig {
             retry: RetryPolicy::default(),
         }
     }
+}
+
+/// How [`Client::fetch`] treats what is already there and what it fetches.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FetchOptions {
+    /// Replace existing files (never directories or symlinks).
+    pub force: bool,
+    /// Fetch a tree's listing as a plain file instead of restoring it.
+    pub raw: bool,
 }
 
 /// A client of one server. Cheap to clone; clones share connections, the
@@ -159,8 +168,10 @@ impl Client {
         self.fetcher.remote.file_info(file).await
     }
 
-    /// The tree a file holds, if it is one (a file that starts with the
-    /// tree tag and decodes as a valid tree).
+    /// The tree a file holds, if it starts with the tree tag. A file that
+    /// is tagged as a tree but breaks the tree rules (say, a path with
+    /// `..`) is an error, not a plain file: restoring it as a directory is
+    /// what its author asked for, and refusing is the safe answer.
     pub async fn tree(&self, info: &FileInfo) -> Result<Option<Tree>> {
         let tag = cas_protocol::tree::Tree::TAG;
         if info.size < tag.len() as u64 || info.size > cas_protocol::tree::MAX_TREE_BYTES as u64 {
@@ -174,16 +185,28 @@ impl Client {
             return Ok(None);
         }
         let bytes = self.fetcher.read(info.hash, None).await?;
-        Ok(Tree::from_bytes(&bytes).ok())
+        Tree::from_bytes(&bytes)
+            .map(Some)
+            .map_err(|e| Error::UnsafePath {
+                path: info.hash.to_string(),
+                reason: format!(
+                    "tagged as a tree but not a valid one ({e}); fetch it raw for its bytes"
+                ),
+            })
     }
 
     /// Fetches a file, or a whole tree as a directory, to `dest`. An
     /// interrupted fetch of the same hash to the same place resumes.
-    /// Existing files are only replaced with `force`.
-    pub async fn fetch(&self, file: FileHash, dest: &Path, force: bool) -> Result<FetchReport> {
+    pub async fn fetch(
+        &self,
+        file: FileHash,
+        dest: &Path,
+        options: FetchOptions,
+    ) -> Result<FetchReport> {
+        let FetchOptions { force, raw } = options;
         let started = Instant::now();
         let info = self.stat(file).await?;
-        let tree = self.tree(&info).await?;
+        let tree = if raw { None } else { self.tree(&info).await? };
         let progress = &self.fetcher.progress;
         let (transfer, resumed, files, bytes) = match &tree {
             Some(t) => {

@@ -84,6 +84,9 @@ enum Command {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+        /// Fetch a tree's listing as a plain file instead of restoring it.
+        #[arg(long)]
+        raw: bool,
         #[arg(long)]
         json: bool,
     },
@@ -297,10 +300,14 @@ async fn run(command: Command) -> Result<()> {
             hash,
             output,
             force,
+            raw,
             json: as_json,
         } => {
             let dest = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
-            let r = remote.client()?.fetch(hash, &dest, force).await?;
+            let r = remote
+                .client()?
+                .fetch(hash, &dest, cas_client::FetchOptions { force, raw })
+                .await?;
             if as_json {
                 out!("{}", json(&r));
             } else {
@@ -360,9 +367,16 @@ async fn run(command: Command) -> Result<()> {
             json: as_json,
             paths,
         } => {
+            let bars = Bars::default();
+            let total = paths
+                .iter()
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum();
+            bars.start(Stage::Hash, Some(total));
             let mut failed = false;
             for path in paths {
-                match cas_client::hash_file(&path) {
+                match cas_client::hash_file(&path, &bars) {
                     Ok(d) if as_json => out!("{}", json(&d)),
                     Ok(d) => out!(
                         "{}  {}  {}  {}",

@@ -1059,3 +1059,50 @@ fn io_errors_state_their_cause_once() {
         assert_eq!(err.matches("Permission denied").count(), 1, "{err}");
     }
 }
+
+/// A stored file tagged as a tree whose entries escape the target (`..`,
+/// an absolute path) is refused before anything is written; `--raw`
+/// still fetches its bytes.
+#[test]
+fn hostile_tree_is_refused() {
+    use cas_protocol::tree::{Tree, TreeEntry};
+    use cas_protocol::Message;
+
+    let env = Env::new();
+    let payload = env.root.join("payload");
+    std::fs::write(&payload, b"owned").unwrap();
+    let file = env.upload(&payload)["roots"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    for evil in ["../escaped", "/tmp/escaped-absolute", "a/../../escaped"] {
+        // Built field by field: Tree::new and the decoder would refuse it.
+        let tree = Tree {
+            entries: vec![TreeEntry {
+                path: evil.into(),
+                mode: 0o644,
+                size: 5,
+                file,
+            }],
+        };
+        let hash = cas_e2e::upload(env.url(), &[&tree.to_bytes()])
+            .unwrap()
+            .files[0]
+            .to_string();
+        let target = env.root.join("target");
+        let mut c = env.cas("fetch", None);
+        c.arg(&hash).arg("-o").arg(&target);
+        let err = fails(c);
+        assert!(err.contains("not a valid one"), "{evil}: {err}");
+        assert!(!env.root.join("escaped").exists(), "{evil}");
+        assert!(!Path::new("/tmp/escaped-absolute").exists(), "{evil}");
+        assert!(!target.exists(), "{evil}: nothing created");
+
+        let raw = env.root.join("raw");
+        let mut c = env.cas("fetch", None);
+        c.args(["--raw", "--force", &hash, "-o"]).arg(&raw);
+        ok(c);
+        assert_eq!(std::fs::read(&raw).unwrap(), tree.to_bytes());
+    }
+}
