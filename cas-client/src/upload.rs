@@ -383,6 +383,7 @@ struct Outgoing {
 }
 
 /// What the planner leaves for the commit.
+#[derive(Default)]
 struct Plan {
     built: Vec<XorbChunkTable>,
     files: Vec<FilePlan>,
@@ -402,12 +403,7 @@ struct Planner {
     hints: HashMap<ChunkHash, ChunkLocation>,
     log: Option<LocationLog>,
     builder: XorbBuilder,
-    built: Vec<XorbChunkTable>,
-    files: Vec<FilePlan>,
-    chunks: u64,
-    cache_chunks: u64,
-    new_chunks: u64,
-    new_bytes: u64,
+    out: Plan,
 }
 
 impl Planner {
@@ -430,7 +426,7 @@ impl Planner {
                             index: l.index,
                         };
                         self.known.insert(c.hash, loc);
-                        self.cache_chunks += 1;
+                        self.out.cache_chunks += 1;
                     } else if seen.insert(c.hash) {
                         fresh.push((c.hash, bytes));
                     }
@@ -468,8 +464,8 @@ impl Planner {
                 reason: format!("chunk encoding failed: {e}"),
             })?;
         for chunk in encoded {
-            self.new_chunks += 1;
-            self.new_bytes += u64::from(chunk.info.len);
+            self.out.new_chunks += 1;
+            self.out.new_bytes += u64::from(chunk.info.len);
             let hash = chunk.info.hash;
             if let Err(chunk) = self.builder.try_push(chunk) {
                 self.ship()?;
@@ -480,7 +476,7 @@ impl Planner {
             self.known.insert(
                 hash,
                 Loc {
-                    xorb: XorbRef::Built(self.built.len() as u32),
+                    xorb: XorbRef::Built(self.out.built.len() as u32),
                     index: self.builder.len() as u32 - 1,
                 },
             );
@@ -489,8 +485,8 @@ impl Planner {
         for item in batch.items {
             match item {
                 Item::Piece { file, chunks, .. } => {
-                    self.chunks += chunks.len() as u64;
-                    let plan = plan_of(&mut self.files, file);
+                    self.out.chunks += chunks.len() as u64;
+                    let plan = plan_of(&mut self.out.files, file);
                     for c in &chunks {
                         plan.push(self.known[&c.hash], c.len);
                     }
@@ -500,7 +496,7 @@ impl Planner {
                     hash,
                     sha256,
                     size,
-                } => plan_of(&mut self.files, file).end = Some((hash, sha256, size)),
+                } => plan_of(&mut self.out.files, file).end = Some((hash, sha256, size)),
             }
         }
         if self.known.len() > MAX_KNOWN {
@@ -514,7 +510,7 @@ impl Planner {
     fn ship(&mut self) -> Result<()> {
         let builder = std::mem::take(&mut self.builder);
         let xorb = builder.finish().expect("non-empty");
-        self.built.push(XorbChunkTable::from(&xorb));
+        self.out.built.push(XorbChunkTable::from(&xorb));
         let permit = self
             .rt
             .block_on(self.slots.clone().acquire_owned())
@@ -568,12 +564,7 @@ pub(crate) async fn upload(
             hints,
             log: log.clone(),
             builder: XorbBuilder::new(),
-            built: Vec::new(),
-            files: Vec::new(),
-            chunks: 0,
-            cache_chunks: 0,
-            new_chunks: 0,
-            new_bytes: 0,
+            out: Plan::default(),
         };
         std::thread::spawn(move || -> Result<Plan> {
             for batch in batch_rx {
@@ -584,14 +575,7 @@ pub(crate) async fn upload(
             }
             // The uploader stops when the xorb channel closes, so the
             // planner's sender must go now, not when the thread is joined.
-            Ok(Plan {
-                built: planner.built,
-                files: planner.files,
-                chunks: planner.chunks,
-                cache_chunks: planner.cache_chunks,
-                new_chunks: planner.new_chunks,
-                new_bytes: planner.new_bytes,
-            })
+            Ok(planner.out)
         })
     };
 

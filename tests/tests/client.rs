@@ -71,6 +71,18 @@ impl Env {
         json_of(ok(c))
     }
 
+    /// Writes `data` to `name` in the scratch space and uploads it;
+    /// returns the path and the file hash.
+    fn upload_bytes(&self, name: &str, data: &[u8]) -> (PathBuf, String) {
+        let path = self.root.join(name);
+        std::fs::write(&path, data).unwrap();
+        let hash = self.upload(&path)["roots"][0]["hash"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (path, hash)
+    }
+
     /// Fetches `hash` to `dest` and returns the `--json` report.
     fn fetch(&self, hash: &str, dest: &Path, cache: Option<&Path>) -> Value {
         let mut c = self.cas("fetch", cache);
@@ -696,12 +708,7 @@ fn fetch_resumes_after_kill_9() {
 fn concurrent_fetches_share_one_cache() {
     let env = Env::new();
     let data = cas_bench::bf16_weights(41, 24_000_000);
-    let src = env.root.join("weights.bin");
-    std::fs::write(&src, &data).unwrap();
-    let hash = env.upload(&src)["roots"][0]["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, hash) = env.upload_bytes("weights.bin", &data);
 
     // What one fetch moves.
     let m0 = env.metrics();
@@ -751,12 +758,7 @@ fn users_share_a_setgid_cache() {
     }
     let env = Env::new();
     let data = cas_bench::bf16_weights(51, 6_000_000);
-    let src = env.root.join("shared.bin");
-    std::fs::write(&src, &data).unwrap();
-    let hash = env.upload(&src)["roots"][0]["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, hash) = env.upload_bytes("shared.bin", &data);
 
     let group = 65534;
     let cache = env.dir("cache");
@@ -796,12 +798,7 @@ fn users_share_a_setgid_cache() {
 fn corrupted_xorb_fails_verification() {
     let env = Env::new();
     let data = cas_bench::random_bytes(61, 4_000_000);
-    let src = env.root.join("data.bin");
-    std::fs::write(&src, &data).unwrap();
-    let hash = env.upload(&src)["roots"][0]["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, hash) = env.upload_bytes("data.bin", &data);
     let xorbs = env.stored_xorbs();
     assert_eq!(xorbs.len(), 1);
     let xorb_hex = xorbs[0].file_name().unwrap().to_str().unwrap().to_owned();
@@ -923,12 +920,7 @@ fn cat_ranges_and_stat() {
     let env = Env::new();
     let mut data = cas_bench::random_bytes(81, 400_000);
     data.extend(cas_bench::bf16_weights(82, 300_000));
-    let src = env.root.join("ranges.bin");
-    std::fs::write(&src, &data).unwrap();
-    let hash = env.upload(&src)["roots"][0]["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, hash) = env.upload_bytes("ranges.bin", &data);
     let cache = env.dir("cache");
     let cat = |range: Option<&str>| {
         let mut c = env.cas("cat", Some(&cache));
@@ -976,12 +968,7 @@ fn cat_ranges_and_stat() {
 fn corrupted_cache_entry_is_refetched() {
     let env = Env::new();
     let data = cas_bench::random_bytes(91, 3_000_000);
-    let src = env.root.join("c.bin");
-    std::fs::write(&src, &data).unwrap();
-    let hash = env.upload(&src)["roots"][0]["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, hash) = env.upload_bytes("c.bin", &data);
     let cache = env.dir("cache");
     env.fetch(&hash, &env.root.join("one.bin"), Some(&cache));
     // Flip a byte in the middle of the largest cache entry.
@@ -1018,12 +1005,7 @@ fn corrupted_cache_entry_is_refetched() {
 fn cat_suffix_range_as_separate_argument() {
     let env = Env::new();
     let data = cas_bench::random_bytes(85, 10_000);
-    let src = env.root.join("suffix.bin");
-    std::fs::write(&src, &data).unwrap();
-    let hash = env.upload(&src)["roots"][0]["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, hash) = env.upload_bytes("suffix.bin", &data);
     let mut c = env.cas("cat", None);
     c.args([&hash, "--range", "-50"]);
     assert_eq!(ok(c), &data[data.len() - 50..]);
