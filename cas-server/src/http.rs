@@ -3,6 +3,7 @@
 //! `{"error": "<stable code>", "message": "..."}`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::auth::{Access, Denied, Scope};
 use crate::core::{Core, CoreError, RangeRequest};
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -40,6 +42,7 @@ pub struct App<O, I> {
     pub public_url: Option<String>,
     /// Bounds memory: each in-flight xorb upload holds up to 64 MiB.
     pub upload_permits: Semaphore,
+    pub access: Access,
 }
 
 /// An HTTP error with its stable code.
@@ -87,6 +90,20 @@ impl ApiError {
         let mut r = full(self.status, JSON, body);
         r.headers_mut().extend(self.headers);
         r
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::Unauthenticated(m) => {
+                let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+                e.headers
+                    .push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+                e
+            }
+            Denied::Forbidden(m) => Self::new(StatusCode::FORBIDDEN, "forbidden", m),
+        }
     }
 }
 
@@ -317,6 +334,18 @@ pub enum NoRoute {
 }
 
 /// Matches a request line to an operation and its `{hash}` path segment.
+impl Route {
+    /// The token scope a route needs (when the server checks tokens).
+    /// Xorb reads need none: their URLs are capabilities.
+    pub fn scope(self) -> Option<Scope> {
+        match self {
+            Route::Dedup | Route::XorbPut | Route::Shard => Some(Scope::Write),
+            Route::Reconstruction | Route::File => Some(Scope::Read),
+            Route::Healthz | Route::Metrics | Route::XorbGet | Route::XorbHead => None,
+        }
+    }
+}
+
 pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a str>), NoRoute> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (candidates, hash): (&[(Method, Route)], _) = match segments.as_slice() {
@@ -345,29 +374,41 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a st
         })
 }
 
-/// Routes one request; never fails (errors become JSON responses).
+/// Routes one request from `peer`; never fails (errors become JSON
+/// responses).
 pub async fn handle<O: ObjectStore, I: Index>(
     app: Arc<App<O, I>>,
     req: Request<Incoming>,
+    peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let (label, result) = match route(&method, &path) {
         Ok((r, hash)) => {
             let h = hash.unwrap_or_default();
-            let result = match r {
-                Route::Healthz => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
-                Route::Metrics => Ok(full(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    app.metrics.render(),
-                )),
-                Route::Dedup => dedup(&app, req).await,
-                Route::XorbPut => put_xorb(&app, h, req).await,
-                Route::XorbGet | Route::XorbHead => get_xorb(&app, h, &req).await,
-                Route::Shard => post_shard(&app, req).await,
-                Route::Reconstruction => reconstruct(&app, h, &req).await,
-                Route::File => file_info(&app, h).await,
+            let authorization = req.headers().get(header::AUTHORIZATION);
+            let allowed = app.access.check(
+                peer,
+                r.scope(),
+                authorization.map(HeaderValue::as_bytes),
+                crate::auth::now(),
+            );
+            let result = match (allowed, r) {
+                (Err(denied), _) => Err(denied.into()),
+                (Ok(()), r) => match r {
+                    Route::Healthz => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
+                    Route::Metrics => Ok(full(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4",
+                        app.metrics.render(),
+                    )),
+                    Route::Dedup => dedup(&app, req).await,
+                    Route::XorbPut => put_xorb(&app, h, req).await,
+                    Route::XorbGet | Route::XorbHead => get_xorb(&app, h, &req).await,
+                    Route::Shard => post_shard(&app, req).await,
+                    Route::Reconstruction => reconstruct(&app, h, &req).await,
+                    Route::File => file_info(&app, h).await,
+                },
             };
             (r.name(), result)
         }
@@ -635,6 +676,15 @@ mod tests {
                 let (r, _) =
                     route(&m, &concrete).unwrap_or_else(|e| panic!("{method} {path}: {e:?}"));
                 assert_eq!(op["operationId"], r.name(), "{method} {path}");
+                let scope = r.scope().map(|s| s.to_string());
+                assert_eq!(op["x-scope"].as_str(), scope.as_deref(), "{method} {path}");
+                assert_eq!(
+                    op["security"].is_array(),
+                    scope.is_some(),
+                    "{method} {path}"
+                );
+                assert_eq!(op["responses"]["401"].is_object(), scope.is_some());
+                assert!(op["responses"]["403"].is_object(), "{method} {path}");
                 seen.push(r);
             }
         }

@@ -2,6 +2,7 @@
 //! [`object_store::ObjectStore`] and an [`index::Index`], behind thin HTTP
 //! handlers ([`http`]). Embed it with [`Server::bind`] and [`Server::run`].
 
+pub mod auth;
 pub mod core;
 pub mod http;
 pub mod index;
@@ -18,6 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::auth::{Access, SigningKey};
 use crate::core::Core;
 use crate::http::App;
 use crate::index::{Index, IndexError, RocksIndex};
@@ -36,6 +38,9 @@ pub struct Config {
     pub public_url: Option<String>,
     /// Xorb uploads verified at once (each may hold 64 MiB in memory).
     pub max_concurrent_uploads: usize,
+    /// Checks bearer tokens when set; without it only loopback clients
+    /// are served.
+    pub signing_key: Option<SigningKey>,
 }
 
 /// Why the server could not start.
@@ -93,6 +98,10 @@ impl Server {
             metrics: Arc::new(Metrics::new(totals)),
             public_url: config.public_url,
             upload_permits: tokio::sync::Semaphore::new(config.max_concurrent_uploads.max(1)),
+            access: match config.signing_key {
+                Some(k) => Access::Tokens(k),
+                None => Access::LoopbackOnly,
+            },
         };
         Ok(Self {
             listener,
@@ -138,7 +147,7 @@ async fn serve<O: ObjectStore, I: Index>(
             tracing::debug!(error = %e, "set_nodelay failed");
         }
         let app = app.clone();
-        let service = service_fn(move |req| http::handle(app.clone(), req));
+        let service = service_fn(move |req| http::handle(app.clone(), req, peer));
         let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
             .serve_connection(TokioIo::new(stream), service);

@@ -1,0 +1,356 @@
+//! Who may call what.
+//!
+//! With a signing key, API calls carry bearer tokens: HMAC-SHA256-signed
+//! claims `{"scopes": [...], "exp": unix seconds}`, written
+//! `cas1.<claims hex>.<mac hex>` (the MAC covers `cas1.<claims hex>`).
+//! Uploading (dedup, xorb PUT, shard commit) needs the `write` scope,
+//! reading recipes (reconstructions, file info) the `read` scope. Xorb
+//! GETs need no token: xorb URLs are capabilities (see docs/SECURITY.md),
+//! which is what lets a CDN cache them. Without a key the server serves
+//! loopback clients only.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+
+const PREFIX: &str = "cas1";
+/// Shortest accepted key.
+pub const MIN_KEY_BYTES: usize = 32;
+/// Longest token considered (a header may be longer; it is then invalid).
+const MAX_TOKEN_LEN: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Write,
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+        })
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(Scope::Read),
+            "write" => Ok(Scope::Write),
+            _ => Err(format!("unknown scope {s:?} (read or write)")),
+        }
+    }
+}
+
+/// What a token grants, until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub scopes: Vec<Scope>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("invalid token")]
+    Invalid,
+    #[error("token expired at {}", utc(*.0))]
+    Expired(u64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}: a signing key is at least {MIN_KEY_BYTES} bytes written as hex")]
+    Format(String),
+}
+
+/// The server's HMAC key.
+#[derive(Clone)]
+pub struct SigningKey(Vec<u8>);
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningKey(..)")
+    }
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl SigningKey {
+    /// A fresh random key.
+    pub fn generate() -> Self {
+        let mut k = vec![0u8; MIN_KEY_BYTES];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut k);
+        Self(k)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(&self.0)
+    }
+
+    /// Reads a key file: hex text (surrounding whitespace ignored).
+    pub fn from_file(path: &Path) -> Result<Self, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        match hex::decode(text.trim()) {
+            Ok(k) if k.len() >= MIN_KEY_BYTES => Ok(Self(k)),
+            _ => Err(KeyError::Format(path.display().to_string())),
+        }
+    }
+
+    fn mac(&self, signed: &str) -> Hmac<Sha256> {
+        let mut m = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        m.update(signed.as_bytes());
+        m
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        let body = format!(
+            "{PREFIX}.{}",
+            hex::encode(serde_json::to_vec(claims).expect("json"))
+        );
+        let tag = hex::encode(self.mac(&body).finalize().into_bytes());
+        format!("{body}.{tag}")
+    }
+
+    /// The claims of a token this key signed that has not expired at `now`.
+    pub fn verify(&self, token: &str, now: u64) -> Result<Claims, TokenError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Invalid);
+        }
+        let (body, tag) = token.rsplit_once('.').ok_or(TokenError::Invalid)?;
+        let claims_hex = body
+            .strip_prefix(PREFIX)
+            .and_then(|r| r.strip_prefix('.'))
+            .ok_or(TokenError::Invalid)?;
+        let tag = hex::decode(tag).map_err(|_| TokenError::Invalid)?;
+        // Constant-time comparison.
+        self.mac(body)
+            .verify_slice(&tag)
+            .map_err(|_| TokenError::Invalid)?;
+        let claims: Claims = hex::decode(claims_hex)
+            .ok()
+            .and_then(|j| serde_json::from_slice(&j).ok())
+            .ok_or(TokenError::Invalid)?;
+        if claims.exp <= now {
+            return Err(TokenError::Expired(claims.exp));
+        }
+        Ok(claims)
+    }
+}
+
+/// The server's access policy.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// No key: loopback peers only, no tokens.
+    LoopbackOnly,
+    Tokens(SigningKey),
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// 401: no token, a bad one or an expired one.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// 403: a valid token without the scope, or a remote peer of a
+    /// server without a key.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+impl Access {
+    /// Checks one request: `needs` is the scope its route requires (`None`
+    /// for open routes), `authorization` its `Authorization` header.
+    pub fn check(
+        &self,
+        peer: SocketAddr,
+        needs: Option<Scope>,
+        authorization: Option<&[u8]>,
+        now: u64,
+    ) -> Result<(), Denied> {
+        let key = match self {
+            Access::LoopbackOnly if peer.ip().is_loopback() => return Ok(()),
+            Access::LoopbackOnly => {
+                return Err(Denied::Forbidden(
+                    "this server has no signing key and serves loopback clients only".into(),
+                ))
+            }
+            Access::Tokens(key) => key,
+        };
+        let Some(scope) = needs else {
+            return Ok(());
+        };
+        let token = authorization
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or_else(|| Denied::Unauthenticated("a bearer token is required".into()))?;
+        let claims = key
+            .verify(token.trim(), now)
+            .map_err(|e| Denied::Unauthenticated(e.to_string()))?;
+        if !claims.scopes.contains(&scope) {
+            return Err(Denied::Forbidden(format!("token lacks the {scope} scope")));
+        }
+        Ok(())
+    }
+}
+
+/// `2026-11-23T06:00:00Z` for seconds since the epoch (proleptic
+/// Gregorian, days-from-civil inverted).
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(scopes: &[Scope], exp: u64) -> Claims {
+        Claims {
+            scopes: scopes.to_vec(),
+            exp,
+        }
+    }
+
+    #[test]
+    fn tokens_verify_only_untampered_and_unexpired() {
+        let key = SigningKey::generate();
+        let t = key.sign(&claims(&[Scope::Write], 1000));
+        assert_eq!(key.verify(&t, 999), Ok(claims(&[Scope::Write], 1000)));
+        assert_eq!(key.verify(&t, 1000), Err(TokenError::Expired(1000)));
+        assert_eq!(
+            SigningKey::generate().verify(&t, 0),
+            Err(TokenError::Invalid),
+            "another key"
+        );
+        // Flip every character in turn: never accepted, never a panic.
+        for i in 0..t.len() {
+            let mut b = t.clone().into_bytes();
+            b[i] = if b[i] == b'0' { b'1' } else { b'0' };
+            let Ok(s) = String::from_utf8(b) else {
+                continue;
+            };
+            assert!(key.verify(&s, 0).is_err(), "flipped at {i}");
+        }
+        for junk in [
+            "",
+            ".",
+            "cas1..",
+            "cas1.zz.zz",
+            "Bearer x",
+            &"a".repeat(5000),
+        ] {
+            assert_eq!(key.verify(junk, 0), Err(TokenError::Invalid), "{junk:.20}");
+        }
+    }
+
+    #[test]
+    fn access_by_scope_and_peer() {
+        let key = SigningKey::generate();
+        let access = Access::Tokens(key.clone());
+        let local: SocketAddr = "127.0.0.1:5".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:5".parse().unwrap();
+        let bearer = |s: &[Scope], exp| format!("Bearer {}", key.sign(&claims(s, exp)));
+        let read = bearer(&[Scope::Read], 100);
+        let write = bearer(&[Scope::Write], 100);
+        let both = bearer(&[Scope::Read, Scope::Write], 100);
+        let check =
+            |peer, needs, h: Option<&str>| access.check(peer, needs, h.map(str::as_bytes), 50);
+        assert_eq!(check(remote, Some(Scope::Read), Some(&read)), Ok(()));
+        assert_eq!(check(remote, Some(Scope::Write), Some(&write)), Ok(()));
+        assert!(matches!(
+            check(remote, Some(Scope::Read), Some(&write)),
+            Err(Denied::Forbidden(_))
+        ));
+        assert_eq!(check(remote, Some(Scope::Write), Some(&both)), Ok(()));
+        assert_eq!(check(remote, None, None), Ok(()), "open routes");
+        assert!(
+            matches!(check(remote, Some(Scope::Write), Some(&read)), Err(Denied::Forbidden(m)) if m.contains("write"))
+        );
+        assert!(matches!(
+            check(local, Some(Scope::Read), None),
+            Err(Denied::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            check(remote, Some(Scope::Read), Some("Basic abc")),
+            Err(Denied::Unauthenticated(_))
+        ));
+        let expired = bearer(&[Scope::Read], 10);
+        assert!(
+            matches!(check(remote, Some(Scope::Read), Some(&expired)), Err(Denied::Unauthenticated(m)) if m.contains("expired at 1970-01-01T00:00:10Z"))
+        );
+
+        let open = Access::LoopbackOnly;
+        assert_eq!(open.check(local, Some(Scope::Write), None, 0), Ok(()));
+        assert_eq!(
+            open.check("[::1]:9".parse().unwrap(), None, None, 0),
+            Ok(())
+        );
+        assert!(matches!(
+            open.check(remote, None, None, 0),
+            Err(Denied::Forbidden(_))
+        ));
+    }
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        // Checked against `date -u -d @N`.
+        assert_eq!(utc(1_795_500_000), "2026-11-24T06:00:00Z");
+        assert_eq!(utc(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn key_files_are_hex_and_long_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k");
+        let key = SigningKey::generate();
+        std::fs::write(&p, format!("{}\n", key.to_hex())).unwrap();
+        let again = SigningKey::from_file(&p).unwrap();
+        let t = key.sign(&claims(&[Scope::Read], 10));
+        assert!(again.verify(&t, 0).is_ok());
+        std::fs::write(&p, "abcd").unwrap();
+        assert!(matches!(
+            SigningKey::from_file(&p),
+            Err(KeyError::Format(_))
+        ));
+    }
+}
