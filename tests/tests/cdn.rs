@@ -1,0 +1,756 @@
+//! Reads through a caching proxy: the real `cas-server` behind nginx
+//! running docs/nginx/cas-cache.conf (rendered, nothing added), the way
+//! docs/DEPLOYMENT.md tells operators to run it. The origin's reconstruction
+//! answers point xorb URLs at nginx (`--public-url`), so every xorb read of
+//! a client goes through the cache.
+//!
+//! Covered: two clients share the cache (the origin serves the second
+//! none of its xorb bytes); ranges come from the cache as 206 with the
+//! origin's bytes; a corrupted cache entry is caught by the client and never
+//! written; uploads and the rest of the API pass through uncached; with a
+//! signing key, tokens reach the origin through the proxy. And
+//! docs/DEPLOYMENT.md shows the tested file verbatim.
+//!
+//! Needs nginx (`scripts/setup-debian` installs it); without it every test
+//! here fails with that instruction instead of passing vacuously.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cas_e2e::{agent, bin, body, ServerProcess};
+use serde_json::Value;
+
+/// The template under test, shared with docs/DEPLOYMENT.md.
+const TEMPLATE: &str = include_str!("../../docs/nginx/cas-cache.conf");
+
+// ---------------------------------------------------------------- nginx
+
+/// The nginx binary, or a failure that says how to get it.
+fn nginx_bin() -> PathBuf {
+    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("nginx")).collect())
+        .unwrap_or_default();
+    [PathBuf::from("/usr/sbin/nginx")]
+        .into_iter()
+        .chain(on_path)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "nginx is not installed: run scripts/setup-debian \
+                 (tests/tests/cdn.rs runs the server behind nginx)"
+            )
+        })
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// docs/nginx/cas-cache.conf with its placeholders filled in.
+fn render(listen: &str, origin: &str, prefix: &Path, cache_dir: &Path) -> String {
+    let conf = TEMPLATE
+        .replace("@LISTEN@", listen)
+        .replace("@ORIGIN@", origin)
+        .replace("@PREFIX@", prefix.to_str().unwrap())
+        .replace("@CACHE_DIR@", cache_dir.to_str().unwrap())
+        .replace("@CACHE_MAX_SIZE@", "1g");
+    assert!(!conf.contains('@'), "unreplaced placeholder in\n{conf}");
+    conf
+}
+
+/// nginx in the foreground on a free loopback port, everything it writes
+/// under `prefix`; stopped when dropped.
+struct Nginx {
+    child: Child,
+    exe: PathBuf,
+    conf: PathBuf,
+    prefix: PathBuf,
+    cache_dir: PathBuf,
+    url: String,
+}
+
+impl Nginx {
+    /// Renders the template for `port` in front of `origin` (`HOST:PORT`),
+    /// starts nginx and waits until `/healthz` answers through it.
+    fn start(port: u16, origin: &str, prefix: &Path) -> Self {
+        let exe = nginx_bin();
+        std::fs::create_dir_all(prefix).unwrap();
+        let cache_dir = prefix.join("cache");
+        let conf = prefix.join("nginx.conf");
+        let listen = format!("127.0.0.1:{port}");
+        std::fs::write(&conf, render(&listen, origin, prefix, &cache_dir)).unwrap();
+        let stderr = File::create(prefix.join("stderr")).unwrap();
+        let child = Command::new(&exe)
+            .arg("-p")
+            .arg(prefix)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", exe.display()));
+        let mut nginx = Self {
+            child,
+            exe,
+            conf,
+            prefix: prefix.to_owned(),
+            cache_dir,
+            url: format!("http://{listen}"),
+        };
+        nginx.wait_ready();
+        nginx
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let agent = agent();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("nginx exited ({status}) at start:\n{}", self.logs());
+            }
+            let last = match agent.get(format!("{}/healthz", self.url)).call() {
+                Ok(r) => {
+                    let (status, text) = body(r);
+                    if status == 200 && text.trim_ascii() == b"ok" {
+                        return;
+                    }
+                    format!("{status} {}", String::from_utf8_lossy(&text))
+                }
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not answer /healthz within 10 s (last: {last}):\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What nginx wrote to stderr and its error log.
+    fn logs(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.prefix.join(name)).unwrap_or_default();
+        format!(
+            "stderr:\n{}\nerror.log:\n{}",
+            read("stderr"),
+            read("error.log")
+        )
+    }
+
+    /// Every file in the proxy cache.
+    fn cached_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.cache_dir, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM through nginx itself (pid file from the config): a
+        // SIGKILLed master would leave its workers serving the port.
+        let _ = Command::new(&self.exe)
+            .arg("-p")
+            .arg(&self.prefix)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-s", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// An origin `cas-server` whose xorb URLs point at an nginx cache in front
+/// of it, plus scratch space. Fields drop in order: nginx, server, files.
+struct Cdn {
+    nginx: Nginx,
+    server: ServerProcess,
+    root: PathBuf,
+    /// The origin's signing key, if it has one.
+    key: Option<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cdn {
+    /// An origin without a signing key (it serves loopback peers, and
+    /// nginx is one).
+    fn new() -> Self {
+        Self::start(false)
+    }
+
+    /// An origin with a signing key: API calls need tokens.
+    fn with_key() -> Self {
+        Self::start(true)
+    }
+
+    fn start(with_key: bool) -> Self {
+        nginx_bin(); // before anything starts: fail with the instruction
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        // nginx started as root runs its workers as `nobody`; they reach the
+        // cache and temp directories (which nginx creates and hands to
+        // them) through this one.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let data = root.join("server");
+        std::fs::create_dir(&data).unwrap();
+        // nginx's port first: the origin must name it in reconstructions.
+        let port = free_port();
+        let public_url = format!("http://127.0.0.1:{port}");
+        let mut args = vec!["--public-url".to_owned(), public_url.clone()];
+        let key = with_key.then(|| {
+            let key = root.join("signing.key");
+            let mut c = bin("cas-server");
+            c.args(["key", "create"]).arg(&key);
+            ok(c);
+            args.extend([
+                "--signing-key-file".to_owned(),
+                key.to_str().unwrap().to_owned(),
+            ]);
+            key
+        });
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = ServerProcess::start_with(&data, &args);
+        let origin = server.url.strip_prefix("http://").unwrap().to_owned();
+        let nginx = Nginx::start(port, &origin, &root.join("nginx"));
+        assert_eq!(nginx.url, public_url);
+        Self {
+            nginx,
+            server,
+            root,
+            key,
+            _dir: dir,
+        }
+    }
+
+    /// A one-hour token of `scope`, signed with the origin's key.
+    fn token(&self, scope: &str) -> String {
+        let mut c = bin("cas-server");
+        c.args(["token", "create", "--signing-key-file"])
+            .arg(self.key.as_ref().expect("an origin with a key"))
+            .args(["--scope", scope, "--ttl", "1h"]);
+        String::from_utf8(ok(c)).unwrap().trim().to_owned()
+    }
+
+    fn origin(&self) -> &str {
+        &self.server.url
+    }
+
+    fn cdn(&self) -> &str {
+        &self.nginx.url
+    }
+
+    /// A fresh, empty directory under the scratch space.
+    fn dir(&self, name: &str) -> PathBuf {
+        let d = self.root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// `cas-client SUB` against `endpoint` with `cache` as its cache
+    /// (`None`: `--no-cache`); the caller's environment cannot leak in.
+    fn cas(&self, endpoint: &str, cache: Option<&Path>, sub: &str) -> Command {
+        let mut c = bin("cas-client");
+        for k in [
+            "CAS_TOKEN",
+            "CAS_CACHE_SIZE",
+            "CAS_CONNECTIONS",
+            "CAS_UPLOADS",
+            "CAS_LOG",
+            "XDG_CACHE_HOME",
+        ] {
+            c.env_remove(k);
+        }
+        c.current_dir(&self.root)
+            .env("CAS_ENDPOINT", endpoint)
+            .env("CAS_RETRIES", "2")
+            .arg(sub);
+        match cache {
+            Some(d) => {
+                c.env("CAS_CACHE_DIR", d);
+            }
+            None => {
+                c.env("CAS_CACHE_DIR", self.root.join("no-cache-here"))
+                    .arg("--no-cache");
+            }
+        }
+        c
+    }
+
+    /// Writes `data` to `name` and uploads it to the origin; returns the
+    /// path and the file hash.
+    fn upload_bytes(&self, name: &str, data: &[u8]) -> (PathBuf, String) {
+        let path = self.root.join(name);
+        std::fs::write(&path, data).unwrap();
+        let mut c = self.cas(self.origin(), None, "upload");
+        c.arg("--json").arg(&path);
+        let hash = json_of(ok(c))["roots"][0]["hash"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (path, hash)
+    }
+
+    /// Fetches `hash` to `dest` through the proxy (API and xorbs) and
+    /// returns the `--json` report.
+    fn fetch_via_cdn(&self, hash: &str, dest: &Path, cache: Option<&Path>) -> Value {
+        let mut c = self.cas(self.cdn(), cache, "fetch");
+        c.args(["--json", hash, "-o"]).arg(dest);
+        json_of(ok(c))
+    }
+
+    /// The origin's metrics (never through the proxy).
+    fn metrics(&self) -> Metrics {
+        let (status, text) = body(
+            agent()
+                .get(format!("{}/metrics", self.origin()))
+                .call()
+                .unwrap(),
+        );
+        assert_eq!(status, 200);
+        Metrics(String::from_utf8(text).unwrap())
+    }
+
+    /// The reconstruction of `hash`, asked through the proxy.
+    fn reconstruction(&self, hash: &str) -> Value {
+        self.reconstruction_with(hash, None)
+    }
+
+    /// The reconstruction of `hash` asked through the proxy with `token`.
+    fn reconstruction_with(&self, hash: &str, token: Option<&str>) -> Value {
+        let mut req = agent().get(format!("{}/v1/reconstructions/{hash}", self.cdn()));
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let (status, bytes) = body(req.call().unwrap());
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+        serde_json::from_slice(&bytes).unwrap()
+    }
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout[..out.stdout.len().min(4000)]),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `c`, which must succeed; returns its stdout.
+fn ok(mut c: Command) -> Vec<u8> {
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{c:?} failed: {}", show(&out));
+    out.stdout
+}
+
+fn json_of(stdout: Vec<u8>) -> Value {
+    serde_json::from_slice(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&stdout)))
+}
+
+/// Runs `c`, which must fail with exit code 1 and end with exactly one
+/// `cas-client: ...` line; returns that line.
+fn fails(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{c:?}: {}", show(&out));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("cas-client: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
+    eprintln!("{c:?}\n  -> {}", errors[0]);
+    errors[0].to_owned()
+}
+
+/// The Prometheus text of `/metrics`.
+struct Metrics(String);
+
+impl Metrics {
+    /// The value of the sample named exactly `name` (labels included).
+    fn get(&self, name: &str) -> u64 {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{}", self.0))
+    }
+
+    fn xorb_bytes_out(&self) -> u64 {
+        self.get("cas_xorb_bytes_out_total")
+    }
+
+    /// Requests to `route`, any status.
+    fn requests(&self, route: &str) -> u64 {
+        let prefix = format!("cas_requests_total{{route=\"{route}\",");
+        self.0
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|rest| rest.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+}
+
+fn assert_same_bytes(want: &[u8], path: &Path) {
+    let got = std::fs::read(path).unwrap();
+    assert!(
+        want == &got[..],
+        "{}: {} bytes expected, got {} different ones",
+        path.display(),
+        want.len(),
+        got.len()
+    );
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// A response header as a string ("" when absent).
+fn header(r: &ureq::http::Response<ureq::Body>, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// ~12 MB of bf16 weights: one xorb of ~8 MB, several cache slices.
+fn model_bytes(seed: u64) -> Vec<u8> {
+    cas_bench::bf16_weights(seed, 12_000_000)
+}
+
+// ------------------------------------------------------------------ tests
+
+/// Client A's fetch fills the proxy cache; client B, with its own empty
+/// local cache, then gets every xorb byte from the proxy: the origin
+/// serves none.
+#[test]
+fn two_clients_share_the_cdn_cache() {
+    let cdn = Cdn::new();
+    let data = model_bytes(1);
+    let (_, hash) = cdn.upload_bytes("model.bin", &data);
+    let stored = cdn.metrics().get("cas_stored_bytes");
+
+    let before_a = cdn.metrics();
+    let a = cdn.fetch_via_cdn(&hash, &cdn.root.join("a.bin"), Some(&cdn.dir("cache-a")));
+    let before_b = cdn.metrics();
+    assert_same_bytes(&data, &cdn.root.join("a.bin"));
+    assert!(u(&a["network_bytes"]) > 0, "{a}");
+    let origin_a = before_b.xorb_bytes_out() - before_a.xorb_bytes_out();
+    assert!(
+        origin_a > 0,
+        "A's xorb reads reached the origin through nginx"
+    );
+    // Slices cover the xorb once; concurrent misses wait for one fetch.
+    assert!(
+        origin_a <= stored,
+        "the origin sent {origin_a} xorb bytes for {stored} stored"
+    );
+
+    let b = cdn.fetch_via_cdn(&hash, &cdn.root.join("b.bin"), Some(&cdn.dir("cache-b")));
+    let after_b = cdn.metrics();
+    assert_same_bytes(&data, &cdn.root.join("b.bin"));
+    assert!(
+        u(&b["network_bytes"]) > 0,
+        "B used the network (the CDN): {b}"
+    );
+    assert_eq!(u(&b["cache_bytes"]), 0, "{b}");
+    assert_eq!(
+        after_b.xorb_bytes_out(),
+        before_b.xorb_bytes_out(),
+        "B's xorb bytes all came from the nginx cache"
+    );
+    assert_eq!(
+        after_b.requests("xorb_get"),
+        before_b.requests("xorb_get"),
+        "no xorb GET of B reached the origin"
+    );
+    // The API calls themselves did reach the origin (never cached).
+    assert!(after_b.requests("reconstruction") > before_b.requests("reconstruction"));
+}
+
+/// After one fetch, arbitrary ranges of a xorb come from the proxy cache as
+/// 206 with the origin's bytes; `cas-client cat --range` through the proxy
+/// with an empty local cache is the file's slice.
+#[test]
+fn range_requests_are_served_from_the_cdn_cache() {
+    let cdn = Cdn::new();
+    let data = model_bytes(2);
+    let (_, hash) = cdn.upload_bytes("model.bin", &data);
+    cdn.fetch_via_cdn(&hash, &cdn.root.join("warm.bin"), None);
+
+    let rec = cdn.reconstruction(&hash);
+    let xorb = rec["fetch"][0]["xorb"].as_str().unwrap().to_owned();
+    let url = rec["fetch"][0]["url"].as_str().unwrap().to_owned();
+    assert_eq!(
+        url,
+        format!("{}/v1/xorbs/{xorb}", cdn.cdn()),
+        "--public-url"
+    );
+    let origin_url = format!("{}/v1/xorbs/{xorb}", cdn.origin());
+    let size: u64 = header(&agent().head(&origin_url).call().unwrap(), "content-length")
+        .parse()
+        .unwrap();
+    assert!(size > 3 << 20, "a xorb of several slices: {size}");
+
+    // (Range header, first byte, last byte)
+    let cases = [
+        ("bytes=0-99".to_owned(), 0, 99),
+        // across the first 1 MiB slice boundary
+        ("bytes=1048000-1049999".to_owned(), 1_048_000, 1_049_999),
+        ("bytes=100000-3999999".to_owned(), 100_000, 3_999_999),
+        (format!("bytes={}-", size - 5000), size - 5000, size - 1),
+        ("bytes=-1000".to_owned(), size - 1000, size - 1),
+    ];
+    // Straight from the origin first: these reads count in its metrics.
+    let want: Vec<Vec<u8>> = cases
+        .iter()
+        .map(|(range, _, _)| {
+            let (status, bytes) = body(
+                agent()
+                    .get(&origin_url)
+                    .header("Range", range)
+                    .call()
+                    .unwrap(),
+            );
+            assert_eq!(status, 206, "origin {range}");
+            bytes
+        })
+        .collect();
+
+    let before = cdn.metrics();
+    for ((range, first, last), want) in cases.iter().zip(&want) {
+        let r = agent().get(&url).header("Range", range).call().unwrap();
+        assert_eq!(
+            header(&r, "x-cache-status"),
+            "HIT",
+            "{range}: served from the cache"
+        );
+        assert_eq!(
+            header(&r, "content-range"),
+            format!("bytes {first}-{last}/{size}"),
+            "{range}"
+        );
+        let (status, got) = body(r);
+        assert_eq!(status, 206, "{range}");
+        assert_eq!(got.len() as u64, last - first + 1, "{range}");
+        assert!(&got == want, "{range}: bytes differ from the origin's");
+    }
+    let after = cdn.metrics();
+    assert_eq!(after.xorb_bytes_out(), before.xorb_bytes_out());
+    assert_eq!(after.requests("xorb_get"), before.requests("xorb_get"));
+
+    // A verified byte range of the file, through the proxy, nothing cached
+    // locally: exactly the slice, and still no xorb byte from the origin.
+    let (a, b) = (1_234_567usize, 5_678_901usize);
+    let mut c = cdn.cas(cdn.cdn(), Some(&cdn.dir("cat-cache")), "cat");
+    c.args([&hash, "--range", &format!("{a}-{b}")]);
+    let got = ok(c);
+    assert!(
+        got == data[a..=b],
+        "cat --range {a}-{b}: {} bytes",
+        got.len()
+    );
+    assert_eq!(cdn.metrics().xorb_bytes_out(), after.xorb_bytes_out());
+}
+
+/// A proxy cache that hands out corrupted bytes cannot make a client write
+/// them: the fetch fails naming the xorb, and nothing stands under the
+/// destination name.
+#[test]
+fn corrupted_cdn_object_is_detected() {
+    let cdn = Cdn::new();
+    let data = model_bytes(3);
+    let (_, hash) = cdn.upload_bytes("model.bin", &data);
+    cdn.fetch_via_cdn(&hash, &cdn.root.join("warm.bin"), None);
+    let xorb = cdn.reconstruction(&hash)["fetch"][0]["xorb"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A cache file is nginx's binary header, the key, the upstream's
+    // response headers, then the body: its last byte is a xorb byte.
+    let files = cdn.nginx.cached_files();
+    assert!(files.len() > 1, "slices cached: {files:?}");
+    for path in &files {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut head = vec![0u8; 1024];
+        let n = f.read(&mut head).unwrap();
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(
+            head.contains(&format!("KEY: /v1/xorbs/{xorb}")),
+            "{}: not a slice of {xorb}",
+            path.display()
+        );
+        let mut last = [0u8];
+        f.seek(SeekFrom::End(-1)).unwrap();
+        f.read_exact(&mut last).unwrap();
+        f.seek(SeekFrom::End(-1)).unwrap();
+        f.write_all(&[last[0] ^ 0x5a]).unwrap();
+    }
+
+    let dest = cdn.root.join("bad.bin");
+    let mut c = cdn.cas(cdn.cdn(), Some(&cdn.dir("fresh-cache")), "fetch");
+    c.args([&hash, "-o"]).arg(&dest);
+    let line = fails(c);
+    assert!(
+        line.contains(&format!("xorb {xorb}")) && line.contains("failed verification"),
+        "{line}"
+    );
+    assert!(!dest.exists(), "nothing under the final name");
+}
+
+/// Uploads through the proxy work (xorb PUTs of several MB stream to the
+/// origin, shards and dedup pass through) and nothing but xorb reads is
+/// cached: reconstructions reach the origin every time.
+#[test]
+fn api_calls_pass_through_uncached() {
+    let cdn = Cdn::new();
+    let data = model_bytes(4);
+    let path = cdn.root.join("model.bin");
+    std::fs::write(&path, &data).unwrap();
+    let mut c = cdn.cas(cdn.cdn(), None, "upload");
+    c.arg("--json").arg(&path);
+    let hash = json_of(ok(c))["roots"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m = cdn.metrics();
+    assert_eq!(m.requests("xorb_put"), 1);
+    assert!(
+        cdn.nginx.cached_files().is_empty(),
+        "uploads left nothing in the cache: {:?}",
+        cdn.nginx.cached_files()
+    );
+
+    for _ in 0..2 {
+        let r = agent()
+            .get(format!("{}/v1/reconstructions/{hash}", cdn.cdn()))
+            .call()
+            .unwrap();
+        assert_eq!(header(&r, "cache-control"), "no-store");
+        assert_eq!(header(&r, "x-cache-status"), "", "not a cached location");
+        assert_eq!(body(r).0, 200);
+    }
+    assert_eq!(
+        cdn.metrics().requests("reconstruction"),
+        m.requests("reconstruction") + 2,
+        "every reconstruction reached the origin"
+    );
+    cdn.fetch_via_cdn(&hash, &cdn.root.join("copy.bin"), None);
+    assert_same_bytes(&data, &cdn.root.join("copy.bin"));
+}
+
+/// An origin with a signing key, as it must run behind a proxy others can
+/// reach: the proxy passes `Authorization` to the API untouched, so the
+/// origin checks every token; xorb reads need none and come from the cache.
+#[test]
+fn tokens_pass_through_the_proxy_to_the_origin() {
+    let cdn = Cdn::with_key();
+    let (read, write) = (cdn.token("read"), cdn.token("write"));
+    let data = model_bytes(5);
+    let path = cdn.root.join("model.bin");
+    std::fs::write(&path, &data).unwrap();
+
+    let upload = |token: Option<&str>| {
+        let mut c = cdn.cas(cdn.cdn(), None, "upload");
+        c.arg("--json").arg(&path);
+        if let Some(t) = token {
+            c.env("CAS_TOKEN", t);
+        }
+        c
+    };
+    let line = fails(upload(None));
+    assert!(line.contains("401 unauthorized"), "{line}");
+    let line = fails(upload(Some(&read)));
+    assert!(line.contains("403 forbidden"), "{line}");
+    let hash = json_of(ok(upload(Some(&write))))["roots"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Each fetch with its own empty local cache.
+    let fetch = |token: Option<&str>, name: &str| {
+        let cache = cdn.dir(&format!("{name}-cache"));
+        let mut c = cdn.cas(cdn.cdn(), Some(&cache), "fetch");
+        c.args(["--json", &hash, "-o"]).arg(cdn.root.join(name));
+        if let Some(t) = token {
+            c.env("CAS_TOKEN", t);
+        }
+        c
+    };
+    let line = fails(fetch(None, "none.bin"));
+    assert!(line.contains("401 unauthorized"), "{line}");
+    ok(fetch(Some(&read), "a.bin"));
+    assert_same_bytes(&data, &cdn.root.join("a.bin"));
+    let before = cdn.metrics();
+    ok(fetch(Some(&read), "b.bin"));
+    assert_same_bytes(&data, &cdn.root.join("b.bin"));
+    assert_eq!(cdn.metrics().xorb_bytes_out(), before.xorb_bytes_out());
+
+    // A xorb URL is the capability: no token needed, and a junk one is
+    // neither checked nor part of the cache key.
+    let url = cdn.reconstruction_with(&hash, Some(&read))["fetch"][0]["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for auth in [None, Some("Bearer junk")] {
+        let mut req = agent().get(&url).header("Range", "bytes=0-99");
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        let r = req.call().unwrap();
+        assert_eq!(header(&r, "x-cache-status"), "HIT", "{auth:?}");
+        assert_eq!(body(r).0, 206, "{auth:?}");
+    }
+}
+
+/// docs/DEPLOYMENT.md shows operators the configuration these tests run,
+/// unchanged.
+#[test]
+fn deployment_doc_shows_the_tested_config() {
+    let doc = include_str!("../../docs/DEPLOYMENT.md");
+    assert!(
+        doc.contains(&format!("```nginx\n{TEMPLATE}```\n")),
+        "docs/DEPLOYMENT.md must contain docs/nginx/cas-cache.conf verbatim in an nginx code block"
+    );
+}
