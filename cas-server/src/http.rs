@@ -334,6 +334,16 @@ pub enum NoRoute {
 }
 
 /// Matches a request line to an operation and its `{hash}` path segment.
+/// Reads and drops a refused request's body (at most a shard's worth, for
+/// at most 30 s) before answering. A proxy that streams the body upstream
+/// (nginx with request buffering off) turns an early answer followed by a
+/// closed connection into a 502; draining lets the 401/403 through.
+async fn drain(req: Request<Incoming>) {
+    let mut body = Limited::new(req.into_body(), MAX_SHARD_BYTES);
+    let read_all = async { while let Some(Ok(_)) = body.frame().await {} };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), read_all).await;
+}
+
 impl Route {
     /// The token scope a route needs (when the server checks tokens).
     /// Xorb reads need none: their URLs are capabilities.
@@ -394,7 +404,10 @@ pub async fn handle<O: ObjectStore, I: Index>(
                 crate::auth::now(),
             );
             let result = match (allowed, r) {
-                (Err(denied), _) => Err(denied.into()),
+                (Err(denied), _) => {
+                    drain(req).await;
+                    Err(denied.into())
+                }
                 (Ok(()), r) => match r {
                     Route::Healthz => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
                     Route::Metrics => Ok(full(

@@ -158,6 +158,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         signing_key: key(args.signing_key_file.as_ref())?,
     };
     let tokens = config.signing_key.is_some();
+    let public_url_set = config.public_url.is_some();
     let server = cas_server::Server::bind(config).await?;
     let addr = server.local_addr()?;
     // One line on stdout that scripts and tests can read.
@@ -172,6 +173,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     } else {
         tracing::warn!("no --signing-key-file: serving loopback clients only, without tokens");
+        if public_url_set {
+            // A proxy on this host is a loopback client: it would open the
+            // whole API to whoever reaches the proxy.
+            tracing::warn!("--public-url without --signing-key-file: a proxy on this host passes every client through; set a key");
+        }
     }
     server.run(shutdown_signal()).await?;
     tracing::info!("stopped");

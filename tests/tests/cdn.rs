@@ -727,6 +727,21 @@ fn tokens_pass_through_the_proxy_to_the_origin() {
     assert_same_bytes(&data, &cdn.root.join("b.bin"));
     assert_eq!(cdn.metrics().xorb_bytes_out(), before.xorb_bytes_out());
 
+    // A large refused upload through the proxy is a clean 401/403, not a
+    // 502 from the proxy losing the connection mid-body: the origin reads
+    // the refused body before answering.
+    let big = vec![7u8; 20 << 20];
+    let xorb_put = format!("{}/v1/xorbs/{}", cdn.cdn(), "ab".repeat(32));
+    for (auth, want) in [(None, 401), (Some(&read), 403)] {
+        for _ in 0..3 {
+            let mut req = agent().put(&xorb_put);
+            if let Some(t) = auth {
+                req = req.header("Authorization", format!("Bearer {t}"));
+            }
+            assert_eq!(body(req.send(&big[..]).unwrap()).0, want, "{auth:?}");
+        }
+    }
+
     // A xorb URL is the capability: no token needed, and a junk one is
     // neither checked nor part of the cache key.
     let url = cdn.reconstruction_with(&hash, Some(&read))["fetch"][0]["url"]
