@@ -592,14 +592,16 @@ impl XorbBuilder {
             })
             .collect();
         encode_header(&entries, &mut bytes);
-        for c in &self.chunks {
+        let chunks: Vec<ChunkInfo> = self.chunks.iter().map(|c| c.info).collect();
+        // By value: each payload is freed once copied, so finishing a full
+        // xorb does not hold two copies of it.
+        for c in self.chunks {
             bytes.push(c.scheme as u8);
             bytes.extend_from_slice(&[0, 0, 0]);
             bytes.extend_from_slice(&c.info.len.to_le_bytes());
             bytes.extend_from_slice(&(c.payload.len() as u32).to_le_bytes());
             bytes.extend_from_slice(&c.payload);
         }
-        let chunks: Vec<ChunkInfo> = self.chunks.iter().map(|c| c.info).collect();
         Ok(BuiltXorb {
             hash: XorbHash::from_chunks(&chunks),
             chunks,
