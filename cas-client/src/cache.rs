@@ -26,6 +26,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use cas_protocol::messages::ChunkLocation;
@@ -44,6 +45,15 @@ pub struct ChunkCache {
     root: PathBuf,
     cap: u64,
     shared: bool,
+    /// Per xorb, the entries this process knows of: a directory is listed
+    /// once, not at every lookup (a tree of small files in one xorb has
+    /// thousands of entries). Exact names are always checked on disk
+    /// first, so ranges another process adds are still found.
+    listings: Arc<Mutex<HashMap<XorbHash, Vec<ChunkRange>>>>,
+}
+
+fn entry_name(r: ChunkRange) -> String {
+    format!("{}-{}", r.start, r.end)
 }
 
 /// A cached frame range of one xorb.
@@ -95,6 +105,7 @@ impl ChunkCache {
             root: root.to_owned(),
             cap,
             shared: mode & 0o2000 != 0,
+            listings: Arc::default(),
         };
         cache.mkdir(&root.join("xorbs"))?;
         cache.mkdir(&root.join("tmp"))?;
@@ -128,24 +139,43 @@ impl ChunkCache {
         self.root.join("xorbs").join(&hex[..2]).join(hex)
     }
 
+    /// The ranges cached for `xorb`, from its directory.
+    fn list(&self, xorb: &XorbHash) -> Vec<ChunkRange> {
+        let Ok(rd) = fs::read_dir(self.xorb_dir(xorb)) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| {
+            let name = e.ok()?.file_name();
+            let (a, b) = name.to_str()?.split_once('-')?;
+            Some(ChunkRange {
+                start: a.parse().ok()?,
+                end: b.parse().ok()?,
+            })
+        })
+        .collect()
+    }
+
     /// The smallest cached range of `xorb` that covers `chunks`.
     pub fn lookup(&self, xorb: &XorbHash, chunks: ChunkRange) -> Option<CacheEntry> {
-        let best = fs::read_dir(self.xorb_dir(xorb))
-            .ok()?
-            .filter_map(|e| {
-                let e = e.ok()?;
-                let name = e.file_name();
-                let (a, b) = name.to_str()?.split_once('-')?;
-                let r = ChunkRange {
-                    start: a.parse().ok()?,
-                    end: b.parse().ok()?,
-                };
-                (r.start <= chunks.start && chunks.end <= r.end).then(|| CacheEntry {
-                    path: e.path(),
-                    chunks: r,
-                })
-            })
-            .min_by_key(|e| e.chunks.len())?;
+        let dir = self.xorb_dir(xorb);
+        let exact = dir.join(entry_name(chunks));
+        let best = if exact.is_file() {
+            CacheEntry {
+                path: exact,
+                chunks,
+            }
+        } else {
+            let mut listings = self.listings.lock().expect("not poisoned");
+            let ranges = listings.entry(*xorb).or_insert_with(|| self.list(xorb));
+            let r = ranges
+                .iter()
+                .filter(|r| r.start <= chunks.start && chunks.end <= r.end)
+                .min_by_key(|r| r.len())?;
+            CacheEntry {
+                path: dir.join(entry_name(*r)),
+                chunks: *r,
+            }
+        };
         // Recently used entries are evicted last.
         if let Ok(f) = File::options().append(true).open(&best.path) {
             let _ = f.set_modified(SystemTime::now());
@@ -185,8 +215,10 @@ impl ChunkCache {
         Ok(EntryWriter {
             file: Some(tmp.1),
             tmp: tmp.0,
-            dest: dir.join(format!("{}-{}", chunks.start, chunks.end)),
+            dest: dir.join(entry_name(chunks)),
             dir,
+            xorb: *xorb,
+            chunks,
             mode: if self.shared { 0o664 } else { 0o644 },
         })
     }
@@ -201,12 +233,20 @@ impl ChunkCache {
     }
 
     /// Drops an entry that failed verification.
-    pub fn remove(&self, entry: &CacheEntry) {
+    pub fn remove(&self, xorb: &XorbHash, entry: &CacheEntry) {
         if let Err(e) = fs::remove_file(&entry.path) {
             tracing::warn!(
                 "cannot remove bad cache entry {}: {e}",
                 entry.path.display()
             );
+        }
+        self.forget(xorb, entry.chunks);
+    }
+
+    /// Stops offering an entry that is gone (evicted by another process).
+    pub fn forget(&self, xorb: &XorbHash, chunks: ChunkRange) {
+        if let Some(v) = self.listings.lock().expect("not poisoned").get_mut(xorb) {
+            v.retain(|r| *r != chunks);
         }
     }
 
@@ -378,6 +418,8 @@ pub struct EntryWriter {
     tmp: PathBuf,
     dest: PathBuf,
     dir: PathBuf,
+    xorb: XorbHash,
+    chunks: ChunkRange,
     mode: u32,
 }
 
@@ -395,7 +437,16 @@ impl EntryWriter {
             .map_err(Error::io(&self.tmp))?;
         drop(file);
         cache.mkdir(&self.dir)?;
-        fs::rename(&self.tmp, &self.dest).map_err(Error::io(&self.dest))
+        fs::rename(&self.tmp, &self.dest).map_err(Error::io(&self.dest))?;
+        if let Some(v) = cache
+            .listings
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&self.xorb)
+        {
+            v.push(self.chunks);
+        }
+        Ok(())
     }
 }
 

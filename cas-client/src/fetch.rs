@@ -420,14 +420,17 @@ impl Fetcher {
             ))),
             Err(e @ Error::CorruptXorb { .. }) => {
                 tracing::warn!("{e}; dropping it and fetching again");
-                cache.remove(&entry);
+                cache.remove(&unit.xorb, &entry);
                 Ok(None)
             }
             // Another process evicted it between lookup and open.
             Err(Error::Io {
                 ref path,
                 ref source,
-            }) if *path == entry.path && source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            }) if *path == entry.path && source.kind() == std::io::ErrorKind::NotFound => {
+                cache.forget(&unit.xorb, entry.chunks);
+                Ok(None)
+            }
             Err(e) => Err(e),
         }
     }
