@@ -86,8 +86,18 @@ pub(crate) async fn fetch_file(
         .open(&part)
         .map_err(Error::io(&part))?;
     file.set_len(info.size).map_err(Error::io(&part))?;
-    let mut journal = Journal::open(&journal_path, info.hash, info.size)?;
-    let resumed: u64 = journal.done.iter().map(|(a, b)| b - a).sum();
+    // A small file restarts whole: a journal (and the syncs it needs)
+    // would cost more than it saves. One left by an earlier run is used.
+    let mut journal = if info.size >= JOURNAL_MIN || journal_path.exists() {
+        Some(Journal::open(&journal_path, info.hash, info.size)?)
+    } else {
+        None
+    };
+    let resumed: u64 = journal
+        .iter()
+        .flat_map(|j| &j.done)
+        .map(|(a, b)| b - a)
+        .sum();
     fetcher.progress.advance(Stage::Download, resumed);
     let sink = Arc::new(FileSink {
         file,
@@ -106,7 +116,10 @@ pub(crate) async fn fetch_file(
                 ),
             });
         }
-        let done = std::mem::take(&mut journal.done);
+        let done = journal
+            .as_mut()
+            .map(|j| std::mem::take(&mut j.done))
+            .unwrap_or_default();
         for &(a, b) in &done {
             digest.add(a, b - a, None);
         }
@@ -154,9 +167,17 @@ pub(crate) async fn fetch_file(
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(dir))?;
-    fs::remove_file(&journal_path).map_err(Error::io(&journal_path))?;
+    match fs::remove_file(&journal_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(&journal_path)(e))
+        }
+        _ => {}
+    }
     Ok((transfer, resumed))
 }
+
+/// Files smaller than this are fetched without a journal.
+const JOURNAL_MIN: u64 = 8 << 20;
 
 /// Most verified bytes, and longest time, between journal checkpoints.
 const CHECKPOINT_BYTES: u64 = 256 << 20;
@@ -172,7 +193,7 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 async fn checkpoints(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<TermDone>>,
     sink: Arc<FileSink>,
-    journal: Journal,
+    journal: Option<Journal>,
     digest: InOrder,
     size: u64,
 ) -> Result<InOrder> {
@@ -193,8 +214,10 @@ async fn checkpoints(
             let (sink, (mut j, mut d)) = (sink.clone(), state.take().expect("returned"));
             let terms = std::mem::take(&mut pending);
             let synced = tokio::task::spawn_blocking(move || {
-                sink.file.sync_data().map_err(Error::io(&sink.path))?;
-                j.record(terms.iter().map(|t| &t.placed))?;
+                if let Some(j) = &mut j {
+                    sink.file.sync_data().map_err(Error::io(&sink.path))?;
+                    j.record(terms.iter().map(|t| &t.placed))?;
+                }
                 for t in terms {
                     d.add(t.placed.offset, t.placed.term.len, t.chunks);
                 }
