@@ -1,6 +1,7 @@
 //! Seeded, deterministic workloads for benchmarks and tests: the same seed
 //! always yields the same bytes, so runs compare like with like.
 
+pub mod dataset;
 pub mod model;
 
 use cas_protocol::chunking::chunks;
