@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 use cas_protocol::chunking::chunk_and_hash;
 use cas_protocol::messages::{DedupAnswer, DedupQuery, Reconstruction};
@@ -294,4 +294,77 @@ pub fn fetch(base: &str, file: &FileHash, range: Option<&str>) -> Result<Vec<u8>
     }
     let start = rec.offset_into_first_term as usize;
     Ok(out[start..start + rec.range.len() as usize].to_vec())
+}
+
+// ---- helpers shared by the tests that drive the client binary ----
+
+/// A finished command's status and output, for assertion messages.
+pub fn show(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout[..out.stdout.len().min(4000)]),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Parses a `--json` stdout, showing it on failure.
+pub fn json_of(stdout: Vec<u8>) -> serde_json::Value {
+    serde_json::from_slice(&stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&stdout)))
+}
+
+/// Runs `c`, which must fail with exit code 1 and end with exactly one
+/// `cas-client: ...` line; returns that line.
+pub fn fails(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{c:?}: {}", show(&out));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("cas-client: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line: {stderr}");
+    assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
+    eprintln!("{c:?}\n  -> {}", errors[0]);
+    errors[0].to_owned()
+}
+
+/// The Prometheus text of `/metrics`.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the sample named exactly `name` (labels included).
+    pub fn get(&self, name: &str) -> u64 {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{}", self.0))
+    }
+
+    pub fn xorb_bytes_out(&self) -> u64 {
+        self.get("cas_xorb_bytes_out_total")
+    }
+
+    /// Requests to `route`, any status.
+    pub fn requests(&self, route: &str) -> u64 {
+        let prefix = format!("cas_requests_total{{route=\"{route}\",");
+        self.0
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|rest| rest.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+}
+
+/// `path` holds exactly `want` (without printing megabytes on failure).
+pub fn assert_same_bytes(want: &[u8], path: &Path) {
+    let got = std::fs::read(path).unwrap();
+    assert!(
+        want == &got[..],
+        "{}: {} bytes expected, got {} different ones",
+        path.display(),
+        want.len(),
+        got.len()
+    );
 }

@@ -19,10 +19,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cas_e2e::{agent, bin, body, ServerProcess};
+use cas_e2e::{agent, assert_same_bytes, bin, body, fails, json_of, show, Metrics, ServerProcess};
 use serde_json::Value;
 
 /// The template under test, shared with docs/DEPLOYMENT.md.
@@ -362,79 +362,11 @@ impl Cdn {
     }
 }
 
-fn show(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout[..out.stdout.len().min(4000)]),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Runs `c`, which must succeed; returns its stdout.
 fn ok(mut c: Command) -> Vec<u8> {
     let out = c.output().unwrap();
     assert!(out.status.success(), "{c:?} failed: {}", show(&out));
     out.stdout
-}
-
-fn json_of(stdout: Vec<u8>) -> Value {
-    serde_json::from_slice(&stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&stdout)))
-}
-
-/// Runs `c`, which must fail with exit code 1 and end with exactly one
-/// `cas-client: ...` line; returns that line.
-fn fails(mut c: Command) -> String {
-    let out = c.output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{c:?}: {}", show(&out));
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("cas-client: "))
-        .collect();
-    assert_eq!(errors.len(), 1, "one error line: {stderr}");
-    assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
-    eprintln!("{c:?}\n  -> {}", errors[0]);
-    errors[0].to_owned()
-}
-
-/// The Prometheus text of `/metrics`.
-struct Metrics(String);
-
-impl Metrics {
-    /// The value of the sample named exactly `name` (labels included).
-    fn get(&self, name: &str) -> u64 {
-        self.0
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing in\n{}", self.0))
-    }
-
-    fn xorb_bytes_out(&self) -> u64 {
-        self.get("cas_xorb_bytes_out_total")
-    }
-
-    /// Requests to `route`, any status.
-    fn requests(&self, route: &str) -> u64 {
-        let prefix = format!("cas_requests_total{{route=\"{route}\",");
-        self.0
-            .lines()
-            .filter_map(|l| l.strip_prefix(&prefix))
-            .map(|rest| rest.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-            .sum()
-    }
-}
-
-fn assert_same_bytes(want: &[u8], path: &Path) {
-    let got = std::fs::read(path).unwrap();
-    assert!(
-        want == &got[..],
-        "{}: {} bytes expected, got {} different ones",
-        path.display(),
-        want.len(),
-        got.len()
-    );
 }
 
 fn u(v: &Value) -> u64 {
