@@ -308,6 +308,13 @@ pub fn show(out: &Output) -> String {
     )
 }
 
+/// Runs `c`, which must succeed; returns its stdout.
+pub fn ok(mut c: Command) -> Vec<u8> {
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{c:?} failed: {}", show(&out));
+    out.stdout
+}
+
 /// Parses a `--json` stdout, showing it on failure.
 pub fn json_of(stdout: Vec<u8>) -> serde_json::Value {
     serde_json::from_slice(&stdout)
@@ -334,6 +341,13 @@ pub fn fails(mut c: Command) -> String {
 pub struct Metrics(pub String);
 
 impl Metrics {
+    /// The metrics of the server at `url`.
+    pub fn fetch(url: &str) -> Self {
+        let (status, text) = body(agent().get(format!("{url}/metrics")).call().unwrap());
+        assert_eq!(status, 200);
+        Metrics(String::from_utf8(text).unwrap())
+    }
+
     /// The value of the sample named exactly `name` (labels included).
     pub fn get(&self, name: &str) -> u64 {
         self.0

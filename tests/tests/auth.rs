@@ -49,6 +49,12 @@ fn last_line(o: &Output) -> String {
         .to_owned()
 }
 
+/// The command failed (exit 1) and its last line says `why`.
+fn refused(o: &Output, why: &str) {
+    assert_eq!(o.status.code(), Some(1), "{}", last_line(o));
+    assert!(last_line(o).contains(why), "{why}: {}", last_line(o));
+}
+
 #[test]
 fn tokens_and_scopes_guard_the_api_and_xorb_urls_are_capabilities() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,19 +94,9 @@ fn tokens_and_scopes_guard_the_api_and_xorb_urls_are_capabilities() {
 
     // Upload: no token -> 401, read token -> 403, write token -> ok.
     let o = client(url, None, &["upload", f], dir.path());
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        last_line(&o).contains("401 unauthorized: a bearer token is required"),
-        "{}",
-        last_line(&o)
-    );
+    refused(&o, "401 unauthorized: a bearer token is required");
     let o = client(url, Some(&read), &["upload", f], dir.path());
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        last_line(&o).contains("403 forbidden: token lacks the write scope"),
-        "{}",
-        last_line(&o)
-    );
+    refused(&o, "403 forbidden: token lacks the write scope");
     let o = client(url, Some(&write), &["upload", f], dir.path());
     assert!(o.status.success(), "{}", last_line(&o));
     let hash = String::from_utf8(o.stdout).unwrap();
@@ -113,11 +109,7 @@ fn tokens_and_scopes_guard_the_api_and_xorb_urls_are_capabilities() {
         &["fetch", &hash, "-o", "w.bin"],
         dir.path(),
     );
-    assert!(
-        last_line(&o).contains("403 forbidden: token lacks the read scope"),
-        "{}",
-        last_line(&o)
-    );
+    refused(&o, "403 forbidden: token lacks the read scope");
     assert!(!dir.path().join("w.bin").exists());
     for (t, name) in [(&read, "r.bin"), (&both, "b.bin")] {
         let o = client(url, Some(t), &["fetch", &hash, "-o", name], dir.path());
@@ -130,20 +122,11 @@ fn tokens_and_scopes_guard_the_api_and_xorb_urls_are_capabilities() {
     tampered.replace_range(10..11, if &read[10..11] == "0" { "1" } else { "0" });
     for bad in [tampered.as_str(), "cas1.00.00", "not-a-token"] {
         let o = client(url, Some(bad), &["stat", &hash], dir.path());
-        assert!(
-            last_line(&o).contains("401 unauthorized: invalid token"),
-            "{bad}: {}",
-            last_line(&o)
-        );
+        refused(&o, "401 unauthorized: invalid token");
     }
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let o = client(url, Some(&short), &["stat", &hash], dir.path());
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        last_line(&o).contains("401 unauthorized: token expired at 20"),
-        "{}",
-        last_line(&o)
-    );
+    refused(&o, "401 unauthorized: token expired at 20");
 
     // Xorb URLs are capabilities: anyone holding one reads it without a
     // token; writing needs one; the API around them does too.
@@ -190,23 +173,14 @@ fn token_commands_and_keys_fail_clearly() {
             .arg(&key);
         c
     });
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        last_line(&o).contains("at least 32 bytes"),
-        "{}",
-        last_line(&o)
-    );
+    refused(&o, "at least 32 bytes");
     let o = run({
         let mut c = bin("cas-server");
         c.args(["token", "create", "--scope", "read"])
             .env_remove("CAS_SIGNING_KEY_FILE");
         c
     });
-    assert!(
-        last_line(&o).contains("needs --signing-key-file"),
-        "{}",
-        last_line(&o)
-    );
+    refused(&o, "needs --signing-key-file");
     let o = run({
         let mut c = bin("cas-server");
         c.args(["--listen", "127.0.0.1:0", "--signing-key-file"])

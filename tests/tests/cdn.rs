@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cas_e2e::{agent, assert_same_bytes, bin, body, fails, json_of, show, Metrics, ServerProcess};
+use cas_e2e::{agent, assert_same_bytes, bin, body, fails, json_of, ok, Metrics, ServerProcess};
 use serde_json::Value;
 
 /// The template under test, shared with docs/DEPLOYMENT.md.
@@ -335,14 +335,7 @@ impl Cdn {
 
     /// The origin's metrics (never through the proxy).
     fn metrics(&self) -> Metrics {
-        let (status, text) = body(
-            agent()
-                .get(format!("{}/metrics", self.origin()))
-                .call()
-                .unwrap(),
-        );
-        assert_eq!(status, 200);
-        Metrics(String::from_utf8(text).unwrap())
+        Metrics::fetch(self.origin())
     }
 
     /// The reconstruction of `hash`, asked through the proxy.
@@ -363,12 +356,6 @@ impl Cdn {
 }
 
 /// Runs `c`, which must succeed; returns its stdout.
-fn ok(mut c: Command) -> Vec<u8> {
-    let out = c.output().unwrap();
-    assert!(out.status.success(), "{c:?} failed: {}", show(&out));
-    out.stdout
-}
-
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cas_e2e::{agent, assert_same_bytes, bin, body, fails, json_of, show, Metrics, ServerProcess};
+use cas_e2e::{assert_same_bytes, bin, fails, json_of, show, Metrics, ServerProcess};
 use cas_protocol::Sha256;
 use serde_json::Value;
 
@@ -91,14 +91,7 @@ impl Env {
     }
 
     fn metrics(&self) -> Metrics {
-        let (status, text) = body(
-            agent()
-                .get(format!("{}/metrics", self.url()))
-                .call()
-                .unwrap(),
-        );
-        assert_eq!(status, 200);
-        Metrics(String::from_utf8(text).unwrap())
+        Metrics::fetch(self.url())
     }
 
     /// Paths of the xorbs the server stores.

@@ -6,19 +6,12 @@
 use std::io::SeekFrom;
 
 use cas_client::{Client, ClientConfig};
-use cas_e2e::{agent, bin, body, ServerProcess};
+use cas_e2e::{bin, ok, Metrics, ServerProcess};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 fn xorb_bytes_out(url: &str) -> u64 {
-    let (_, m) = body(agent().get(format!("{url}/metrics")).call().unwrap());
-    String::from_utf8(m)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("cas_xorb_bytes_out_total "))
-        .expect("metric present")
-        .parse()
-        .unwrap()
+    Metrics::fetch(url).xorb_bytes_out()
 }
 
 #[test]
@@ -30,17 +23,11 @@ fn file_reader_reads_only_what_it_is_asked() {
         cas_bench::model::write_model(&model, 2 * cas_bench::model::TENSOR_BYTES, 1 << 30, 1, 5)
             .unwrap();
     let data = std::fs::read(&files[0]).unwrap();
-    let out = bin("cas-client")
+    let mut upload = bin("cas-client");
+    upload
         .args(["upload", "--no-cache", "--endpoint", &server.url])
-        .arg(&files[0])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let hash = String::from_utf8(out.stdout).unwrap();
+        .arg(&files[0]);
+    let hash = String::from_utf8(ok(upload)).unwrap();
     let hash: cas_protocol::FileHash = hash.split_whitespace().next().unwrap().parse().unwrap();
 
     let rt = tokio::runtime::Runtime::new().unwrap();

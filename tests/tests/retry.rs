@@ -5,7 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use cas_e2e::{bin, ServerProcess};
+use cas_e2e::{bin, ok, ServerProcess};
 
 #[test]
 fn fetch_waits_out_a_server_restart() {
@@ -17,13 +17,11 @@ fn fetch_waits_out_a_server_restart() {
     let data = cas_bench::random_bytes(4, 2 << 20);
     let file = dir.path().join("f");
     std::fs::write(&file, &data).unwrap();
-    let out = bin("cas-client")
+    let mut upload = bin("cas-client");
+    upload
         .args(["upload", "--no-cache", "--endpoint", &url])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let hash = String::from_utf8(out.stdout).unwrap();
+        .arg(&file);
+    let hash = String::from_utf8(ok(upload)).unwrap();
     let hash = hash.split_whitespace().next().unwrap().to_owned();
     server.kill9();
 
