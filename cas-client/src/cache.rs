@@ -267,19 +267,7 @@ impl ChunkCache {
                 }
             }
         }
-        let mut entries = Vec::new();
-        for prefix in read_dir_or_empty(&self.root.join("xorbs"))? {
-            for xorb in read_dir_or_empty(&prefix.path())? {
-                for e in read_dir_or_empty(&xorb.path())? {
-                    if e.file_name().as_encoded_bytes().starts_with(b"lock") {
-                        continue;
-                    }
-                    if let Ok(m) = e.metadata() {
-                        entries.push((m.modified().unwrap_or(now), m.len(), e.path()));
-                    }
-                }
-            }
-        }
+        let mut entries = self.entries()?;
         let mut total: u64 = entries.iter().map(|e| e.1).sum();
         if total <= self.cap {
             return Ok(removed);
@@ -300,17 +288,27 @@ impl ChunkCache {
 
     /// Bytes held in entries.
     pub fn size(&self) -> Result<u64> {
-        let mut total = 0;
+        Ok(self.entries()?.iter().map(|e| e.1).sum())
+    }
+
+    /// Every entry (lock files aside): last use, length, path.
+    fn entries(&self) -> Result<Vec<(SystemTime, u64, PathBuf)>> {
+        let now = SystemTime::now();
+        let mut entries = Vec::new();
         for prefix in read_dir_or_empty(&self.root.join("xorbs"))? {
             for xorb in read_dir_or_empty(&prefix.path())? {
                 for e in read_dir_or_empty(&xorb.path())? {
-                    if !e.file_name().as_encoded_bytes().starts_with(b"lock") {
-                        total += e.metadata().map(|m| m.len()).unwrap_or(0);
+                    if e.file_name().as_encoded_bytes().starts_with(b"lock") {
+                        continue;
+                    }
+                    // Gone meanwhile (another process evicted it): skip.
+                    if let Ok(m) = e.metadata() {
+                        entries.push((m.modified().unwrap_or(now), m.len(), e.path()));
                     }
                 }
             }
         }
-        Ok(total)
+        Ok(entries)
     }
 }
 
