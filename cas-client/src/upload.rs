@@ -703,26 +703,46 @@ async fn commit(
     tables: &[XorbChunkTable],
     recipes: impl Iterator<Item = &FileRecipe>,
 ) -> Result<()> {
-    let mut shard = Shard::default();
-    let mut size = 0;
+    let mut batch = ShardBatch {
+        remote,
+        shard: Shard::default(),
+        size: 0,
+    };
     for t in tables {
-        size += 40 + 40 * t.chunks.len();
-        shard.xorbs.push(t.clone());
-        if size > SHARD_BUDGET {
-            remote.commit_shard(&std::mem::take(&mut shard)).await?;
-            size = 0;
-        }
+        batch.shard.xorbs.push(t.clone());
+        batch.grew(40 + 40 * t.chunks.len()).await?;
     }
     for r in recipes {
-        size += 120 + 56 * r.terms.len();
-        shard.files.push(r.clone());
-        if size > SHARD_BUDGET {
-            remote.commit_shard(&std::mem::take(&mut shard)).await?;
-            size = 0;
+        batch.shard.files.push(r.clone());
+        batch.grew(120 + 56 * r.terms.len()).await?;
+    }
+    batch.flush().await
+}
+
+/// The shard being filled, with its estimated encoded size.
+struct ShardBatch<'a> {
+    remote: &'a Remote,
+    shard: Shard,
+    size: usize,
+}
+
+impl ShardBatch<'_> {
+    /// Accounts for what was just added; commits once over the budget.
+    async fn grew(&mut self, bytes: usize) -> Result<()> {
+        self.size += bytes;
+        if self.size > SHARD_BUDGET {
+            self.flush().await?;
         }
+        Ok(())
     }
-    if !shard.xorbs.is_empty() || !shard.files.is_empty() {
-        remote.commit_shard(&shard).await?;
+
+    async fn flush(&mut self) -> Result<()> {
+        if !self.shard.xorbs.is_empty() || !self.shard.files.is_empty() {
+            self.remote
+                .commit_shard(&std::mem::take(&mut self.shard))
+                .await?;
+        }
+        self.size = 0;
+        Ok(())
     }
-    Ok(())
 }
