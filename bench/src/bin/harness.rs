@@ -681,14 +681,16 @@ fn ip(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+fn delete_namespaces() {
+    for ns in [NS_SERVER, NS_CLIENT] {
+        let _ = Command::new("ip").args(["netns", "del", ns]).output();
+    }
+}
+
 impl Shaped {
     fn new() -> Result<Self> {
-        let _ = Command::new("ip")
-            .args(["netns", "del", NS_SERVER])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", NS_CLIENT])
-            .output();
+        // Leftovers of an interrupted run.
+        delete_namespaces();
         ip(&["netns", "add", NS_SERVER])?;
         let me = Shaped;
         ip(&["netns", "add", NS_CLIENT])?;
@@ -723,12 +725,7 @@ impl Shaped {
 
 impl Drop for Shaped {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", NS_SERVER])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", NS_CLIENT])
-            .output();
+        delete_namespaces();
     }
 }
 
