@@ -369,7 +369,9 @@ impl Fetcher {
         window: Window,
     ) -> Result<(Transfer, Vec<TermDone>)> {
         let Some(cache) = &self.cache else {
-            return self.network(unit, sink, window, None).await;
+            return self
+                .reported(self.network(unit, sink, window, None).await)
+                .await;
         };
         if let Some(t) = self.cached(cache, unit, &sink, window).await? {
             return Ok(t);
@@ -383,9 +385,23 @@ impl Fetcher {
             lock.release();
             return Ok(t);
         }
-        let t = self.network(unit, sink, window, Some(cache)).await?;
+        let t = self
+            .reported(self.network(unit, sink, window, Some(cache)).await)
+            .await?;
         lock.release();
         Ok(t)
+    }
+
+    /// Bytes from the network that failed verification are reported to the
+    /// server, which checks its copy so the next upload can repair it.
+    async fn reported<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(Error::CorruptXorb { xorb, .. }) = &r {
+            match self.remote.report_corrupt(*xorb).await {
+                Ok(status) => tracing::warn!("reported xorb {xorb} to the server: {status}"),
+                Err(e) => tracing::debug!("could not report xorb {xorb}: {e}"),
+            }
+        }
+        r
     }
 
     async fn cached(

@@ -90,9 +90,10 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics = Arc::new(Metrics::new(totals));
         let app = App {
-            core: Core::new(objects, index),
-            metrics: Arc::new(Metrics::new(totals)),
+            core: Core::with_metrics(objects, index, metrics.clone()),
+            metrics,
             public_url: config.public_url,
             upload_permits: tokio::sync::Semaphore::new(config.max_concurrent_uploads.max(1)),
             access: match config.signing_key {

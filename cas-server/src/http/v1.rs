@@ -60,10 +60,11 @@ pub enum Route {
     Shard,
     Reconstruction,
     File,
+    XorbCheck,
 }
 
 impl Route {
-    pub const ALL: [Route; 9] = [
+    pub const ALL: [Route; 10] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -73,6 +74,7 @@ impl Route {
         Route::Shard,
         Route::Reconstruction,
         Route::File,
+        Route::XorbCheck,
     ];
 
     pub fn name(self) -> &'static str {
@@ -86,6 +88,7 @@ impl Route {
             Route::Shard => "shard",
             Route::Reconstruction => "reconstruction",
             Route::File => "file",
+            Route::XorbCheck => "xorb_check",
         }
     }
 }
@@ -104,7 +107,8 @@ impl Route {
     pub fn scope(self) -> Option<Scope> {
         match self {
             Route::Dedup | Route::XorbPut | Route::Shard => Some(Scope::Write),
-            Route::Reconstruction | Route::File => Some(Scope::Read),
+            // A reader reports bytes that failed verification.
+            Route::Reconstruction | Route::File | Route::XorbCheck => Some(Scope::Read),
             Route::Healthz | Route::Metrics | Route::XorbGet | Route::XorbHead => None,
         }
     }
@@ -128,6 +132,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a st
         ),
         ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], Some(*h)),
         ["v1", "files", h] => (&[(Method::GET, Route::File)], Some(*h)),
+        ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], Some(*h)),
         _ => return Err(NoRoute::NotFound),
     };
     candidates
@@ -176,6 +181,7 @@ pub async fn handle<O: ObjectStore, I: Index>(
                     Route::Shard => post_shard(&app, req).await,
                     Route::Reconstruction => reconstruct(&app, h, &req).await,
                     Route::File => file_info(&app, h).await,
+                    Route::XorbCheck => check_xorb(&app, h).await,
                 },
             };
             (r.name(), result)
@@ -336,7 +342,6 @@ async fn post_shard<O: ObjectStore, I: Index>(
     let encoding = body_encoding(req.headers());
     let body = read_body(req, MAX_SHARD_BYTES, &app.metrics).await?;
     let commit = app.core.commit_shard(body, encoding).await?;
-    Metrics::add(&app.metrics.files, commit.files as u64);
     Ok(json(StatusCode::OK, &commit))
 }
 
@@ -383,6 +388,22 @@ async fn file_info<O: ObjectStore, I: Index>(
 ) -> Result<Response<Body>, ApiError> {
     let hash: FileHash = parse_hash(hash)?;
     Ok(json(StatusCode::OK, &app.core.file_info(hash).await?))
+}
+
+/// A reader says bytes of this xorb failed verification; the server
+/// checks its own copy (and marks it damaged if it fails).
+async fn check_xorb<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: &str,
+) -> Result<Response<Body>, ApiError> {
+    #[derive(serde::Serialize)]
+    struct Checked {
+        xorb: XorbHash,
+        status: crate::core::XorbCheck,
+    }
+    let xorb: XorbHash = parse_hash(hash)?;
+    let status = app.core.check_xorb(xorb).await?;
+    Ok(json(StatusCode::OK, &Checked { xorb, status }))
 }
 
 #[cfg(test)]
