@@ -6,7 +6,8 @@
 //! - [`xorb`]: the chunk container format, its builder and strict parser;
 //!   [`compression`]: its per-chunk schemes (raw, zstd, byte-grouped zstd).
 //! - [`shard`], [`tree`], [`messages`]: upload metadata, directory listings,
-//!   dedup and reconstruction messages, in bincode and JSON ([`codec`]).
+//!   dedup and reconstruction messages, in bincode and JSON ([`codec`]);
+//! - [`repo`]: repository, branch and tag names, and commits.
 //!
 //! docs/PROTOCOL.md specifies every byte.
 //!
@@ -48,6 +49,7 @@ pub mod compression;
 pub mod hash;
 pub mod messages;
 pub mod range;
+pub mod repo;
 pub mod shard;
 pub mod tree;
 pub mod xorb;

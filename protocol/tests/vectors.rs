@@ -12,6 +12,7 @@ use cas_protocol::messages::{
     ChunkLocation, DedupAnswer, DedupQuery, FetchRange, Reconstruction, ReconstructionTerm,
     XorbFetch,
 };
+use cas_protocol::repo::{Commit, RefName};
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{Tree, TreeEntry};
 use cas_protocol::xorb::{Compression, EncodedChunk, Scheme, XorbBuilder, XorbView};
@@ -242,6 +243,33 @@ fn vectors() -> String {
         }],
     };
     message(w, "Reconstruction of bytes 2..9 of helloxorb", &r);
+
+    writeln!(w, "### Names and commits\n").unwrap();
+    for name in ["main", "feature/x", "100%"] {
+        let key = RefName::new(name).unwrap().key_segment();
+        writeln!(w, "- ref name `{name}` as a key segment: `{key}`").unwrap();
+    }
+    let tree_hash = FileHash::of_kind(Kind::Tree, &chunk_and_hash(&tree.to_bytes()));
+    writeln!(w, "- tree hash of the tree above = {tree_hash}\n").unwrap();
+    let root = Commit {
+        parents: vec![],
+        tree: tree_hash,
+        message: "Upload helloxorb".into(),
+        author: "ada".into(),
+        time: 1_760_000_000,
+        extra: vec![],
+    };
+    message(w, "Commit (no parent, the tree above)", &root);
+    writeln!(w, "Its id: `{}`\n", root.id()).unwrap();
+    let child = Commit {
+        parents: vec![root.id()],
+        message: "Mirror\n\nsecond line".into(),
+        time: 1_760_000_060,
+        extra: vec![("upstream".into(), "9f3c".into())],
+        ..root.clone()
+    };
+    message(w, "Commit (after the one above, with an extra field)", &child);
+    writeln!(w, "Its id: `{}`", child.id()).unwrap();
     s
 }
 
