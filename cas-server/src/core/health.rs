@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use super::{blocking, Core, CoreError};
 use crate::index::Index;
-use crate::store::{ObjectKey, ObjectKind, ObjectStore};
+use crate::store::{ObjectKey, ObjectStore};
 
 /// Verifications of reported xorbs that run at once (each reads and
 /// decompresses up to 64 MiB).
@@ -94,7 +94,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// object store lacks is damaged: it is marked so, and the answer is
     /// [`CoreError::Damaged`].
     pub async fn xorb_len(&self, hash: XorbHash) -> Result<Option<u64>, CoreError> {
-        let len = self.objects.len(&xorb_key(&hash)).await?;
+        let len = self.objects.len(&ObjectKey::xorb(&hash)).await?;
         if len.is_none()
             && self
                 .with_index(move |i| Ok(i.xorb(&hash)?))
@@ -159,14 +159,10 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     pub(crate) async fn read_whole(&self, xorb: XorbHash, len: u64) -> Result<Bytes, CoreError> {
         let mut reader = self
             .objects
-            .read_range(&xorb_key(&xorb), ByteRange { start: 0, end: len })
+            .read_range(&ObjectKey::xorb(&xorb), ByteRange { start: 0, end: len })
             .await?;
         let mut buf = Vec::with_capacity(len as usize);
         reader.read_to_end(&mut buf).await?;
         Ok(buf.into())
     }
-}
-
-pub(crate) fn xorb_key(hash: &XorbHash) -> ObjectKey {
-    ObjectKey::new(ObjectKind::Xorb, hash.as_bytes())
 }

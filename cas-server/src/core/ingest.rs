@@ -11,10 +11,9 @@ use cas_protocol::shard::{FileRecipe, Shard};
 use cas_protocol::xorb::XorbView;
 use cas_protocol::{ChunkInfo, Encoding, Message, Sha256, XorbHash};
 
-use super::health::xorb_key;
 use super::{blocking, Core, CoreError, Records, ShardCommit, XorbUpload};
 use crate::index::{Index, XorbRecord};
-use crate::store::{ObjectKey, ObjectKind, ObjectStore};
+use crate::store::{ObjectKey, ObjectStore};
 
 impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Verifies a xorb completely (parse, decompress, re-hash every chunk,
@@ -43,7 +42,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         })
         .await?;
         let bytes = body.len() as u64;
-        let key = xorb_key(&hash);
+        let key = ObjectKey::xorb(&hash);
         if damaged {
             self.objects.delete(&key).await?;
         }
@@ -133,7 +132,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         }
         let id = blake3::hash(&body);
         self.objects
-            .put(&ObjectKey::new(ObjectKind::Shard, id.as_bytes()), body)
+            .put(&ObjectKey::shard(id.as_bytes()), body)
             .await?;
         let commit = ShardCommit {
             shard: id.to_hex().to_string(),
@@ -324,7 +323,10 @@ mod tests {
             Sha256::of(&data(&[3, 4])),
         );
         commit(&core, Some(&x), &f).await.unwrap();
-        core.objects.delete(&xorb_key(&x.hash)).await.unwrap();
+        core.objects
+            .delete(&ObjectKey::xorb(&x.hash))
+            .await
+            .unwrap();
         assert!(matches!(
             core.xorb_len(x.hash).await,
             Err(CoreError::Damaged { file: None, .. })

@@ -8,10 +8,9 @@ use cas_protocol::shard::FileRecipe;
 use cas_protocol::xorb::{FrameOffsets, XorbError};
 use cas_protocol::{ByteRange, ChunkRange, FileHash, RangeHash, XorbHash};
 
-use super::health::xorb_key;
 use super::{load_recipe, Core, CoreError, FileInfo, Records};
 use crate::index::{Index, IndexError};
-use crate::store::{ObjectReader, ObjectStore};
+use crate::store::{ObjectKey, ObjectReader, ObjectStore};
 
 /// A requested byte range, before it is resolved against a file's size
 /// (the forms of an HTTP `Range: bytes=` header).
@@ -87,7 +86,10 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         hash: XorbHash,
         range: ByteRange,
     ) -> Result<ObjectReader, CoreError> {
-        Ok(self.objects.read_range(&xorb_key(&hash), range).await?)
+        Ok(self
+            .objects
+            .read_range(&ObjectKey::xorb(&hash), range)
+            .await?)
     }
 }
 

@@ -15,10 +15,9 @@ use cas_protocol::{ByteRange, ChunkHash, ChunkRange, FileHash, Sha256, Sha256Has
 use futures_util::stream::{self, Stream, StreamExt, TryStreamExt};
 use tokio::io::AsyncReadExt;
 
-use super::health::xorb_key;
 use super::{blocking, load_recipe, Core, CoreError};
 use crate::index::{Index, XorbRecord};
-use crate::store::ObjectStore;
+use crate::store::{ObjectKey, ObjectStore};
 
 /// Most uncompressed bytes one unit decodes at once.
 const UNIT_BYTES: u64 = 8 << 20;
@@ -188,7 +187,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         let read = async {
             let mut r = self
                 .objects
-                .read_range(&xorb_key(&u.xorb), u.frames)
+                .read_range(&ObjectKey::xorb(&u.xorb), u.frames)
                 .await?;
             let mut buf = Vec::with_capacity(u.frames.len() as usize);
             r.read_to_end(&mut buf).await?;
@@ -356,13 +355,18 @@ mod tests {
     async fn a_corrupt_chunk_marks_its_xorb_damaged() {
         let (core, recipe, data) = stored().await;
         let bad = recipe.terms[1].xorb;
-        let len = core.objects.len(&xorb_key(&bad)).await.unwrap().unwrap();
+        let len = core
+            .objects
+            .len(&ObjectKey::xorb(&bad))
+            .await
+            .unwrap()
+            .unwrap();
         let mut bytes = core.read_whole(bad, len).await.unwrap().to_vec();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
-        core.objects.delete(&xorb_key(&bad)).await.unwrap();
+        core.objects.delete(&ObjectKey::xorb(&bad)).await.unwrap();
         core.objects
-            .put(&xorb_key(&bad), bytes.into())
+            .put(&ObjectKey::xorb(&bad), bytes.into())
             .await
             .unwrap();
         // The first xorb's bytes still stream.

@@ -1,19 +1,37 @@
 //! The filesystem object store.
+//!
+//! Compare-and-swap of mutable records needs no more than an in-process
+//! lock: one process owns a data directory (the server takes RocksDB's
+//! lock on `index/` before it opens this store, and a second server on the
+//! same directory fails to start), so every writer of these files is in
+//! this process. Under the record's lock a swap reads and compares the
+//! current bytes, writes the new ones to a temp file, fsyncs it, renames
+//! it over the record and fsyncs the directory: a crash leaves the old
+//! record or the new one, never a mix.
 
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use cas_protocol::ByteRange;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::{ObjectKey, ObjectKind, ObjectReader, ObjectStore};
+use super::{
+    Expect, KeyPrefix, ObjectKey, ObjectKind, ObjectReader, ObjectStore, RefError, RefVersion,
+};
 
-/// Objects as files under `root/<kind>/<first two hex digits>/<hex>`,
-/// written to `root/tmp`, fsynced, then renamed into place.
+/// Locks striping the mutable records: swaps of different records mostly
+/// run in parallel, swaps of one record one at a time.
+const REF_LOCKS: usize = 64;
+
+/// Objects as files: hash-named kinds under `root/<kind>/<first two hex
+/// digits>/<hex>`, others under `root/<key>`; written to `root/tmp`,
+/// fsynced, then renamed into place.
 #[derive(Debug, Clone)]
 pub struct FsStore {
     root: PathBuf,
+    ref_locks: Arc<Vec<Mutex<()>>>,
 }
 
 impl FsStore {
@@ -24,45 +42,158 @@ impl FsStore {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
-        for kind in [ObjectKind::Xorb, ObjectKind::Shard] {
+        for kind in ObjectKind::ALL {
             std::fs::create_dir_all(root.join(kind.dir()))?;
         }
         Ok(Self {
             root: root.to_owned(),
+            ref_locks: Arc::new((0..REF_LOCKS).map(|_| Mutex::new(())).collect()),
         })
     }
 
     fn path(&self, key: &ObjectKey) -> PathBuf {
-        self.root
-            .join(key.kind().dir())
-            .join(&key.hex()[..2])
-            .join(key.hex())
+        if key.kind().hashed() {
+            let hex = key.last_segment();
+            self.root.join(key.kind().dir()).join(&hex[..2]).join(hex)
+        } else {
+            self.root.join(key.as_str())
+        }
     }
 
-    fn put_blocking(&self, key: &ObjectKey, bytes: &[u8]) -> io::Result<bool> {
-        use std::io::Write;
-        let dest = self.path(key);
-        if dest.exists() {
-            return Ok(false);
-        }
+    /// The key of a file found under `root` at relative path `rel`.
+    fn key_of(rel: &Path) -> Option<ObjectKey> {
+        let parts: Vec<&str> = rel.iter().map(|c| c.to_str()).collect::<Option<_>>()?;
+        let kind = ObjectKind::from_dir(parts.first()?)?;
+        let key = match parts.as_slice() {
+            [dir, fan, hex] if kind.hashed() && hex.starts_with(fan) => format!("{dir}/{hex}"),
+            _ if kind.hashed() => return None,
+            _ => parts.join("/"),
+        };
+        ObjectKey::from_listed(&key)
+    }
+
+    /// Writes `bytes` to `dest` through a synced temp file and a rename.
+    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
         let dir = dest.parent().expect("object paths have a parent");
         std::fs::create_dir_all(dir)?;
         let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
         tmp.write_all(bytes)?;
         tmp.as_file().sync_all()?;
-        tmp.persist(&dest).map_err(|e| e.error)?;
+        tmp.persist(dest).map_err(|e| e.error)?;
         // The rename is durable only once the directory entry is.
-        std::fs::File::open(dir)?.sync_all()?;
+        sync_dir(dir)
+    }
+
+    fn put_blocking(&self, key: &ObjectKey, bytes: &[u8]) -> io::Result<bool> {
+        let dest = self.path(key);
+        if dest.exists() {
+            return Ok(false);
+        }
+        self.write_atomic(&dest, bytes)?;
         Ok(true)
+    }
+
+    fn ref_lock(&self, key: &ObjectKey) -> std::sync::MutexGuard<'_, ()> {
+        let h = blake3::hash(key.as_str().as_bytes());
+        let i = usize::from(u16::from_le_bytes([h.as_bytes()[0], h.as_bytes()[1]])) % REF_LOCKS;
+        self.ref_locks[i].lock().expect("not poisoned")
+    }
+
+    /// Checks the record at `path` against `expect` (under its lock).
+    fn compare(path: &Path, expect: &Expect) -> Result<(), RefError> {
+        let current = read_optional(path)?;
+        let matches = match (expect, current) {
+            (Expect::Absent, None) => true,
+            (Expect::Version(v), Some(bytes)) => RefVersion::of(&bytes) == *v,
+            _ => false,
+        };
+        if matches {
+            Ok(())
+        } else {
+            Err(RefError::Conflict)
+        }
+    }
+
+    fn put_ref_blocking(
+        &self,
+        key: &ObjectKey,
+        bytes: &[u8],
+        expect: &Expect,
+    ) -> Result<RefVersion, RefError> {
+        let _locked = self.ref_lock(key);
+        let path = self.path(key);
+        Self::compare(&path, expect)?;
+        self.write_atomic(&path, bytes)?;
+        Ok(RefVersion::of(bytes))
+    }
+
+    fn delete_ref_blocking(&self, key: &ObjectKey, version: &RefVersion) -> Result<(), RefError> {
+        let _locked = self.ref_lock(key);
+        let path = self.path(key);
+        Self::compare(&path, &Expect::Version(version.clone()))?;
+        std::fs::remove_file(&path)?;
+        sync_dir(path.parent().expect("object paths have a parent"))?;
+        Ok(())
+    }
+
+    fn list_blocking(&self, prefix: &KeyPrefix) -> io::Result<Vec<ObjectKey>> {
+        let mut keys = Vec::new();
+        let mut dirs = vec![self.root.join(prefix.as_str())];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_type()?.is_dir() {
+                    dirs.push(path);
+                } else if let Some(key) = path
+                    .strip_prefix(&self.root)
+                    .ok()
+                    .and_then(Self::key_of)
+                    .filter(|k| prefix.contains(k))
+                {
+                    keys.push(key);
+                } else {
+                    tracing::debug!(path = %path.display(), "not an object; skipped in a listing");
+                }
+            }
+        }
+        keys.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(keys)
+    }
+
+    /// Runs blocking filesystem work off the async threads.
+    async fn blocking<T: Send + 'static, E: From<io::Error> + Send + 'static>(
+        &self,
+        f: impl FnOnce(&Self) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| E::from(io::Error::other(e)))?
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
 impl ObjectStore for FsStore {
     async fn put(&self, key: &ObjectKey, bytes: Bytes) -> io::Result<bool> {
-        let (store, key) = (self.clone(), key.clone());
-        tokio::task::spawn_blocking(move || store.put_blocking(&key, &bytes))
-            .await
-            .map_err(io::Error::other)?
+        let key = key.clone();
+        self.blocking(move |s| s.put_blocking(&key, &bytes)).await
     }
 
     async fn len(&self, key: &ObjectKey) -> io::Result<Option<u64>> {
@@ -85,17 +216,57 @@ impl ObjectStore for FsStore {
         f.seek(io::SeekFrom::Start(range.start)).await?;
         Ok(Box::pin(f.take(range.len())))
     }
+
+    async fn get(&self, key: &ObjectKey) -> io::Result<Option<Bytes>> {
+        let path = self.path(key);
+        self.blocking(move |_| Ok(read_optional(&path)?.map(Bytes::from)))
+            .await
+    }
+
+    async fn list(&self, prefix: &KeyPrefix) -> io::Result<Vec<ObjectKey>> {
+        let prefix = prefix.clone();
+        self.blocking(move |s| s.list_blocking(&prefix)).await
+    }
+
+    async fn get_ref(&self, key: &ObjectKey) -> io::Result<Option<(Bytes, RefVersion)>> {
+        let path = self.path(key);
+        self.blocking(move |_| {
+            Ok(read_optional(&path)?.map(|b| {
+                let v = RefVersion::of(&b);
+                (Bytes::from(b), v)
+            }))
+        })
+        .await
+    }
+
+    async fn put_ref(
+        &self,
+        key: &ObjectKey,
+        bytes: Bytes,
+        expect: Expect,
+    ) -> Result<RefVersion, RefError> {
+        let key = key.clone();
+        self.blocking(move |s| s.put_ref_blocking(&key, &bytes, &expect))
+            .await
+    }
+
+    async fn delete_ref(&self, key: &ObjectKey, version: &RefVersion) -> Result<(), RefError> {
+        let (key, version) = (key.clone(), version.clone());
+        self.blocking(move |s| s.delete_ref_blocking(&key, &version))
+            .await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cas_protocol::XorbHash;
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn put_is_atomic_and_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsStore::open(dir.path()).unwrap();
-        let key = ObjectKey::new(ObjectKind::Xorb, &[0xab; 32]);
+        let key = ObjectKey::xorb(&XorbHash::from_bytes([0xab; 32]));
         assert_eq!(store.len(&key).await.unwrap(), None);
         assert!(store
             .put(&key, Bytes::from_static(b"hello world"))
@@ -115,12 +286,21 @@ mod tests {
         assert_eq!(out, "world");
         assert!(dir.path().join("xorbs/ab").join("ab".repeat(32)).is_file());
         super::super::conformance::run(&store).await;
-        // Leftover temp files vanish on reopen.
+        // Leftover temp files vanish on reopen; stray files are no objects.
         std::fs::write(dir.path().join("tmp/partial"), b"x").unwrap();
-        FsStore::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join("xorbs/ab/stray"), b"x").unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
+        );
+        let xorbs = store
+            .list(&KeyPrefix::kind(ObjectKind::Xorb))
+            .await
+            .unwrap();
+        assert!(
+            xorbs.iter().all(|k| k.last_segment().len() == 64),
+            "{xorbs:?}"
         );
     }
 }
