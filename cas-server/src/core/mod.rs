@@ -10,17 +10,20 @@
 //! - [`stream`]: a stored file's bytes, verified as they are read;
 //! - [`health`]: damaged xorbs (missing or corrupt objects), found on
 //!   read or on a client's report, leave dedup so the next upload of the
-//!   same content repairs them.
+//!   same content repairs them;
+//! - [`refs`]: repositories, branches, tags and commits; revisions.
 
 mod health;
 mod ingest;
 mod reconstruct;
+pub mod refs;
 mod stream;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cas_protocol::repo::RepoId;
 use cas_protocol::shard::{FileRecipe, RecipeError};
 use cas_protocol::xorb::XorbError;
 use cas_protocol::{FileHash, Kind, MessageError, Sha256, XorbHash};
@@ -62,6 +65,19 @@ pub enum CoreError {
     NotFound(String),
     #[error("range not satisfiable for a file of {size} bytes")]
     RangeNotSatisfiable { size: u64 },
+    #[error("repository {0} not found")]
+    RepoNotFound(RepoId),
+    #[error("revision {rev:?} not found in {repo}")]
+    RevisionNotFound { repo: RepoId, rev: String },
+    #[error(
+        "revision {rev:?} is ambiguous in {repo}: several commits start with it; give more digits"
+    )]
+    AmbiguousRevision { repo: RepoId, rev: String },
+    /// A branch or tag is not where the request expected it (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("tree {tree}: {reason}")]
+    InvalidTree { tree: FileHash, reason: String },
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error("object store: {0}")]
@@ -124,6 +140,7 @@ pub struct Core<O, I> {
     /// commits of one file cannot both find it absent (first writer wins).
     commits: Arc<tokio::sync::Mutex<()>>,
     health: Arc<health::Health>,
+    caches: Arc<refs::Caches>,
     metrics: Arc<Metrics>,
 }
 
@@ -134,6 +151,7 @@ impl<O, I> Clone for Core<O, I> {
             index: self.index.clone(),
             commits: self.commits.clone(),
             health: self.health.clone(),
+            caches: self.caches.clone(),
             metrics: self.metrics.clone(),
         }
     }
@@ -152,6 +170,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             index: Arc::new(index),
             commits: Arc::default(),
             health: Arc::default(),
+            caches: Arc::default(),
             metrics,
         }
     }

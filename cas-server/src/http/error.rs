@@ -99,6 +99,15 @@ impl From<CoreError> for ApiError {
             CoreError::Damaged { .. } => Self::new(S::GONE, "damaged", message),
             CoreError::InvalidRecipe { .. } => Self::new(S::BAD_REQUEST, "invalid_recipe", message),
             CoreError::NotFound(_) => Self::new(S::NOT_FOUND, "not_found", message),
+            CoreError::RepoNotFound(_) => Self::new(S::NOT_FOUND, "repo_not_found", message),
+            CoreError::RevisionNotFound { .. } => {
+                Self::new(S::NOT_FOUND, "revision_not_found", message)
+            }
+            CoreError::AmbiguousRevision { .. } => {
+                Self::new(S::BAD_REQUEST, "ambiguous_revision", message)
+            }
+            CoreError::Conflict(_) => Self::new(S::CONFLICT, "conflict", message),
+            CoreError::InvalidTree { .. } => Self::new(S::BAD_REQUEST, "invalid_tree", message),
             CoreError::RangeNotSatisfiable { size } => Self::unsatisfiable(size, message),
             CoreError::Index(_) | CoreError::Io(_) => {
                 tracing::error!(error = %e, "internal error");
