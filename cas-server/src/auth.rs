@@ -4,7 +4,9 @@
 //! claims `{"scopes": [...], "exp": unix seconds}`, written
 //! `cas1.<claims hex>.<mac hex>` (the MAC covers `cas1.<claims hex>`).
 //! Uploading (dedup, xorb PUT, shard commit) needs the `write` scope,
-//! reading recipes (reconstructions, file info) the `read` scope. Xorb
+//! reading recipes (reconstructions, file info) the `read` scope. Claims
+//! may limit a token to repositories (`"repos": ["org/*", ...]`): the
+//! [`Grant`] a request gets says which. Xorb
 //! GETs need no token: xorb URLs are capabilities (see docs/SECURITY.md),
 //! which is what lets a CDN cache them. Without a key the server serves
 //! loopback clients only.
@@ -14,15 +16,18 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use cas_protocol::repo::{check_repo_name, NameError, RepoId, RepoType};
 use hmac::{Hmac, Mac};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::Sha256;
+
+pub use cas_protocol::repo::utc;
 
 const PREFIX: &str = "cas1";
 /// Shortest accepted key.
 pub const MIN_KEY_BYTES: usize = 32;
 /// Longest token considered (a header may be longer; it is then invalid).
-const MAX_TOKEN_LEN: usize = 1024;
+pub const MAX_TOKEN_LEN: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -51,12 +56,113 @@ impl std::str::FromStr for Scope {
     }
 }
 
+/// The repositories a token is limited to: `org/name` or `org/*`,
+/// optionally prefixed by `models/` or `datasets/` (without a prefix it
+/// matches both types).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoPattern {
+    repo_type: Option<RepoType>,
+    org: String,
+    /// `None`: every repository of `org`.
+    name: Option<String>,
+}
+
+impl RepoPattern {
+    pub fn matches(&self, repo: &RepoId) -> bool {
+        self.repo_type.is_none_or(|t| t == repo.repo_type())
+            && self.org == repo.org()
+            && self.name.as_deref().is_none_or(|n| n == repo.name())
+    }
+}
+
+impl std::str::FromStr for RepoPattern {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let (repo_type, org, name) = match parts.as_slice() {
+            [org, name] => (None, *org, *name),
+            [t, org, name] => match RepoType::from_url_segment(t) {
+                Some(t) => (Some(t), *org, *name),
+                None => (None, "", ""),
+            },
+            _ => (None, "", ""),
+        };
+        if org.is_empty() {
+            return Err(NameError {
+                what: "repository pattern",
+                shown: s.chars().take(100).collect(),
+                reason: "expected ORG/NAME or ORG/*, optionally after models/ or datasets/".into(),
+            });
+        }
+        check_repo_name("organisation", org)?;
+        if name != "*" {
+            check_repo_name("repository name", name)?;
+        }
+        Ok(Self {
+            repo_type,
+            org: org.to_owned(),
+            name: (name != "*").then(|| name.to_owned()),
+        })
+    }
+}
+
+impl fmt::Display for RepoPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(t) = self.repo_type {
+            write!(f, "{}/", t.url_segment())?;
+        }
+        write!(f, "{}/{}", self.org, self.name.as_deref().unwrap_or("*"))
+    }
+}
+
+impl Serialize for RepoPattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RepoPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// What a token grants, until when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub scopes: Vec<Scope>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// The repositories the token is limited to; absent: not limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repos: Option<Vec<RepoPattern>>,
+}
+
+/// What an allowed request may touch: everything, or only the
+/// repositories a token's patterns match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    repos: Option<Vec<RepoPattern>>,
+}
+
+impl Grant {
+    /// Not limited to repositories.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Whether the request may see `repo`.
+    pub fn allows(&self, repo: &RepoId) -> bool {
+        self.repos
+            .as_ref()
+            .is_none_or(|ps| ps.iter().any(|p| p.matches(repo)))
+    }
+
+    /// Whether the grant is limited to repositories.
+    pub fn is_limited(&self) -> bool {
+        self.repos.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,16 +288,18 @@ pub enum Denied {
 
 impl Access {
     /// Checks one request: `needs` is the scope its route requires (`None`
-    /// for open routes), `authorization` its `Authorization` header.
+    /// for open routes), `authorization` its `Authorization` header. An
+    /// allowed request gets the token's [`Grant`] (everything on open
+    /// routes and without a key).
     pub fn check(
         &self,
         peer: SocketAddr,
         needs: Option<Scope>,
         authorization: Option<&[u8]>,
         now: u64,
-    ) -> Result<(), Denied> {
+    ) -> Result<Grant, Denied> {
         let key = match self {
-            Access::LoopbackOnly if peer.ip().is_loopback() => return Ok(()),
+            Access::LoopbackOnly if peer.ip().is_loopback() => return Ok(Grant::all()),
             Access::LoopbackOnly => {
                 return Err(Denied::Forbidden(
                     "this server has no signing key and serves loopback clients only".into(),
@@ -200,7 +308,7 @@ impl Access {
             Access::Tokens(key) => key,
         };
         let Some(scope) = needs else {
-            return Ok(());
+            return Ok(Grant::all());
         };
         let token = authorization
             .and_then(|h| std::str::from_utf8(h).ok())
@@ -212,30 +320,10 @@ impl Access {
         if !claims.scopes.contains(&scope) {
             return Err(Denied::Forbidden(format!("token lacks the {scope} scope")));
         }
-        Ok(())
+        Ok(Grant {
+            repos: claims.repos,
+        })
     }
-}
-
-/// `2026-11-23T06:00:00Z` for seconds since the epoch (proleptic
-/// Gregorian, days-from-civil inverted).
-pub fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
@@ -246,6 +334,7 @@ mod tests {
         Claims {
             scopes: scopes.to_vec(),
             exp,
+            repos: None,
         }
     }
 
@@ -293,14 +382,23 @@ mod tests {
         let both = bearer(&[Scope::Read, Scope::Write], 100);
         let check =
             |peer, needs, h: Option<&str>| access.check(peer, needs, h.map(str::as_bytes), 50);
-        assert_eq!(check(remote, Some(Scope::Read), Some(&read)), Ok(()));
-        assert_eq!(check(remote, Some(Scope::Write), Some(&write)), Ok(()));
+        assert_eq!(
+            check(remote, Some(Scope::Read), Some(&read)),
+            Ok(Grant::all())
+        );
+        assert_eq!(
+            check(remote, Some(Scope::Write), Some(&write)),
+            Ok(Grant::all())
+        );
         assert!(matches!(
             check(remote, Some(Scope::Read), Some(&write)),
             Err(Denied::Forbidden(_))
         ));
-        assert_eq!(check(remote, Some(Scope::Write), Some(&both)), Ok(()));
-        assert_eq!(check(remote, None, None), Ok(()), "open routes");
+        assert_eq!(
+            check(remote, Some(Scope::Write), Some(&both)),
+            Ok(Grant::all())
+        );
+        assert_eq!(check(remote, None, None), Ok(Grant::all()), "open routes");
         assert!(
             matches!(check(remote, Some(Scope::Write), Some(&read)), Err(Denied::Forbidden(m)) if m.contains("write"))
         );
@@ -318,10 +416,13 @@ mod tests {
         );
 
         let open = Access::LoopbackOnly;
-        assert_eq!(open.check(local, Some(Scope::Write), None, 0), Ok(()));
+        assert_eq!(
+            open.check(local, Some(Scope::Write), None, 0),
+            Ok(Grant::all())
+        );
         assert_eq!(
             open.check("[::1]:9".parse().unwrap(), None, None, 0),
-            Ok(())
+            Ok(Grant::all())
         );
         assert!(matches!(
             open.check(remote, None, None, 0),
@@ -330,12 +431,54 @@ mod tests {
     }
 
     #[test]
-    fn utc_formats_known_instants() {
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
-        // Checked against `date -u -d @N`.
-        assert_eq!(utc(1_795_500_000), "2026-11-24T06:00:00Z");
-        assert_eq!(utc(4_102_444_799), "2099-12-31T23:59:59Z");
+    fn repo_patterns_limit_a_grant() {
+        for ok in ["org/*", "org/name", "models/org/*", "datasets/org/x"] {
+            assert_eq!(ok.parse::<RepoPattern>().unwrap().to_string(), ok);
+        }
+        for bad in [
+            "*/*",
+            "org",
+            "a/b/c",
+            "../x",
+            "org/*x",
+            "files/org/x",
+            "org/",
+            "",
+        ] {
+            assert!(bad.parse::<RepoPattern>().is_err(), "{bad:?}");
+        }
+        let repo = |s: &str| RepoId::parse(s, RepoType::Model).unwrap();
+        let grant = |ps: &[&str]| Grant {
+            repos: Some(ps.iter().map(|s| s.parse().unwrap()).collect()),
+        };
+        let g = grant(&["org/*", "datasets/org2/x"]);
+        assert!(g.allows(&repo("org/a")) && g.allows(&repo("datasets/org/a")));
+        assert!(g.allows(&repo("datasets/org2/x")));
+        assert!(!g.allows(&repo("org2/x")), "the pattern names a dataset");
+        assert!(!g.allows(&repo("other/b")) && !g.allows(&repo("org-x/a")));
+        assert!(g.is_limited() && !Grant::all().is_limited());
+        assert!(!grant(&[]).allows(&repo("org/a")));
+        assert!(Grant::all().allows(&repo("any/thing")));
+
+        // The token carries its patterns; a token without them is unlimited.
+        let key = SigningKey::generate();
+        let access = Access::Tokens(key.clone());
+        let remote: SocketAddr = "10.1.2.3:5".parse().unwrap();
+        let mut limited = claims(&[Scope::Read], 100);
+        limited.repos = g.repos.clone();
+        let t = format!("Bearer {}", key.sign(&limited));
+        assert_eq!(
+            access.check(remote, Some(Scope::Read), Some(t.as_bytes()), 50),
+            Ok(g)
+        );
+        let plain = key.sign(&claims(&[Scope::Read], 100));
+        let json = hex::decode(plain.split('.').nth(1).unwrap()).unwrap();
+        assert!(!String::from_utf8(json).unwrap().contains("repos"));
+        let t = format!("Bearer {plain}");
+        assert_eq!(
+            access.check(remote, Some(Scope::Read), Some(t.as_bytes()), 50),
+            Ok(Grant::all())
+        );
     }
 
     #[test]

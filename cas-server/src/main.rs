@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cas_server::auth::{self, Claims, Scope, SigningKey};
+use cas_server::auth::{self, Claims, RepoPattern, Scope, SigningKey};
 use clap::{Parser, Subcommand};
 
 /// A verifying content-addressed chunk store server.
@@ -63,6 +63,10 @@ enum TokenCommand {
         /// Lifetime: a number with s, m, h or d, e.g. 24h.
         #[arg(long, default_value = "24h", value_parser = parse_ttl)]
         ttl: u64,
+        /// Limit the token to repositories: ORG/NAME or ORG/*, optionally
+        /// after models/ or datasets/ (else both types); repeat for more.
+        #[arg(long = "repo", value_name = "PATTERN")]
+        repos: Vec<RepoPattern>,
     },
 }
 
@@ -96,12 +100,21 @@ fn key(path: Option<&PathBuf>) -> anyhow::Result<Option<SigningKey>> {
 fn admin(command: Command, key_file: Option<&PathBuf>) -> anyhow::Result<()> {
     match command {
         Command::Token {
-            command: TokenCommand::Create { scopes, ttl },
+            command: TokenCommand::Create { scopes, ttl, repos },
         } => {
             let key = key(key_file)?
                 .context("token create needs --signing-key-file (or CAS_SIGNING_KEY_FILE)")?;
             let exp = auth::now() + ttl;
-            println!("{}", key.sign(&Claims { scopes, exp }));
+            let repos = (!repos.is_empty()).then_some(repos);
+            let token = key.sign(&Claims { scopes, exp, repos });
+            if token.len() > auth::MAX_TOKEN_LEN {
+                anyhow::bail!(
+                    "the token would be {} bytes, more than the {} a server accepts: use fewer --repo patterns (ORG/* covers an organisation)",
+                    token.len(),
+                    auth::MAX_TOKEN_LEN
+                );
+            }
+            println!("{token}");
             eprintln!("valid until {}", auth::utc(exp));
         }
         Command::Key {

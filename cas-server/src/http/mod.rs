@@ -3,10 +3,13 @@
 //!
 //! - [`v1`]: the CAS API (routes, handlers); errors are JSON
 //!   `{"error": "<stable code>", "message": "..."}` ([`error`]);
+//! - [`repos`]: its repository routes and the access check of tokens
+//!   limited to repositories;
 //! - [`body`]: request bodies, `Range` and `ETag` headers.
 
 pub mod body;
 pub mod error;
+pub mod repos;
 pub mod v1;
 
 use std::future::Future;

@@ -1,5 +1,6 @@
 //! The CAS API, version 1: dedup, xorb upload and read, shard commit,
-//! reconstruction and file info (docs/API.md, docs/openapi.json).
+//! reconstruction and file info, and repositories ([`super::repos`])
+//! (docs/API.md, docs/openapi.json).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,8 +18,8 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::body::{body_encoding, drain, etag_matches, header_contains, range_header, read_body};
 use super::error::ApiError;
-use super::{empty, full, json, App, Body, BINARY, JSON};
-use crate::auth::Scope;
+use super::{empty, full, json, repos, App, Body, BINARY, JSON};
+use crate::auth::{Grant, Scope};
 use crate::core::CoreError;
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -36,7 +37,7 @@ fn message_response<M: Message>(encoding: Encoding, m: &M) -> Response<Body> {
     full(StatusCode::OK, content_type, m.encode_as(encoding))
 }
 
-fn parse_hash<T: std::str::FromStr>(s: &str) -> Result<T, ApiError> {
+pub(crate) fn parse_hash<T: std::str::FromStr>(s: &str) -> Result<T, ApiError> {
     s.parse().map_err(|_| {
         let shown: String = s.chars().take(80).collect();
         ApiError::new(
@@ -61,10 +62,17 @@ pub enum Route {
     Reconstruction,
     File,
     XorbCheck,
+    RepoList,
+    RepoCreate,
+    RepoInfo,
+    RepoRevision,
+    RepoLog,
+    RepoCommit,
+    RepoTag,
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 17] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -75,6 +83,13 @@ impl Route {
         Route::Reconstruction,
         Route::File,
         Route::XorbCheck,
+        Route::RepoList,
+        Route::RepoCreate,
+        Route::RepoInfo,
+        Route::RepoRevision,
+        Route::RepoLog,
+        Route::RepoCommit,
+        Route::RepoTag,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +104,13 @@ impl Route {
             Route::Reconstruction => "reconstruction",
             Route::File => "file",
             Route::XorbCheck => "xorb_check",
+            Route::RepoList => "repo_list",
+            Route::RepoCreate => "repo_create",
+            Route::RepoInfo => "repo_info",
+            Route::RepoRevision => "repo_revision",
+            Route::RepoLog => "repo_log",
+            Route::RepoCommit => "repo_commit",
+            Route::RepoTag => "repo_tag",
         }
     }
 }
@@ -106,39 +128,71 @@ impl Route {
     /// Xorb reads need none: their URLs are capabilities.
     pub fn scope(self) -> Option<Scope> {
         match self {
-            Route::Dedup | Route::XorbPut | Route::Shard => Some(Scope::Write),
+            Route::Dedup
+            | Route::XorbPut
+            | Route::Shard
+            | Route::RepoCreate
+            | Route::RepoCommit
+            | Route::RepoTag => Some(Scope::Write),
             // A reader reports bytes that failed verification.
-            Route::Reconstruction | Route::File | Route::XorbCheck => Some(Scope::Read),
+            Route::Reconstruction
+            | Route::File
+            | Route::XorbCheck
+            | Route::RepoList
+            | Route::RepoInfo
+            | Route::RepoRevision
+            | Route::RepoLog => Some(Scope::Read),
             Route::Healthz | Route::Metrics | Route::XorbGet | Route::XorbHead => None,
         }
     }
 }
 
-/// Matches a request line to an operation and its `{hash}` path segment.
-pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a str>), NoRoute> {
+/// Matches a request line to an operation and its path parameters (the
+/// `{...}` segments of docs/openapi.json, in order, still percent-encoded).
+pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>), NoRoute> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (candidates, hash): (&[(Method, Route)], _) = match segments.as_slice() {
-        ["healthz"] => (&[(Method::GET, Route::Healthz)], None),
-        ["metrics"] => (&[(Method::GET, Route::Metrics)], None),
-        ["v1", "dedup"] => (&[(Method::POST, Route::Dedup)], None),
-        ["v1", "shards"] => (&[(Method::POST, Route::Shard)], None),
+    let (candidates, params): (&[(Method, Route)], Vec<&str>) = match segments.as_slice() {
+        ["healthz"] => (&[(Method::GET, Route::Healthz)], vec![]),
+        ["metrics"] => (&[(Method::GET, Route::Metrics)], vec![]),
+        ["v1", "dedup"] => (&[(Method::POST, Route::Dedup)], vec![]),
+        ["v1", "shards"] => (&[(Method::POST, Route::Shard)], vec![]),
         ["v1", "xorbs", h] => (
             &[
                 (Method::PUT, Route::XorbPut),
                 (Method::GET, Route::XorbGet),
                 (Method::HEAD, Route::XorbHead),
             ],
-            Some(*h),
+            vec![*h],
         ),
-        ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], Some(*h)),
-        ["v1", "files", h] => (&[(Method::GET, Route::File)], Some(*h)),
-        ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], Some(*h)),
+        ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], vec![*h]),
+        ["v1", "files", h] => (&[(Method::GET, Route::File)], vec![*h]),
+        ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], vec![*h]),
+        ["v1", "repos"] => (&[(Method::GET, Route::RepoList)], vec![]),
+        ["v1", "repos", t, o, n] => (
+            &[
+                (Method::PUT, Route::RepoCreate),
+                (Method::GET, Route::RepoInfo),
+            ],
+            vec![*t, *o, *n],
+        ),
+        ["v1", "repos", t, o, n, "revisions", r] => {
+            (&[(Method::GET, Route::RepoRevision)], vec![*t, *o, *n, *r])
+        }
+        ["v1", "repos", t, o, n, "commits"] => {
+            (&[(Method::POST, Route::RepoCommit)], vec![*t, *o, *n])
+        }
+        ["v1", "repos", t, o, n, "commits", r] => {
+            (&[(Method::GET, Route::RepoLog)], vec![*t, *o, *n, *r])
+        }
+        ["v1", "repos", t, o, n, "tags", g] => {
+            (&[(Method::PUT, Route::RepoTag)], vec![*t, *o, *n, *g])
+        }
         _ => return Err(NoRoute::NotFound),
     };
     candidates
         .iter()
         .find(|(m, _)| m == method)
-        .map(|(_, r)| (*r, hash))
+        .map(|(_, r)| (*r, params))
         .ok_or_else(|| {
             NoRoute::MethodNotAllowed(candidates.iter().map(|(m, _)| m.clone()).collect())
         })
@@ -154,8 +208,7 @@ pub async fn handle<O: ObjectStore, I: Index>(
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let (label, result) = match route(&method, &path) {
-        Ok((r, hash)) => {
-            let h = hash.unwrap_or_default();
+        Ok((r, params)) => {
             let authorization = req.headers().get(header::AUTHORIZATION);
             let allowed = app.access.check(
                 peer,
@@ -163,26 +216,12 @@ pub async fn handle<O: ObjectStore, I: Index>(
                 authorization.map(HeaderValue::as_bytes),
                 crate::auth::now(),
             );
-            let result = match (allowed, r) {
-                (Err(denied), _) => {
+            let result = match allowed {
+                Err(denied) => {
                     drain(req).await;
                     Err(denied.into())
                 }
-                (Ok(()), r) => match r {
-                    Route::Healthz => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
-                    Route::Metrics => Ok(full(
-                        StatusCode::OK,
-                        "text/plain; version=0.0.4",
-                        app.metrics.render(),
-                    )),
-                    Route::Dedup => dedup(&app, req).await,
-                    Route::XorbPut => put_xorb(&app, h, req).await,
-                    Route::XorbGet | Route::XorbHead => get_xorb(&app, h, &req).await,
-                    Route::Shard => post_shard(&app, req).await,
-                    Route::Reconstruction => reconstruct(&app, h, &req).await,
-                    Route::File => file_info(&app, h).await,
-                    Route::XorbCheck => check_xorb(&app, h).await,
-                },
+                Ok(grant) => dispatch(&app, r, &params, &grant, req).await,
             };
             (r.name(), result)
         }
@@ -219,6 +258,45 @@ pub async fn handle<O: ObjectStore, I: Index>(
     app.metrics.request(label, response.status().as_u16());
     tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
     Ok(response)
+}
+
+/// Serves one allowed request.
+async fn dispatch<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    r: Route,
+    params: &[&str],
+    grant: &Grant,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let h = params.first().copied().unwrap_or_default();
+    match r {
+        Route::Healthz => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
+        Route::Metrics => Ok(full(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            app.metrics.render(),
+        )),
+        Route::Dedup => dedup(app, req).await,
+        Route::XorbPut => put_xorb(app, h, req).await,
+        Route::XorbGet | Route::XorbHead => get_xorb(app, h, &req).await,
+        Route::Shard => post_shard(app, req).await,
+        Route::Reconstruction => {
+            repos::authorize_file(app, grant, req.uri(), h).await?;
+            reconstruct(app, h, &req).await
+        }
+        Route::File => {
+            repos::authorize_file(app, grant, req.uri(), h).await?;
+            file_info(app, h).await
+        }
+        Route::XorbCheck => check_xorb(app, h).await,
+        Route::RepoList
+        | Route::RepoCreate
+        | Route::RepoInfo
+        | Route::RepoRevision
+        | Route::RepoLog
+        | Route::RepoCommit
+        | Route::RepoTag => repos::handle(app, r, params, grant, req).await,
+    }
 }
 
 async fn dedup<O: ObjectStore, I: Index>(
@@ -417,7 +495,13 @@ mod tests {
             serde_json::from_str(include_str!("../../../docs/openapi.json")).expect("valid JSON");
         let mut seen = Vec::new();
         for (path, ops) in spec["paths"].as_object().expect("paths") {
-            let concrete = path.replace("{hash}", &"a".repeat(64));
+            let concrete = path
+                .replace("{hash}", &"a".repeat(64))
+                .replace("{type}", "models")
+                .replace("{org}", "org")
+                .replace("{name}", "name")
+                .replace("{rev}", "main")
+                .replace("{tag}", "v1");
             for (method, op) in ops.as_object().expect("operations") {
                 if method == "parameters" {
                     continue;
