@@ -25,6 +25,10 @@ pub enum Error {
         code: String,
         message: String,
     },
+    /// A branch is not where the caller expected it (found before asking
+    /// the server to commit).
+    #[error("{what}: {message}")]
+    Conflict { what: String, message: String },
     /// The server answered success with a body we cannot use.
     #[error("{what}: unusable answer: {reason}")]
     BadAnswer { what: String, reason: String },

@@ -1,7 +1,8 @@
 //! The CAS client as a library: upload files and directories with dedup
 //! and compression, fetch them back verified (resuming, through a local
 //! chunk cache shared by processes and users), read ranges of stored files
-//! with an `AsyncRead + AsyncSeek` reader, and hash files locally.
+//! with an `AsyncRead + AsyncSeek` reader, and hash files locally; commit
+//! uploads to repositories and fetch their revisions ([`repo`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), cas_client::Error> {
@@ -20,6 +21,7 @@ mod fetch;
 mod progress;
 mod reader;
 mod remote;
+pub mod repo;
 mod restore;
 mod upload;
 
@@ -38,8 +40,9 @@ pub use fetch::Transfer;
 pub use progress::{NoProgress, Progress, Stage};
 pub use reader::FileReader;
 pub use remote::{FileInfo, RetryPolicy};
+pub use repo::{RepoTarget, RepoUpload, RevisionFetch};
 pub use restore::FetchReport;
-pub use upload::{UploadReport, UploadedFile, UploadedRoot};
+pub use upload::{Layout, UploadReport, UploadedFile, UploadedRoot};
 
 /// How to reach a server and how hard to work.
 #[derive(Debug, Clone)]
@@ -127,6 +130,12 @@ impl Client {
     /// Uploads files and directories (each directory as a tree) and commits
     /// them; the report's `roots` name each path's hash.
     pub async fn upload(&self, paths: &[PathBuf]) -> Result<UploadReport> {
+        self.upload_as(paths, Layout::PerPath).await
+    }
+
+    /// Uploads as [`upload`](Self::upload), with the paths forming roots
+    /// as `layout` says.
+    pub async fn upload_as(&self, paths: &[PathBuf], layout: Layout) -> Result<UploadReport> {
         let log = self.fetcher.log.clone();
         let hints = match log.clone() {
             Some(l) => tokio::task::spawn_blocking(move || l.load())
@@ -139,6 +148,7 @@ impl Client {
             upload::upload(
                 &self.fetcher.remote,
                 paths,
+                layout,
                 self.upload_concurrency,
                 self.fetcher.progress.clone(),
                 hints,

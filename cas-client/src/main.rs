@@ -7,7 +7,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use cas_client::{Client, ClientConfig, Progress, RetryPolicy, Stage};
+use cas_client::repo::parse_spec;
+use cas_client::{
+    Client, ClientConfig, FetchOptions, FetchReport, Progress, RepoTarget, RetryPolicy, Stage,
+    UploadReport,
+};
+use cas_protocol::repo::{utc, CommitId, CommitInfo, RefName, RepoType};
 use cas_protocol::{ByteRange, FileHash};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
@@ -56,13 +61,48 @@ struct Remote {
     retries: u32,
 }
 
+/// The type of repositories named `ORG/NAME`.
+#[derive(Args)]
+struct RepoTypeArg {
+    /// model or dataset (a `datasets/` or `models/` prefix says it too).
+    #[arg(long = "repo-type", default_value = "model")]
+    repo_type: RepoType,
+}
+
+/// Where `upload --repo` commits.
+#[derive(Args)]
+struct CommitArgs {
+    /// Commit the upload, as one tree, to this repository (created on
+    /// first use): ORG/NAME, or datasets/ORG/NAME.
+    #[arg(long, value_name = "ORG/NAME")]
+    repo: Option<String>,
+    #[command(flatten)]
+    kind: RepoTypeArg,
+    /// Branch to commit to.
+    #[arg(long, default_value = "main", requires = "repo")]
+    branch: String,
+    /// Commit message [default: "Upload PATH..."].
+    #[arg(long, short, requires = "repo")]
+    message: Option<String>,
+    /// Commit only if the branch's head is this commit (a new branch
+    /// starts at it).
+    #[arg(long, requires = "repo")]
+    parent: Option<String>,
+    /// Commit author [default: the user name].
+    #[arg(long, env = "CAS_AUTHOR")]
+    author: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Upload files and directories; prints one hash per path (a directory
-    /// becomes a tree).
+    /// becomes a tree). With --repo, commits them as one tree (each
+    /// directory's contents and each file at its root) to a branch.
     Upload {
         #[command(flatten)]
         remote: Remote,
+        #[command(flatten)]
+        commit: CommitArgs,
         /// Also print every file's hash, SHA-256 and size.
         #[arg(long, short)]
         verbose: bool,
@@ -72,13 +112,19 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Fetch a file (or a tree, as a directory), verified; resumes an
-    /// interrupted fetch to the same place.
+    /// Fetch a file (or a tree, as a directory) by hash, or a revision of
+    /// a repository (ORG/NAME[@REV], REV a branch, tag, commit id or unique
+    /// prefix; default main), verified; resumes an interrupted fetch to the
+    /// same place.
     Fetch {
         #[command(flatten)]
         remote: Remote,
-        hash: FileHash,
-        /// Destination [default: the hash, in the current directory].
+        /// A hash, or ORG/NAME[@REV] (datasets/ORG/NAME[@REV] for a dataset).
+        target: String,
+        #[command(flatten)]
+        kind: RepoTypeArg,
+        /// Destination [default: the hash, or the repository's name, in the
+        /// current directory].
         #[arg(long, short)]
         output: Option<PathBuf>,
         /// Replace existing files.
@@ -104,6 +150,43 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
         hash: FileHash,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the first-parent history of a revision (default main), newest
+    /// first: commit id, time, author, first line of the message.
+    Log {
+        #[command(flatten)]
+        remote: Remote,
+        /// ORG/NAME[@REV].
+        spec: String,
+        #[command(flatten)]
+        kind: RepoTypeArg,
+        /// Show at most this many commits.
+        #[arg(long, default_value_t = usize::MAX, hide_default_value = true)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the repositories the token may see.
+    Repos {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tag a revision (default main) of a repository.
+    Tag {
+        #[command(flatten)]
+        remote: Remote,
+        /// ORG/NAME.
+        spec: String,
+        tag: String,
+        /// A branch, tag, commit id or unique prefix.
+        #[arg(default_value = "main")]
+        rev: String,
+        #[command(flatten)]
+        kind: RepoTypeArg,
         #[arg(long)]
         json: bool,
     },
@@ -248,82 +331,221 @@ fn rate(bytes: u64, seconds: f64) -> String {
     )
 }
 
+impl CommitArgs {
+    /// Where `upload` commits, if it does.
+    fn target(self, paths: &[PathBuf]) -> Result<Option<RepoTarget>> {
+        let Some(spec) = self.repo else {
+            return Ok(None);
+        };
+        let (repo, rev) = parse_spec(&spec, self.kind.repo_type)?;
+        if rev.is_some() {
+            bail!("--repo takes ORG/NAME; choose the branch with --branch");
+        }
+        let message = self.message.unwrap_or_else(|| {
+            let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            let m = format!("Upload {}", names.join(" "));
+            m.chars().take(1000).collect()
+        });
+        let author = self
+            .author
+            .or_else(|| std::env::var("USER").ok())
+            .or_else(|| std::env::var("LOGNAME").ok())
+            .unwrap_or_else(|| "unknown".into());
+        Ok(Some(RepoTarget {
+            repo,
+            branch: RefName::new(&self.branch)?,
+            message,
+            author,
+            parent: self.parent.map(|p| p.parse::<CommitId>()).transpose()?,
+        }))
+    }
+}
+
+/// An upload's `--json` object (`value`) with its derived ratios added.
+fn upload_json(r: &UploadReport, mut value: serde_json::Value) -> serde_json::Value {
+    value["dedup_ratio"] = r.dedup_ratio().into();
+    value["compression_ratio"] = r.compression_ratio().into();
+    value["throughput"] = r.throughput().into();
+    value
+}
+
+/// An upload's per-file lines (with `-v`) and summary.
+fn print_upload(r: &UploadReport, verbose: bool) -> Result<()> {
+    if verbose {
+        for f in &r.files {
+            out!("{}  {}  {}  {}", f.hash, f.sha256, f.size, f.path.display());
+        }
+    }
+    for s in &r.skipped {
+        eprintln!("skipped (not a regular file): {}", s.display());
+    }
+    let compression = if r.new_bytes == 0 {
+        "nothing new".to_owned()
+    } else {
+        format!("compressed to {:.1}%", 100.0 * r.compression_ratio())
+    };
+    eprintln!(
+        "{} files, {} in {:.1} s ({}); {} new ({:.1}% deduplicated), \
+         sent as {} in {} xorbs ({compression})",
+        r.files.len(),
+        HumanBytes(r.bytes),
+        r.seconds,
+        rate(r.bytes, r.seconds),
+        HumanBytes(r.new_bytes),
+        100.0 * r.dedup_ratio(),
+        HumanBytes(r.sent_bytes),
+        r.xorbs,
+    );
+    Ok(())
+}
+
+/// A fetch's summary on stderr, after `prefix`.
+fn print_fetch(r: &FetchReport, prefix: &str) {
+    eprintln!(
+        "{prefix}{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, {} resumed",
+        if r.tree { "tree" } else { "file" },
+        r.hash,
+        r.path.display(),
+        r.files,
+        HumanBytes(r.bytes),
+        r.seconds,
+        rate(r.bytes, r.seconds),
+        HumanBytes(r.transfer.network_bytes),
+        HumanBytes(r.transfer.cache_bytes),
+        HumanBytes(r.resumed_bytes),
+    );
+}
+
+/// `<id>  <time>  <author>  <first line>`.
+fn log_line(c: &CommitInfo) -> String {
+    format!(
+        "{}  {}  {}  {}",
+        c.id,
+        utc(c.commit.time),
+        c.commit.author,
+        c.commit.summary()
+    )
+}
+
 async fn run(command: Command) -> Result<()> {
     match command {
         Command::Upload {
             remote,
+            commit,
             verbose,
             json: as_json,
             paths,
         } => {
-            let r = remote.client()?.upload(&paths).await?;
+            let client = remote.client()?;
+            let Some(target) = commit.target(&paths)? else {
+                let r = client.upload(&paths).await?;
+                if as_json {
+                    out!("{}", upload_json(&r, serde_json::to_value(&r)?));
+                    return Ok(());
+                }
+                for root in &r.roots {
+                    let kind = if root.tree { "tree" } else { "file" };
+                    out!("{}  {kind}  {}", root.hash, root.path.display());
+                }
+                return print_upload(&r, verbose);
+            };
+            let u = client.upload_to(&paths, &target).await?;
             if as_json {
-                let mut v = serde_json::to_value(&r)?;
-                v["dedup_ratio"] = r.dedup_ratio().into();
-                v["compression_ratio"] = r.compression_ratio().into();
-                v["throughput"] = r.throughput().into();
-                out!("{v}");
+                out!("{}", upload_json(&u.report, serde_json::to_value(&u)?));
                 return Ok(());
             }
-            if verbose {
-                for f in &r.files {
-                    out!("{}  {}  {}  {}", f.hash, f.sha256, f.size, f.path.display());
-                }
-            }
-            for root in &r.roots {
-                let kind = if root.tree { "tree" } else { "file" };
-                out!("{}  {kind}  {}", root.hash, root.path.display());
-            }
-            for s in &r.skipped {
-                eprintln!("skipped (not a regular file): {}", s.display());
-            }
-            let compression = if r.new_bytes == 0 {
-                "nothing new".to_owned()
-            } else {
-                format!("compressed to {:.1}%", 100.0 * r.compression_ratio())
-            };
-            eprintln!(
-                "{} files, {} in {:.1} s ({}); {} new ({:.1}% deduplicated), \
-                 sent as {} in {} xorbs ({compression})",
-                r.files.len(),
-                HumanBytes(r.bytes),
-                r.seconds,
-                rate(r.bytes, r.seconds),
-                HumanBytes(r.new_bytes),
-                100.0 * r.dedup_ratio(),
-                HumanBytes(r.sent_bytes),
-                r.xorbs,
-            );
+            out!("{}  tree  {}", u.commit.commit.tree, u.repo);
+            out!("{}  commit  {}@{}", u.commit.id, u.repo, u.branch);
+            print_upload(&u.report, verbose)?;
         }
         Command::Fetch {
             remote,
-            hash,
+            target,
+            kind,
             output,
             force,
             raw,
             json: as_json,
         } => {
-            let dest = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
-            let r = remote
-                .client()?
-                .fetch(hash, &dest, cas_client::FetchOptions { force, raw })
-                .await?;
+            let client = remote.client()?;
+            let options = FetchOptions { force, raw };
+            if let Ok(hash) = target.parse::<FileHash>() {
+                let dest = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
+                let r = client.fetch(hash, &dest, options).await?;
+                if as_json {
+                    out!("{}", json(&r));
+                } else {
+                    print_fetch(&r, "");
+                }
+                return Ok(());
+            }
+            let (repo, rev) = parse_spec(&target, kind.repo_type)?;
+            let rev = rev.unwrap_or_else(|| RefName::main().to_string());
+            let dest = output.unwrap_or_else(|| PathBuf::from(repo.name()));
+            let r = client.fetch_revision(&repo, &rev, &dest, options).await?;
             if as_json {
                 out!("{}", json(&r));
             } else {
-                eprintln!(
-                    "{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, {} resumed",
-                    if r.tree { "tree" } else { "file" },
-                    r.hash,
-                    r.path.display(),
-                    r.files,
-                    HumanBytes(r.bytes),
-                    r.seconds,
-                    rate(r.bytes, r.seconds),
-                    HumanBytes(r.transfer.network_bytes),
-                    HumanBytes(r.transfer.cache_bytes),
-                    HumanBytes(r.resumed_bytes),
+                print_fetch(
+                    &r.report,
+                    &format!("{repo}@{rev} = commit {}: ", r.commit.id),
                 );
+            }
+        }
+        Command::Log {
+            remote,
+            spec,
+            kind,
+            limit,
+            json: as_json,
+        } => {
+            let (repo, rev) = parse_spec(&spec, kind.repo_type)?;
+            let rev = rev.unwrap_or_else(|| RefName::main().to_string());
+            let commits = remote.client()?.log(&repo, &rev, limit).await?;
+            if as_json {
+                out!("{}", json(&commits));
+            } else {
+                for c in &commits {
+                    out!("{}", log_line(c));
+                }
+            }
+        }
+        Command::Repos {
+            remote,
+            json: as_json,
+        } => {
+            let repos = remote.client()?.repos().await?;
+            if as_json {
+                out!("{}", json(&repos));
+            } else {
+                for r in &repos {
+                    out!(
+                        "{:<7}  {}  created {}",
+                        r.repo.repo_type(),
+                        r.repo,
+                        utc(r.created)
+                    );
+                }
+            }
+        }
+        Command::Tag {
+            remote,
+            spec,
+            tag,
+            rev,
+            kind,
+            json: as_json,
+        } => {
+            let (repo, at) = parse_spec(&spec, kind.repo_type)?;
+            if at.is_some() {
+                bail!("tag takes ORG/NAME TAG [REV], not ORG/NAME@REV");
+            }
+            let tag = RefName::new(&tag)?;
+            let entry = remote.client()?.tag(&repo, &tag, &rev).await?;
+            if as_json {
+                out!("{}", json(&entry));
+            } else {
+                out!("{}  tag  {repo}@{}", entry.commit, entry.name);
             }
         }
         Command::Cat {

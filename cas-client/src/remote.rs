@@ -89,6 +89,10 @@ pub struct Remote {
     endpoint: String,
     token: Option<HeaderValue>,
     retry: RetryPolicy,
+    /// `?repo=...&rev=...` on file and reconstruction requests: the
+    /// repository revision a fetch reads through (a token limited to
+    /// repositories reads a file by its hash only through one).
+    context: Option<String>,
 }
 
 const OCTETS: &str = "application/octet-stream";
@@ -122,6 +126,7 @@ impl Remote {
             endpoint: endpoint.trim_end_matches('/').to_owned(),
             token,
             retry,
+            context: None,
         })
     }
 
@@ -129,9 +134,26 @@ impl Remote {
         &self.retry
     }
 
+    pub(crate) fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// This remote, naming `query` (`repo=...&rev=...`) on its file and
+    /// reconstruction requests.
+    pub(crate) fn with_context(&self, query: String) -> Self {
+        Self {
+            context: Some(format!("?{query}")),
+            ..self.clone()
+        }
+    }
+
+    fn context(&self) -> &str {
+        self.context.as_deref().unwrap_or("")
+    }
+
     /// A request with the token attached, but only to the endpoint's own
     /// URLs: xorb URLs may point at a CDN that must not see it.
-    fn request(&self, method: reqwest::Method, url: &str) -> RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, url: &str) -> RequestBuilder {
         let rb = self.http.request(method, url);
         match &self.token {
             Some(t) if same_origin(url, &self.endpoint) => rb.header(AUTHORIZATION, t.clone()),
@@ -140,7 +162,7 @@ impl Remote {
     }
 
     /// Sends a request, mapping transport failures and error statuses.
-    async fn send(&self, what: &str, url: &str, rb: RequestBuilder) -> Result<Response> {
+    pub(crate) async fn send(&self, what: &str, url: &str, rb: RequestBuilder) -> Result<Response> {
         let resp = rb.send().await.map_err(|e| transport(what, url, &e))?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -223,7 +245,11 @@ impl Remote {
         file: FileHash,
         range: Option<ByteRange>,
     ) -> Result<Reconstruction> {
-        let url = format!("{}/v1/reconstructions/{file}", self.endpoint);
+        let url = format!(
+            "{}/v1/reconstructions/{file}{}",
+            self.endpoint,
+            self.context()
+        );
         let what = format!("reconstruction of {file}");
         let rec: Reconstruction = self
             .retry
@@ -251,7 +277,7 @@ impl Remote {
     }
 
     pub async fn file_info(&self, file: FileHash) -> Result<FileInfo> {
-        let url = format!("{}/v1/files/{file}", self.endpoint);
+        let url = format!("{}/v1/files/{file}{}", self.endpoint, self.context());
         let what = format!("lookup of file {file}");
         let info: FileInfo = self
             .retry
@@ -385,7 +411,12 @@ async fn server_error(what: &str, resp: Response) -> Error {
 
 /// Reads a whole body, refusing one longer than `limit` before and while
 /// reading it.
-async fn read_limited(what: &str, url: &str, mut resp: Response, limit: usize) -> Result<Bytes> {
+pub(crate) async fn read_limited(
+    what: &str,
+    url: &str,
+    mut resp: Response,
+    limit: usize,
+) -> Result<Bytes> {
     let too_long = || Error::BadAnswer {
         what: what.into(),
         reason: format!("body longer than {limit} bytes"),

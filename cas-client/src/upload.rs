@@ -134,15 +134,28 @@ struct Scan {
     skipped: Vec<PathBuf>,
 }
 
+/// How the paths given to an upload become its roots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// One root per path: a file, or a directory as a tree.
+    PerPath,
+    /// One tree of everything (what a repository commit names): each
+    /// directory's contents at the tree's root, each file under its own
+    /// name. Paths that would land on the same name are refused.
+    Merged,
+}
+
 /// Walks the inputs; every problem (missing path, unreadable directory,
-/// a name that is not UTF-8 or breaks the tree rules) stops the upload
-/// here, before anything is sent.
-fn scan(paths: &[PathBuf]) -> Result<Scan> {
+/// a name that is not UTF-8 or breaks the tree rules, two inputs that
+/// would land on one name of a merged tree) stops the upload here, before
+/// anything is sent.
+fn scan(paths: &[PathBuf], layout: Layout) -> Result<Scan> {
     let mut s = Scan {
         inputs: Vec::new(),
         roots: Vec::new(),
         skipped: Vec::new(),
     };
+    let mut merged = Vec::new();
     for path in paths {
         let meta = fs::metadata(path).map_err(Error::io(path))?;
         let kind = if meta.is_dir() {
@@ -161,12 +174,67 @@ fn scan(paths: &[PathBuf]) -> Result<Scan> {
                 reason: "not a regular file or directory".into(),
             });
         };
+        match (layout, kind) {
+            (Layout::PerPath, kind) => s.roots.push(Root {
+                path: path.clone(),
+                kind,
+            }),
+            (Layout::Merged, RootKind::Dir(entries)) => merged.extend(entries),
+            (Layout::Merged, RootKind::File(i)) => {
+                let name =
+                    path.file_name()
+                        .and_then(|n| n.to_str())
+                        .ok_or_else(|| Error::Input {
+                            path: path.clone(),
+                            reason: "name is not UTF-8; trees store UTF-8 paths".into(),
+                        })?;
+                check_path(name).map_err(|e| Error::Input {
+                    path: path.clone(),
+                    reason: format!("cannot be stored in a tree: {e}"),
+                })?;
+                merged.push((name.to_owned(), meta.permissions().mode() & 0o777, i));
+            }
+        }
+    }
+    if layout == Layout::Merged {
+        check_merged(&s, &mut merged)?;
         s.roots.push(Root {
-            path: path.clone(),
-            kind,
+            path: PathBuf::from("."),
+            kind: RootKind::Dir(merged),
         });
     }
     Ok(s)
+}
+
+/// Refuses a merged tree in which two inputs land on one name, or one
+/// input's file is another's directory.
+fn check_merged(s: &Scan, entries: &mut [(String, u32, usize)]) -> Result<()> {
+    entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    if let Some(w) = entries.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(Error::Input {
+            path: s.inputs[w[1].2].path.clone(),
+            reason: format!(
+                "lands on {:?}, as {} does: the paths of a repository upload share one tree",
+                w[1].0,
+                s.inputs[w[0].2].path.display()
+            ),
+        });
+    }
+    let listing = Tree {
+        entries: entries
+            .iter()
+            .map(|(path, mode, _)| TreeEntry {
+                path: path.clone(),
+                mode: *mode,
+                size: 0,
+                file: FileHash::default(),
+            })
+            .collect(),
+    };
+    listing.validate().map_err(|reason| Error::Input {
+        path: PathBuf::from("."),
+        reason: format!("the paths of a repository upload share one tree, and in it {reason}"),
+    })
 }
 
 fn walk(dir: &Path, rel: &str, s: &mut Scan, out: &mut Vec<(String, u32, usize)>) -> Result<()> {
@@ -538,6 +606,7 @@ impl Planner {
 pub(crate) async fn upload(
     remote: &Remote,
     paths: &[PathBuf],
+    layout: Layout,
     concurrency: usize,
     progress: Arc<dyn Progress>,
     hints: HashMap<ChunkHash, ChunkLocation>,
@@ -546,7 +615,7 @@ pub(crate) async fn upload(
     let started = Instant::now();
     let scan = {
         let paths = paths.to_vec();
-        tokio::task::spawn_blocking(move || scan(&paths))
+        tokio::task::spawn_blocking(move || scan(&paths, layout))
             .await
             .expect("scan does not panic")?
     };

@@ -268,7 +268,11 @@ fn vectors() -> String {
         extra: vec![("upstream".into(), "9f3c".into())],
         ..root.clone()
     };
-    message(w, "Commit (after the one above, with an extra field)", &child);
+    message(
+        w,
+        "Commit (after the one above, with an extra field)",
+        &child,
+    );
     writeln!(w, "Its id: `{}`", child.id()).unwrap();
     s
 }

@@ -3,8 +3,9 @@
 //! and speak the HTTP API with a minimal uploader and fetcher written
 //! straight from docs/API.md and docs/PROTOCOL.md.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -400,4 +401,64 @@ pub fn assert_same_bytes(want: &[u8], path: &Path) {
         want.len(),
         got.len()
     );
+}
+
+/// Every regular file under `dir`: relative path -> (bytes, mode bits).
+pub fn snapshot(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                walk(root, &e.path(), out);
+            } else {
+                assert!(meta.is_file(), "{} is not a file", e.path().display());
+                let rel = e
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let mode = meta.permissions().mode() & 0o777;
+                out.insert(rel, (std::fs::read(e.path()).unwrap(), mode));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// `got` holds exactly the files of `want`, byte for byte and mode for mode
+/// (without printing megabytes on a mismatch).
+pub fn assert_same_tree(want: &Path, got: &Path) {
+    let (w, g) = (snapshot(want), snapshot(got));
+    assert_eq!(
+        w.keys().collect::<Vec<_>>(),
+        g.keys().collect::<Vec<_>>(),
+        "file lists of {} and {}",
+        want.display(),
+        got.display()
+    );
+    for (path, (bytes, mode)) in &w {
+        let (gbytes, gmode) = &g[path];
+        assert!(
+            bytes == gbytes,
+            "{path}: {} bytes expected, got {} different ones",
+            bytes.len(),
+            gbytes.len()
+        );
+        assert_eq!(mode, gmode, "{path}: mode {mode:o} expected, got {gmode:o}");
+    }
+}
+
+/// A token signed with the key in `key`, from `cas-server token create
+/// ARGS` (for example `--scope read --repo org/*`).
+pub fn token(key: &Path, args: &[&str]) -> String {
+    let mut c = bin("cas-server");
+    c.args(["token", "create", "--signing-key-file"])
+        .arg(key)
+        .args(args);
+    String::from_utf8(ok(c)).unwrap().trim().to_owned()
 }

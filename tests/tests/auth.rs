@@ -7,26 +7,10 @@ use std::net::{IpAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use cas_e2e::{agent, bin, body, ServerProcess};
+use cas_e2e::{agent, bin, body, token, ServerProcess};
 
 fn run(mut c: Command) -> Output {
     c.output().unwrap()
-}
-
-fn token(key: &Path, args: &[&str]) -> String {
-    let out = run({
-        let mut c = bin("cas-server");
-        c.args(["token", "create", "--signing-key-file"])
-            .arg(key)
-            .args(args);
-        c
-    });
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 fn client(url: &str, token: Option<&str>, args: &[&str], cwd: &Path) -> Output {

@@ -6,7 +6,6 @@
 //! Every test starts its own server on a temporary directory and gives the
 //! client its own cache directory.
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -16,7 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cas_e2e::{assert_same_bytes, bin, fails, json_of, show, Metrics, ServerProcess};
+use cas_e2e::{
+    assert_same_bytes, assert_same_tree, bin, fails, json_of, show, snapshot, Metrics,
+    ServerProcess,
+};
 use cas_protocol::Sha256;
 use serde_json::Value;
 
@@ -271,56 +273,6 @@ fn write_mode(path: &Path, data: &[u8], mode: u32) {
     }
     std::fs::write(path, data).unwrap();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-/// Every regular file under `dir`: relative path -> (bytes, mode bits).
-fn snapshot(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32)>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
-            let meta = std::fs::symlink_metadata(e.path()).unwrap();
-            if meta.is_dir() {
-                walk(root, &e.path(), out);
-            } else {
-                assert!(meta.is_file(), "{} is not a file", e.path().display());
-                let rel = e
-                    .path()
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
-                let mode = meta.permissions().mode() & 0o777;
-                out.insert(rel, (std::fs::read(e.path()).unwrap(), mode));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-/// `got` holds exactly the files of `want`, byte for byte and mode for mode
-/// (without printing megabytes on a mismatch).
-fn assert_same_tree(want: &Path, got: &Path) {
-    let (w, g) = (snapshot(want), snapshot(got));
-    assert_eq!(
-        w.keys().collect::<Vec<_>>(),
-        g.keys().collect::<Vec<_>>(),
-        "file lists of {} and {}",
-        want.display(),
-        got.display()
-    );
-    for (path, (bytes, mode)) in &w {
-        let (gbytes, gmode) = &g[path];
-        assert!(
-            bytes == gbytes,
-            "{path}: {} bytes expected, got {} different ones",
-            bytes.len(),
-            gbytes.len()
-        );
-        assert_eq!(mode, gmode, "{path}: mode {mode:o} expected, got {gmode:o}");
-    }
 }
 
 fn u(v: &Value) -> u64 {

@@ -84,7 +84,7 @@ impl RepoType {
 
 impl fmt::Display for RepoType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -471,8 +471,8 @@ mod tests {
         }
         assert!(RefName::new(&"a".repeat(255)).is_ok());
         assert!(RefName::new(&"a".repeat(256)).is_err());
-        assert!(RefName::new(&"a/".repeat(64).trim_end_matches('/')).is_ok());
-        assert!(RefName::new(&"a/".repeat(90).trim_end_matches('/')).is_err());
+        assert!(RefName::new("a/".repeat(64).trim_end_matches('/')).is_ok());
+        assert!(RefName::new("a/".repeat(90).trim_end_matches('/')).is_err());
         // One key segment each; `a` and `a/b` do not collide.
         for (name, key) in [
             ("a", "a"),
