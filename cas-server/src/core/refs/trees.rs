@@ -1,0 +1,96 @@
+//! A commit's tree: read through [`Core::file_stream`] (every chunk
+//! verified), checked against its tree hash, parsed and cached; a new
+//! commit's tree must name only stored files.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cas_protocol::chunking::chunk_and_hash;
+use cas_protocol::repo::RepoId;
+use cas_protocol::tree::{Tree, MAX_TREE_BYTES};
+use cas_protocol::{ByteRange, FileHash, Kind, Message};
+use futures_util::TryStreamExt;
+
+use super::{corrupt, TreeListing};
+use crate::core::{blocking, Core, CoreError};
+use crate::index::Index;
+use crate::store::ObjectStore;
+
+impl<O: ObjectStore, I: Index> Core<O, I> {
+    /// The tree must be stored as a tree, and each of its entries as a
+    /// regular file of the entry's size.
+    pub(super) async fn check_tree(&self, tree: FileHash) -> Result<(), CoreError> {
+        let listing = self.tree(tree).await?;
+        self.with_index(move |i| {
+            for e in &listing.tree.entries {
+                match i.file(&e.file)? {
+                    Some(r) if r.kind == Kind::File && r.size == e.size => {}
+                    _ => {
+                        return Err(CoreError::InvalidTree {
+                            tree,
+                            reason: format!(
+                                "entry {:?} names file {} of {} bytes, which is not stored",
+                                e.path, e.file, e.size
+                            ),
+                        })
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// A stored tree, parsed: read through [`Core::file_stream`] (every
+    /// chunk verified), checked against its tree hash, and cached.
+    pub async fn tree(&self, hash: FileHash) -> Result<Arc<TreeListing>, CoreError> {
+        if let Some(t) = self.caches.tree(&hash) {
+            return Ok(t);
+        }
+        let recipe = self.recipe(hash).await?;
+        let invalid = |reason: &str| CoreError::InvalidTree {
+            tree: hash,
+            reason: reason.into(),
+        };
+        if recipe.kind != Kind::Tree {
+            return Err(invalid("it is a regular file, not a tree"));
+        }
+        if recipe.size > MAX_TREE_BYTES as u64 {
+            return Err(invalid("larger than a tree may be"));
+        }
+        let range = ByteRange {
+            start: 0,
+            end: recipe.size,
+        };
+        let parts: Vec<Bytes> = self.file_stream(recipe, range).try_collect().await?;
+        let listing = blocking(move || {
+            let bytes = parts.concat();
+            let actual = FileHash::of_kind(Kind::Tree, &chunk_and_hash(&bytes));
+            if actual != hash {
+                return Err(corrupt(format!("tree {hash}: its bytes hash to {actual}")));
+            }
+            let tree = Tree::from_bytes(&bytes).map_err(|e| CoreError::InvalidTree {
+                tree: hash,
+                reason: e.to_string(),
+            })?;
+            let files = tree.entries.iter().map(|e| e.file).collect();
+            Ok(TreeListing { tree, files })
+        })
+        .await?;
+        let listing = Arc::new(listing);
+        self.caches.keep_tree(hash, listing.clone());
+        Ok(listing)
+    }
+
+    /// Whether `file` is the tree of revision `rev` of `repo` or one of its
+    /// entries: what a token limited to repositories may read.
+    pub async fn in_revision(
+        &self,
+        repo: &RepoId,
+        rev: &str,
+        file: FileHash,
+    ) -> Result<bool, CoreError> {
+        let tree = self.resolve(repo, rev).await?.commit.tree;
+        Ok(tree == file || self.tree(tree).await?.names(&file))
+    }
+}
