@@ -1,7 +1,8 @@
 //! Writes valid sample inputs into corpus/<target>/ so the fuzzers start
-//! from well-formed xorbs, shards and trees. Run: `cargo run --bin seeds`.
+//! from well-formed xorbs, shards, trees and commits. Run: `cargo run --bin seeds`.
 
 use cas_protocol::chunking::chunks;
+use cas_protocol::repo::{Commit, CommitId};
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{Tree, TreeEntry};
 use cas_protocol::xorb::{Compression, EncodedChunk, Scheme, XorbBuilder};
@@ -44,6 +45,18 @@ fn main() {
     write("shard", "valid.json", shard.to_json().as_bytes());
     write("tree", "valid.bin", &tree.to_bytes());
     write("tree", "valid.json", tree.to_json().as_bytes());
+    let commit = Commit {
+        parents: vec![CommitId::from_bytes([7; 20])],
+        tree: shard.files[0].hash,
+        message: "Upload v2\n\nfine-tuned".into(),
+        author: "ada".into(),
+        time: 1_760_000_000,
+        extra: vec![("upstream".into(), "9f3c".into())],
+    };
+    write("commit", "valid.bin", &commit.to_bytes());
+    write("commit", "valid.json", commit.to_json().as_bytes());
+    write("commit", "ref.txt", b"feature/x");
+    write("commit", "repo.txt", b"datasets/org/name");
 }
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
