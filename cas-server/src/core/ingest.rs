@@ -16,7 +16,8 @@ use crate::store::{ObjectKey, ObjectKind, ObjectStore};
 impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Verifies a xorb completely (parse, decompress, re-hash every chunk,
     /// check the xorb hash), stores it, then indexes it. A xorb that is
-    /// already stored is accepted without being rewritten.
+    /// already stored is accepted without being rewritten (`created` is
+    /// false), also when another upload of it stored it meanwhile.
     pub async fn put_xorb(&self, hash: XorbHash, body: Bytes) -> Result<XorbUpload, CoreError> {
         if let Some(r) = self.with_index(move |i| Ok(i.xorb(&hash)?)).await? {
             return Ok(XorbUpload {
@@ -35,15 +36,19 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             })
         })
         .await?;
-        let upload = XorbUpload {
-            xorb: hash,
-            created: true,
-            chunks: record.entries.len(),
-            bytes: body.len() as u64,
-        };
-        self.objects
+        let (chunks, bytes) = (record.entries.len(), body.len() as u64);
+        // Of concurrent uploads of one xorb, all may pass the index check
+        // above; the store says which one wrote it.
+        let created = self
+            .objects
             .put(&ObjectKey::new(ObjectKind::Xorb, hash.as_bytes()), body)
             .await?;
+        let upload = XorbUpload {
+            xorb: hash,
+            created,
+            chunks,
+            bytes,
+        };
         self.with_index(move |i| Ok(i.add_xorb(&hash, &record)?))
             .await?;
         Ok(upload)

@@ -50,7 +50,12 @@ impl FsStore {
         let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
         tmp.write_all(bytes)?;
         tmp.as_file().sync_all()?;
-        tmp.persist(&dest).map_err(|e| e.error)?;
+        // No-clobber: of concurrent puts of one key, exactly one wins.
+        match tmp.persist_noclobber(&dest) {
+            Ok(_) => {}
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(e.error),
+        }
         // The rename is durable only once the directory entry is.
         std::fs::File::open(dir)?.sync_all()?;
         Ok(true)
