@@ -19,6 +19,11 @@ use cas_protocol::{ChunkRange, FileHash, Message, RangeHash, Sha256, XorbHash};
 /// Panics with instructions when the binary has not been built: a test that
 /// silently skipped would prove nothing.
 pub fn bin(name: &str) -> Command {
+    Command::new(bin_path(name))
+}
+
+/// The path of one of the workspace's binaries (see [`bin`]).
+pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe
@@ -31,7 +36,7 @@ pub fn bin(name: &str) -> Command {
         "{} is missing: run `cargo build --workspace --bins` before the tests",
         path.display()
     );
-    Command::new(path)
+    path
 }
 
 /// A running `cas-server` on a free loopback port; killed when dropped.
@@ -50,7 +55,21 @@ impl ServerProcess {
     /// As [`start`](Self::start) with more flags; a `--listen` among them
     /// replaces the default free port.
     pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
-        let mut cmd = bin("cas-server");
+        Self::spawn(bin("cas-server"), data_dir, extra_args)
+    }
+
+    /// As [`start_with`](Self::start_with), under the open-file limits that
+    /// `ulimit` sets with `ulimit_args` (e.g. `-n 256` for both limits,
+    /// `-Sn 256` for the soft one).
+    pub fn start_with_ulimit(data_dir: &Path, extra_args: &[&str], ulimit_args: &str) -> Self {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("ulimit {ulimit_args} && exec \"$0\" \"$@\""))
+            .arg(bin_path("cas-server"));
+        Self::spawn(sh, data_dir, extra_args)
+    }
+
+    fn spawn(mut cmd: Command, data_dir: &Path, extra_args: &[&str]) -> Self {
         if !extra_args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -75,6 +94,23 @@ impl ServerProcess {
             url,
             data_dir: data_dir.to_owned(),
         }
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A field of /proc/<pid>/status in bytes, e.g. `VmRSS` (resident
+    /// memory now) or `VmHWM` (its peak).
+    pub fn status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix(" kB")?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in\n{status}"));
+        kib * 1024
     }
 
     /// SIGKILL, no chance to clean up.
