@@ -96,6 +96,15 @@ impl ServerProcess {
         }
     }
 
+    /// Stops this server and starts the binary again on the same data
+    /// directory with `extra_args` (on a new port: `url` changes).
+    pub fn restart_with(&mut self, extra_args: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data_dir = self.data_dir.clone();
+        *self = Self::start_with(&data_dir, extra_args);
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

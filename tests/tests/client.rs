@@ -470,9 +470,9 @@ struct Gate {
 }
 
 impl Gate {
-    fn start(server_url: &str, budget: u64) -> Self {
+    /// Relays `listener`'s connections to the server at `server_url`.
+    fn start(listener: TcpListener, server_url: &str, budget: u64) -> Self {
         let target = server_url.strip_prefix("http://").unwrap().to_owned();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let passed = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -548,7 +548,7 @@ impl Drop for Gate {
 /// file is verified.
 #[test]
 fn fetch_resumes_after_kill_9() {
-    let env = Env::new();
+    let mut env = Env::new();
     let src = env.dir("src");
     // B = A + new data: B's reconstruction spans A's xorb and a new one,
     // two separately fetched (and journaled) units.
@@ -568,9 +568,13 @@ fn fetch_resumes_after_kill_9() {
         .sum();
 
     // Through the gate, one connection at a time: the first unit gets
-    // through whole, the second stalls half-way.
+    // through whole, the second stalls half-way. The server names the gate
+    // in xorb URLs, as it would a proxy in front of it.
     let budget = xorb_bytes * 3 / 4;
-    let gate = Gate::start(env.url(), budget);
+    let gate_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let gate_url = format!("http://{}", gate_listener.local_addr().unwrap());
+    env.server.restart_with(&["--public-url", &gate_url]);
+    let gate = Gate::start(gate_listener, env.url(), budget);
     let dest = env.root.join("out/b.bin");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
     let journal = sibling(&dest, ".part.journal");
@@ -611,6 +615,7 @@ fn fetch_resumes_after_kill_9() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     drop(gate);
+    env.server.restart_with(&[]);
     assert!(!dest.exists(), "nothing under the final name after a kill");
     assert!(part.is_file() && journal.is_file());
 

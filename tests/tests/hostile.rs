@@ -234,6 +234,10 @@ fn held_open_bodies_stay_within_the_budget() {
         after[3] <= after[0] + 16 * MIB as u64,
         "RSS grows round after round: {after:?}"
     );
+    assert!(
+        after[0] < baseline + 64 * MIB as u64,
+        "RSS does not fall back after the bodies: {after:?}, baseline {baseline}"
+    );
     let m = Metrics::fetch(&url);
     assert_eq!(
         m.get("cas_body_bytes_reserved"),
