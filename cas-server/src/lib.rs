@@ -54,7 +54,8 @@ pub struct Limits {
     /// How long a connection may stay open with no request on it.
     pub idle_timeout: Duration,
     /// A request body must deliver `body_progress_bytes` (or its end)
-    /// within this time, again and again, or it is answered 408.
+    /// within this time, again and again, or it is answered 408; a write
+    /// of an answer that the client does not take fails after it.
     pub body_timeout: Duration,
     pub body_progress_bytes: usize,
     /// All request bodies buffered at once, together.

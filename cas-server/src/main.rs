@@ -48,7 +48,8 @@ struct Args {
     #[arg(long, env = "CAS_IDLE_TIMEOUT", default_value_t = Span(Limits::default().idle_timeout))]
     idle_timeout: Span,
     /// A request body must deliver --body-progress bytes (or its end)
-    /// within this time, again and again, or it is answered 408.
+    /// within this time, again and again, or it is answered 408; an answer
+    /// the client does not read for this long is dropped.
     #[arg(long, env = "CAS_BODY_TIMEOUT", default_value_t = Span(Limits::default().body_timeout))]
     body_timeout: Span,
     /// See --body-timeout (bytes; KiB, MiB and GiB suffixes).

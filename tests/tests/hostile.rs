@@ -1,6 +1,6 @@
 //! Hostile clients against the real `cas-server` binary: bodies that
 //! trickle or never come, idle and slow-header sockets, held-open bodies,
-//! clients that hang up after sending a xorb, racing duplicate uploads and
+//! answers never read, clients that hang up after sending a xorb, racing duplicate uploads and
 //! forged `Host` headers. Each test synchronises on what the server says
 //! (its answers, /metrics, /proc) and bounds its waits generously.
 
@@ -306,6 +306,26 @@ fn a_slow_request_head_is_cut_off() {
     );
 }
 
+/// A client that asks for a 40 MiB xorb and never reads the answer does
+/// not hold its connection forever: once the socket buffers are full, the
+/// write is dropped after the body timeout.
+#[test]
+fn an_unread_answer_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start_with(dir.path(), &["--body-timeout", "1s"]);
+    let x = xorb_of(7, 40 * MIB);
+    let url = format!("{}/v1/xorbs/{}", server.url, x.hash);
+    assert_eq!(body(agent().put(&url).send(&x.bytes[..]).unwrap()).0, 201);
+    let mut s = connect(&server.url);
+    head(&mut s, "GET", &format!("/v1/xorbs/{}", x.hash), "").unwrap();
+    wait_for("the stalled answer is dropped", || {
+        Metrics::fetch(&server.url).get("cas_write_timeouts_total") == 1
+    });
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.len() < x.bytes.len(), "{} bytes arrived", got.len());
+}
+
 /// A client that sends a whole xorb and hangs up at once still gets it
 /// stored and indexed: it shows up in dedup answers (which read the index,
 /// so it cannot show there before it is indexed) and is counted once.
@@ -345,7 +365,10 @@ fn a_xorb_whose_body_arrived_is_stored_after_the_client_leaves() {
         .call()
         .unwrap();
     assert_eq!(head.status(), 200);
-    assert_eq!(Metrics::fetch(&server.url).get("cas_xorbs"), 1);
+    // Counted right after it is indexed.
+    wait_for("the xorb is counted", || {
+        Metrics::fetch(&server.url).get("cas_xorbs") == 1
+    });
 }
 
 /// Sixteen clients upload the same xorb at once: one stores it (201), the

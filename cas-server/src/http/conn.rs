@@ -6,8 +6,9 @@
 //! the next request arrived, the head is not complete), or busy (a request
 //! is being served). Idle and head reads have deadlines (`idle_timeout`
 //! from the end of the last response, `header_timeout` from the first byte
-//! of a head); a busy connection's body and response have their own bounds
-//! (http::body). hyper's own header timeout is not used: it starts when a
+//! of a head); a request body has its own bound (http::body), and a write
+//! that stalls (a client that does not read its answer) fails after the
+//! write timeout. hyper's own header timeout is not used: it starts when a
 //! connection goes idle, which would make the two timeouts one.
 //!
 //! [`Connections`] caps the number of open connections below the file
@@ -43,6 +44,7 @@ pub struct Connections {
     pub(crate) evicted: AtomicU64,
     pub(crate) idle_timeouts: AtomicU64,
     pub(crate) header_timeouts: AtomicU64,
+    pub(crate) write_timeouts: AtomicU64,
 }
 
 /// One connection's state, shared by its stream, its requests and the
@@ -84,6 +86,7 @@ impl Connections {
             evicted: AtomicU64::new(0),
             idle_timeouts: AtomicU64::new(0),
             header_timeouts: AtomicU64::new(0),
+            write_timeouts: AtomicU64::new(0),
         })
     }
 
@@ -241,19 +244,23 @@ impl Drop for RequestGuard {
     }
 }
 
-/// The read deadlines of [`Guarded`].
+/// The deadlines of [`Guarded`].
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub header: Duration,
     pub idle: Duration,
+    /// How long a write may wait for the client to take bytes.
+    pub write: Duration,
 }
 
-/// A connection's socket with its idle and header deadlines.
+/// A connection's socket with its idle, header and write deadlines.
 pub struct Guarded<S> {
     io: S,
     conn: Arc<Conn>,
     timeouts: Timeouts,
     timer: Pin<Box<Sleep>>,
+    /// Armed while a write waits for the client.
+    write_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl<S> Guarded<S> {
@@ -263,7 +270,33 @@ impl<S> Guarded<S> {
             conn,
             timeouts,
             timer: Box::pin(tokio::time::sleep(timeouts.idle)),
+            write_timer: None,
         }
+    }
+
+    /// Bounds how long a write stays pending: `r` is the inner write's
+    /// result; a write that waited `timeouts.write` without progress fails.
+    fn bound_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.write_timer = None;
+            return r;
+        }
+        let write = self.timeouts.write;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(write)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.conn.registry.write_timeouts.fetch_add(1, Relaxed);
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took no bytes of its answer for {write:?}"),
+        )))
     }
 
     /// Pending until the current deadline passes, then the error to end
@@ -335,7 +368,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.conn.set_flushed(false);
         }
-        r
+        this.bound_write(cx, r)
     }
 
     fn poll_write_vectored(
@@ -348,7 +381,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             this.conn.set_flushed(false);
         }
-        r
+        this.bound_write(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -361,7 +394,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         if matches!(r, Poll::Ready(Ok(()))) {
             this.conn.set_flushed(true);
         }
-        r
+        this.bound_write(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -377,6 +410,7 @@ mod tests {
     const T: Timeouts = Timeouts {
         header: Duration::from_secs(5),
         idle: Duration::from_secs(60),
+        write: Duration::from_secs(30),
     };
 
     /// An idle connection ends after the idle timeout; once a head starts
@@ -454,6 +488,37 @@ mod tests {
         drop(third);
         let _fourth = fourth.await;
         assert_eq!(registry.open(), 2);
+    }
+
+    /// A write the client does not take fails after the write timeout; one
+    /// that makes progress in time does not.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_write_fails() {
+        let registry = Connections::new(1);
+        let slot = registry.admit().await;
+        let (mut client, server) = tokio::io::duplex(4);
+        let mut io = Guarded::new(server, slot.conn(), T);
+        let start = Instant::now();
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let mut buf = [0u8; 4];
+            client.read_exact(&mut buf).await.unwrap();
+            client
+        });
+        io.write_all(b"12345678").await.unwrap();
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(20),
+            "waited for the reader"
+        );
+        let _client = reader.await.unwrap();
+        let err = tokio::time::timeout(T.write * 2, io.write_all(b"more"))
+            .await
+            .expect("the stalled write ends")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), Duration::from_secs(20) + T.write);
+        assert_eq!(registry.write_timeouts.load(Relaxed), 1);
     }
 
     /// A connection whose last answer is not flushed yet is not idle.

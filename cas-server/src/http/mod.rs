@@ -119,6 +119,12 @@ impl<O, I> App<O, I> {
                 load(&c.header_timeouts),
             ),
             (
+                "cas_write_timeouts_total",
+                "counter",
+                "Connections closed because the client took no bytes of an answer for the body timeout.",
+                load(&c.write_timeouts),
+            ),
+            (
                 "cas_body_bytes_reserved",
                 "gauge",
                 "Bytes of the request body budget held.",
@@ -198,6 +204,7 @@ pub async fn serve<O: ObjectStore, I: Index>(
     let timeouts = Timeouts {
         header: app.limits.header_timeout,
         idle: app.limits.idle_timeout,
+        write: app.limits.body_timeout,
     };
     tokio::pin!(shutdown);
     loop {
