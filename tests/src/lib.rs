@@ -3,6 +3,8 @@
 //! and speak the HTTP API with a minimal uploader and fetcher written
 //! straight from docs/API.md and docs/PROTOCOL.md.
 
+pub mod client;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -6,333 +6,19 @@
 //! Every test starts its own server on a temporary directory and gives the
 //! client its own cache directory.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cas_e2e::{assert_same_bytes, bin, fails, json_of, show, Metrics, ServerProcess};
+use cas_e2e::client::{
+    assert_same_tree, bound_by_permissions, cas_as, have_setpriv, is_root, ok, snapshot, u,
+    write_mode, Env, Gate,
+};
+use cas_e2e::{assert_same_bytes, fails, json_of, show};
 use cas_protocol::Sha256;
 use serde_json::Value;
-
-// ---------------------------------------------------------------- helpers
-
-/// A server on its own data directory plus a scratch directory for inputs,
-/// outputs and caches.
-struct Env {
-    server: ServerProcess,
-    /// Scratch space (traversable by every user, for the tests that drop
-    /// privileges).
-    root: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let data = root.join("server");
-        std::fs::create_dir(&data).unwrap();
-        let server = ServerProcess::start(&data);
-        Self {
-            server,
-            root,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> &str {
-        &self.server.url
-    }
-
-    /// A fresh, empty directory under the scratch space.
-    fn dir(&self, name: &str) -> PathBuf {
-        let d = self.root.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    /// `cas-client SUB` against this server, with `cache` as its cache
-    /// (`None`: `--no-cache`).
-    fn cas(&self, sub: &str, cache: Option<&Path>) -> Command {
-        cas_as(None, self.url(), cache, sub, &self.root)
-    }
-
-    /// Uploads `path` and returns the `--json` report.
-    fn upload(&self, path: &Path) -> Value {
-        let mut c = self.cas("upload", None);
-        c.arg("--json").arg(path);
-        json_of(ok(c))
-    }
-
-    /// Writes `data` to `name` in the scratch space and uploads it;
-    /// returns the path and the file hash.
-    fn upload_bytes(&self, name: &str, data: &[u8]) -> (PathBuf, String) {
-        let path = self.root.join(name);
-        std::fs::write(&path, data).unwrap();
-        let hash = self.upload(&path)["roots"][0]["hash"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        (path, hash)
-    }
-
-    /// Fetches `hash` to `dest` and returns the `--json` report.
-    fn fetch(&self, hash: &str, dest: &Path, cache: Option<&Path>) -> Value {
-        let mut c = self.cas("fetch", cache);
-        c.args(["--json", hash, "-o"]).arg(dest);
-        json_of(ok(c))
-    }
-
-    fn metrics(&self) -> Metrics {
-        Metrics::fetch(self.url())
-    }
-
-    /// Paths of the xorbs the server stores.
-    fn stored_xorbs(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let top = self.server.data_dir.join("objects/xorbs");
-        for prefix in std::fs::read_dir(&top).unwrap() {
-            for x in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-                out.push(x.unwrap().path());
-            }
-        }
-        out.sort();
-        out
-    }
-}
-
-/// `cas-client SUB`, as `user` (uid, gid) when given. The environment is
-/// cleared of the client's variables so the caller's shell cannot leak in.
-fn cas_as(
-    user: Option<(u32, u32)>,
-    endpoint: &str,
-    cache: Option<&Path>,
-    sub: &str,
-    cwd: &Path,
-) -> Command {
-    let client = bin("cas-client");
-    let mut c = match user {
-        None => client,
-        Some((uid, gid)) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid",
-                &uid.to_string(),
-                "--regid",
-                &gid.to_string(),
-                "--clear-groups",
-            ])
-            .arg(client.get_program());
-            c
-        }
-    };
-    for k in [
-        "CAS_TOKEN",
-        "CAS_CACHE_SIZE",
-        "CAS_CONNECTIONS",
-        "CAS_UPLOADS",
-        "CAS_LOG",
-        "XDG_CACHE_HOME",
-    ] {
-        c.env_remove(k);
-    }
-    c.current_dir(cwd)
-        .env("CAS_ENDPOINT", endpoint)
-        .env("CAS_RETRIES", "2")
-        .arg(sub);
-    match cache {
-        Some(d) => {
-            c.env("CAS_CACHE_DIR", d);
-        }
-        None => {
-            // Never the caller's own cache, even if --no-cache were ignored.
-            c.env("CAS_CACHE_DIR", cwd.join("no-cache-here"))
-                .arg("--no-cache");
-        }
-    }
-    c
-}
-
-/// Runs `c`, which must succeed; returns its stdout.
-fn ok(c: Command) -> Vec<u8> {
-    output_within(c, MAX_RSS, MAX_TIME).stdout
-}
-
-/// Resident memory a client may use: every test moves tens of MB at most,
-/// and the client is meant to work in bounded memory whatever the input.
-const MAX_RSS: u64 = 2 << 30;
-
-/// Time any one client command may take: none moves more than tens of MB.
-const MAX_TIME: Duration = Duration::from_secs(60);
-
-/// Resident set size of a running process, in bytes.
-fn rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
-/// Runs `c` to completion, which must succeed, killing it (and failing)
-/// if its resident memory passes `max_rss` bytes (a runaway client must
-/// not take the machine down with it) or it runs longer than `max_time`.
-fn output_within(mut c: Command, max_rss: u64, max_time: Duration) -> Output {
-    let started = Instant::now();
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        let now = rss(child.id()).unwrap_or(0);
-        if now > max_rss {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{c:?} used {} MiB of memory and was killed", now >> 20);
-        }
-        if started.elapsed() > max_time {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{c:?} still ran after {max_time:?} and was killed");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let out = Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    };
-    assert!(out.status.success(), "{c:?} failed: {}", show(&out));
-    out
-}
-
-/// Whether this process runs as root (permission bits do not bind it).
-fn is_root() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let uids = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .expect("Uid line");
-    // real, effective, saved, filesystem
-    uids.split_whitespace().nth(1) == Some("0")
-}
-
-fn have_setpriv() -> bool {
-    Command::new("setpriv")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Whom to run the client as so that permission bits bind it: `Some(None)`
-/// as ourselves when not root, `Some(Some(nobody))` through setpriv when
-/// root, `None` (with a note) when root without setpriv.
-fn bound_by_permissions() -> Option<Option<(u32, u32)>> {
-    if !is_root() {
-        Some(None)
-    } else if have_setpriv() {
-        Some(Some((65534, 65534)))
-    } else {
-        eprintln!("note: root without setpriv (util-linux): permission check skipped");
-        None
-    }
-}
-
-fn write_mode(path: &Path, data: &[u8], mode: u32) {
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).unwrap();
-    }
-    std::fs::write(path, data).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-/// Every regular file under `dir`: relative path -> (bytes, mode bits).
-fn snapshot(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32)>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
-            let meta = std::fs::symlink_metadata(e.path()).unwrap();
-            if meta.is_dir() {
-                walk(root, &e.path(), out);
-            } else {
-                assert!(meta.is_file(), "{} is not a file", e.path().display());
-                let rel = e
-                    .path()
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
-                let mode = meta.permissions().mode() & 0o777;
-                out.insert(rel, (std::fs::read(e.path()).unwrap(), mode));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-/// `got` holds exactly the files of `want`, byte for byte and mode for mode
-/// (without printing megabytes on a mismatch).
-fn assert_same_tree(want: &Path, got: &Path) {
-    let (w, g) = (snapshot(want), snapshot(got));
-    assert_eq!(
-        w.keys().collect::<Vec<_>>(),
-        g.keys().collect::<Vec<_>>(),
-        "file lists of {} and {}",
-        want.display(),
-        got.display()
-    );
-    for (path, (bytes, mode)) in &w {
-        let (gbytes, gmode) = &g[path];
-        assert!(
-            bytes == gbytes,
-            "{path}: {} bytes expected, got {} different ones",
-            bytes.len(),
-            gbytes.len()
-        );
-        assert_eq!(mode, gmode, "{path}: mode {mode:o} expected, got {gmode:o}");
-    }
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-/// `NAME.suffix` next to `path`.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.file_name().unwrap().to_owned();
-    name.push(suffix);
-    path.with_file_name(name)
-}
 
 // ------------------------------------------------------------------ tests
 
@@ -459,90 +145,6 @@ fn many_small_files_upload_in_few_requests() {
     assert_same_tree(&src, &out);
 }
 
-/// A TCP proxy to a server that relays answers until `budget` bytes have
-/// passed, then holds every connection open without relaying more: a
-/// fetch through it stalls at a known point.
-struct Gate {
-    url: String,
-    addr: SocketAddr,
-    passed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Gate {
-    fn start(server_url: &str, budget: u64) -> Self {
-        let target = server_url.strip_prefix("http://").unwrap().to_owned();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let passed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (passed.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for down in listener.incoming() {
-                if s.load(SeqCst) {
-                    break;
-                }
-                let (Ok(down), Ok(up)) = (down, TcpStream::connect(&target)) else {
-                    continue;
-                };
-                let (mut from_client, mut to_server) =
-                    (down.try_clone().unwrap(), up.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from_client, &mut to_server);
-                    let _ = to_server.shutdown(Shutdown::Write);
-                });
-                let (p, s) = (p.clone(), s.clone());
-                std::thread::spawn(move || Self::relay(up, down, budget, &p, &s));
-            }
-        });
-        Self {
-            url: format!("http://{addr}"),
-            addr,
-            passed,
-            stop,
-        }
-    }
-
-    fn relay(
-        mut from: TcpStream,
-        mut to: TcpStream,
-        budget: u64,
-        passed: &AtomicU64,
-        stop: &AtomicBool,
-    ) {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let before = passed.fetch_add(n as u64, SeqCst);
-            let allowed = budget.saturating_sub(before).min(n as u64) as usize;
-            if to.write_all(&buf[..allowed]).is_err() {
-                break;
-            }
-            if allowed < n {
-                while !stop.load(SeqCst) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                break;
-            }
-        }
-        let _ = to.shutdown(Shutdown::Both);
-    }
-
-    fn stalled(&self, budget: u64) -> bool {
-        self.passed.load(SeqCst) >= budget
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-        let _ = TcpStream::connect(self.addr); // wake the accept loop
-    }
-}
-
 /// A fetch killed with SIGKILL half-way resumes: the verified part is not
 /// fetched again, and nothing stands under the final name until the whole
 /// file is verified.
@@ -573,8 +175,8 @@ fn fetch_resumes_after_kill_9() {
     let gate = Gate::start(env.url(), budget);
     let dest = env.root.join("out/b.bin");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    let journal = sibling(&dest, ".part.journal");
-    let part = sibling(&dest, ".part");
+    let journal = dest.with_file_name("b.bin.part.journal");
+    let part = dest.with_file_name("b.bin.part");
     let mut c = cas_as(None, &gate.url, None, "fetch", &env.root);
     c.args(["--connections", "1", &hash, "-o"])
         .arg(&dest)
@@ -586,7 +188,7 @@ fn fetch_resumes_after_kill_9() {
         let lines = std::fs::read_to_string(&journal)
             .map(|t| t.lines().count())
             .unwrap_or(0);
-        if lines >= 2 && gate.stalled(budget) {
+        if lines >= 2 && gate.stalled() {
             break;
         }
         if let Some(status) = child.try_wait().unwrap() {
@@ -603,7 +205,7 @@ fn fetch_resumes_after_kill_9() {
             child.kill().unwrap();
             panic!(
                 "no unit was journaled within 60 s ({} bytes relayed)",
-                gate.passed.load(SeqCst)
+                gate.passed()
             );
         }
         std::thread::sleep(Duration::from_millis(10));
