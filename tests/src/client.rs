@@ -323,6 +323,23 @@ pub fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
+/// The first file under `dir` (hidden directories included) whose name
+/// ends with `journal`: where a fetch records its progress.
+pub fn find_journal(dir: &Path) -> Option<PathBuf> {
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().ends_with("journal") {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
 /// What a [`Gate`] does at the moment.
 #[derive(Default)]
 struct GateState {
