@@ -7,11 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::fetch::{Fetcher, FileSink, Journal, Sink, TermDone, Transfer};
+use crate::fetch::{Fetcher, FileSink, Sink, TermDone, Transfer};
 use crate::progress::Stage;
 use crate::remote::FileInfo;
 
 use super::digest::InOrder;
+use super::journal::Journal;
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_owned();

@@ -4,12 +4,14 @@
 //! stands under the final name.
 //!
 //! - [`file`]: one file, from `.part` and journal to its final name;
+//! - [`journal`]: which verified terms are on disk, for resuming;
 //! - [`digest`]: file hash and SHA-256 computed in file order as terms
 //!   are verified;
 //! - [`tree`]: a tree's directories, checked paths, and its files.
 
 mod digest;
 mod file;
+mod journal;
 mod tree;
 
 use std::path::PathBuf;
