@@ -181,10 +181,14 @@ impl Client {
             start: 0,
             end: tag.len() as u64,
         };
-        if self.fetcher.read(info.hash, Some(head)).await? != tag {
+        if self.fetcher.read(info.hash, head).await? != tag {
             return Ok(None);
         }
-        let bytes = self.fetcher.read(info.hash, None).await?;
+        let whole = ByteRange {
+            start: 0,
+            end: info.size,
+        };
+        let bytes = self.fetcher.read(info.hash, whole).await?;
         Tree::from_bytes(&bytes)
             .map(Some)
             .map_err(|e| Error::UnsafePath {
@@ -238,7 +242,19 @@ impl Client {
 
     /// Bytes `range` of a file (all of it without one), verified.
     pub async fn read(&self, file: FileHash, range: Option<ByteRange>) -> Result<Vec<u8>> {
+        let range = self.range_or_whole(file, range).await?;
         self.fetcher.read(file, range).await
+    }
+
+    /// `range`, or all of the file.
+    async fn range_or_whole(&self, file: FileHash, range: Option<ByteRange>) -> Result<ByteRange> {
+        Ok(match range {
+            Some(r) => r,
+            None => ByteRange {
+                start: 0,
+                end: self.stat(file).await?.size,
+            },
+        })
     }
 
     /// Streams `range` of a file (all of it without one) to `out`, in
@@ -249,13 +265,7 @@ impl Client {
         range: Option<ByteRange>,
         out: &mut W,
     ) -> Result<u64> {
-        let range = match range {
-            Some(r) => r,
-            None => ByteRange {
-                start: 0,
-                end: self.stat(file).await?.size,
-            },
-        };
+        let range = self.range_or_whole(file, range).await?;
         let mut pos = range.start;
         while pos < range.end {
             let end = (pos + CAT_WINDOW).min(range.end);

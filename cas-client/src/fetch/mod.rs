@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use bytes::BytesMut;
 use cas_protocol::messages::Reconstruction;
 use cas_protocol::xorb::whole_frames_len;
-use cas_protocol::ByteRange;
+use cas_protocol::{ByteRange, FileHash};
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 
@@ -256,18 +256,23 @@ impl Fetcher {
             .await
     }
 
-    /// Reads `range` of a file (all of it without one) into memory.
-    pub async fn read(
-        &self,
-        file: cas_protocol::FileHash,
-        range: Option<ByteRange>,
-    ) -> Result<Vec<u8>> {
+    /// Reads bytes `range` of a file into memory. The buffer is sized from
+    /// the request, once the answer is known to be for exactly that range,
+    /// and a size that does not fit is an error rather than an abort.
+    pub async fn read(&self, file: FileHash, range: ByteRange) -> Result<Vec<u8>> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
         let rec = self.remote.reconstruct(file, range).await?;
-        let len = usize::try_from(rec.range.len()).map_err(|_| Error::BadAnswer {
-            what: format!("read of {file}"),
-            reason: "range larger than memory".into(),
-        })?;
-        let sink = Arc::new(MemSink(Mutex::new(vec![0; len])));
+        let too_big = || Error::Input {
+            path: file.to_string().into(),
+            reason: format!("{} bytes do not fit in memory", range.len()),
+        };
+        let len = usize::try_from(range.len()).map_err(|_| too_big())?;
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| too_big())?;
+        buf.resize(len, 0);
+        let sink = Arc::new(MemSink(Mutex::new(buf)));
         self.run(&rec, sink.clone(), &HashSet::new(), |_| Ok(()))
             .await?;
         let bytes = std::mem::take(&mut *sink.0.lock().expect("not poisoned"));

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use cas_protocol::messages::{FetchRange, Reconstruction, ReconstructionTerm};
-use cas_protocol::xorb::MAX_XORB_SERIALIZED;
+use cas_protocol::xorb::{MAX_XORB_SERIALIZED, MAX_XORB_UNCOMPRESSED};
 use cas_protocol::XorbHash;
 
 use super::sink::Sink;
@@ -59,6 +59,14 @@ pub(crate) fn plan(rec: &Reconstruction) -> Result<Vec<Unit>> {
             what: format!("reconstruction of {}", rec.file),
             reason: format!("no fetch range for chunks of xorb {}", t.xorb),
         })?;
+        // A term lies in one xorb; its length sizes buffers later on
+        // (a resumed term is read back whole to be chunked again).
+        if t.len > MAX_XORB_UNCOMPRESSED as u64 {
+            return Err(Error::BadAnswer {
+                what: format!("reconstruction of {}", rec.file),
+                reason: format!("term of xorb {} longer than a xorb holds", t.xorb),
+            });
+        }
         if r.bytes.len() > MAX_XORB_SERIALIZED as u64 {
             return Err(Error::BadAnswer {
                 what: format!("reconstruction of {}", rec.file),
@@ -98,5 +106,40 @@ mod tests {
         assert_eq!(w.put(&sink, 5, b"fgh").unwrap(), 2);
         assert_eq!(w.put(&sink, 8, b"ij").unwrap(), 0);
         assert_eq!(*sink.0.lock().unwrap(), b"defg");
+    }
+
+    /// A term claiming more bytes than any xorb holds is refused before
+    /// anything is sized from it; the same term at its true length plans.
+    #[test]
+    fn a_term_longer_than_a_xorb_is_refused() {
+        use cas_protocol::messages::XorbFetch;
+        use cas_protocol::{ByteRange, ChunkRange, FileHash, RangeHash};
+        let chunks = ChunkRange { start: 0, end: 4 };
+        let rec = |len| Reconstruction {
+            file: FileHash::from_bytes([1; 32]),
+            file_size: len,
+            range: ByteRange { start: 0, end: len },
+            offset_into_first_term: 0,
+            terms: vec![ReconstructionTerm {
+                xorb: XorbHash::from_bytes([2; 32]),
+                chunks,
+                len,
+                range_hash: RangeHash::from_bytes([3; 32]),
+            }],
+            fetch: vec![XorbFetch {
+                xorb: XorbHash::from_bytes([2; 32]),
+                url: "u".into(),
+                ranges: vec![FetchRange {
+                    chunks,
+                    bytes: ByteRange {
+                        start: 0,
+                        end: 1000,
+                    },
+                }],
+            }],
+        };
+        assert_eq!(plan(&rec(1 << 20)).unwrap().len(), 1);
+        let lie = plan(&rec(1 << 40)).unwrap_err();
+        assert!(lie.to_string().contains("longer than a xorb"), "{lie}");
     }
 }

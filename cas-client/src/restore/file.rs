@@ -6,6 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cas_protocol::ByteRange;
+
 use crate::error::{Error, Result};
 use crate::fetch::{Fetcher, FileSink, Sink, TermDone, Transfer};
 use crate::progress::Stage;
@@ -82,7 +84,11 @@ pub(crate) async fn fetch_file(
     let mut transfer = Transfer::default();
     let mut digest = InOrder::default();
     if info.size > 0 {
-        let rec = fetcher.remote.reconstruct(info.hash, None).await?;
+        let whole = ByteRange {
+            start: 0,
+            end: info.size,
+        };
+        let rec = fetcher.remote.reconstruct(info.hash, whole).await?;
         if rec.file_size != info.size {
             return Err(Error::BadAnswer {
                 what: format!("reconstruction of {}", info.hash),

@@ -1,0 +1,142 @@
+//! The client at the edges, tried as a hostile or unlucky user would:
+//! tree entries and neighbours named like temporaries, names of 255 bytes,
+//! two fetches to one place at once, fetches killed at every step and run
+//! again with the same command, a full or read-only cache, a file rewritten
+//! while it is uploaded, a server that lies about sizes, empty directories,
+//! and a shared cache under a strict umask.
+//!
+//! Each test runs the real binaries; each failed on the client before the
+//! hardening it checks.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+
+use cas_e2e::client::cas_as;
+use cas_e2e::fails;
+
+// ------------------------------------------------------ 6. lying answers
+
+/// A fake server that describes a 100-byte file starting with the tree
+/// tag honestly for its first bytes and then claims a reconstruction of a
+/// terabyte: a client that sized its buffer from the answer would abort.
+struct Liar {
+    url: String,
+    hash: String,
+}
+
+impl Liar {
+    fn start() -> Self {
+        use cas_protocol::messages::{FetchRange, Reconstruction, ReconstructionTerm, XorbFetch};
+        use cas_protocol::tree::Tree;
+        use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder, XorbView};
+        use cas_protocol::{ByteRange, ChunkRange, FileHash, Message, RangeHash};
+
+        let mut data = <Tree as Message>::TAG.to_vec();
+        data.resize(100, b'.');
+        let chunks = cas_protocol::chunking::chunk_and_hash(&data);
+        let file = FileHash::from_chunks(&chunks);
+        let mut b = XorbBuilder::new();
+        b.try_push(EncodedChunk::encode(&data, Compression::Raw).unwrap())
+            .unwrap();
+        let xorb = b.finish().unwrap();
+        let one = ChunkRange { start: 0, end: 1 };
+        let bytes = XorbView::parse(&xorb.bytes)
+            .unwrap()
+            .byte_range(one)
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let rec = |size: u64| Reconstruction {
+            file,
+            file_size: size,
+            range: ByteRange {
+                start: 0,
+                end: if size == 100 { 4 } else { size },
+            },
+            offset_into_first_term: 0,
+            terms: vec![ReconstructionTerm {
+                xorb: xorb.hash,
+                chunks: one,
+                len: size,
+                range_hash: RangeHash::from_chunks(&chunks),
+            }],
+            fetch: vec![XorbFetch {
+                xorb: xorb.hash,
+                url: format!("{url}/xorb"),
+                ranges: vec![FetchRange { chunks: one, bytes }],
+            }],
+        };
+        let honest = rec(100).to_bytes();
+        let lying = rec(1 << 40).to_bytes();
+        let info = serde_json::json!({
+            "hash": file.to_string(),
+            "size": 100,
+            "sha256": cas_protocol::Sha256::of(&data).to_string(),
+            "chunks": 1,
+            "terms": 1,
+        })
+        .to_string();
+        let frames = xorb.bytes[bytes.start as usize..bytes.end as usize].to_vec();
+        let content_range = format!(
+            "bytes {}-{}/{}",
+            bytes.start,
+            bytes.end - 1,
+            xorb.bytes.len()
+        );
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let (status, extra, body): (&str, String, &[u8]) = if head.contains("/v1/files/") {
+                    ("200 OK", String::new(), info.as_bytes())
+                } else if head.contains("/v1/reconstructions/") {
+                    let asked_head = head.contains("range: bytes=0-3\r\n");
+                    (
+                        "200 OK",
+                        String::new(),
+                        if asked_head { &honest } else { &lying },
+                    )
+                } else {
+                    (
+                        "206 Partial Content",
+                        format!("content-range: {content_range}\r\n"),
+                        &frames,
+                    )
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{extra}connection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(body);
+            }
+        });
+        Self {
+            url,
+            hash: file.to_string(),
+        }
+    }
+}
+
+/// The client checks a reconstruction against what it asked before it
+/// allocates anything for it: a lying answer is one clear error, not an
+/// abort.
+#[test]
+fn a_lying_server_never_sizes_an_allocation() {
+    let liar = Liar::start();
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["stat", "fetch"] {
+        let mut c = cas_as(None, &liar.url, None, sub, dir.path());
+        c.arg(&liar.hash);
+        if sub == "fetch" {
+            c.arg("-o").arg(dir.path().join("out"));
+        }
+        let err = fails(c);
+        assert!(err.contains("unusable answer"), "{err}");
+    }
+}
