@@ -37,6 +37,23 @@ use crate::error::{Error, Result};
 /// Default size cap: 20 GiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 20 << 30;
 
+/// Mode of files in a shared cache, set explicitly after creation (the
+/// creator's umask would narrow it).
+const SHARED_FILE: u32 = 0o664;
+/// Mode of new files in a private cache (narrowed by the umask as usual).
+const PRIVATE_FILE: u32 = 0o644;
+
+/// Gives a file of a shared cache the shared mode. Another user may own
+/// it (and have shared it already): failing is fine.
+fn share(file: &File) {
+    if file
+        .metadata()
+        .is_ok_and(|m| m.permissions().mode() & 0o7777 != SHARED_FILE)
+    {
+        let _ = file.set_permissions(fs::Permissions::from_mode(SHARED_FILE));
+    }
+}
+
 /// Temp files older than this belong to a dead process.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 
@@ -134,6 +151,15 @@ impl ChunkCache {
         Ok(())
     }
 
+    /// Mode of new files.
+    fn file_mode(&self) -> u32 {
+        if self.shared {
+            SHARED_FILE
+        } else {
+            PRIVATE_FILE
+        }
+    }
+
     fn xorb_dir(&self, xorb: &XorbHash) -> PathBuf {
         let hex = xorb.to_hex();
         self.root.join("xorbs").join(&hex[..2]).join(hex)
@@ -193,7 +219,7 @@ impl ChunkCache {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(if self.shared { 0o664 } else { 0o644 })
+            .mode(self.file_mode())
             .open(&path)
             .or_else(|e| match e.kind() {
                 io::ErrorKind::PermissionDenied => File::open(&path),
@@ -201,7 +227,7 @@ impl ChunkCache {
             })
             .map_err(Error::io(&path))?;
         if self.shared {
-            let _ = file.set_permissions(fs::Permissions::from_mode(0o664));
+            share(&file);
         }
         file.lock().map_err(Error::io(&path))?;
         Ok(RangeLock { _file: file, path })
@@ -219,7 +245,7 @@ impl ChunkCache {
             dir,
             xorb: *xorb,
             chunks,
-            mode: if self.shared { 0o664 } else { 0o644 },
+            mode: self.file_mode(),
         })
     }
 
@@ -228,7 +254,7 @@ impl ChunkCache {
         let id = blake3::hash(endpoint.trim_end_matches('/').as_bytes()).to_hex();
         LocationLog {
             path: self.root.join("chunks").join(format!("{}.log", &id[..32])),
-            mode: if self.shared { 0o664 } else { 0o644 },
+            shared: self.shared,
         }
     }
 
@@ -323,7 +349,8 @@ const RECORD: usize = 72;
 #[derive(Debug, Clone)]
 pub struct LocationLog {
     path: PathBuf,
-    mode: u32,
+    /// In a shared cache: group-writable like every other file.
+    shared: bool,
 }
 
 impl LocationLog {
@@ -371,9 +398,18 @@ impl LocationLog {
         let written = OpenOptions::new()
             .create(true)
             .append(true)
-            .mode(self.mode)
+            .mode(if self.shared {
+                SHARED_FILE
+            } else {
+                PRIVATE_FILE
+            })
             .open(&self.path)
-            .and_then(|mut f| f.write_all(&buf));
+            .and_then(|mut f| {
+                if self.shared {
+                    share(&f);
+                }
+                f.write_all(&buf)
+            });
         if let Err(e) = written {
             tracing::warn!(
                 "cannot record chunk locations in {}: {e}",
@@ -545,6 +581,17 @@ mod tests {
         assert_eq!(mode(&e.path.parent().unwrap().join("lock.0-1")), 0o664);
         lock.release();
         assert!(!e.path.parent().unwrap().join("lock.0-1").exists());
+        // A log created under umask 077 (so 0600) is shared by the next
+        // record; the e2e test runs the client under that umask.
+        let log = c.locations("http://h:1");
+        File::create(&log.path).unwrap();
+        fs::set_permissions(&log.path, fs::Permissions::from_mode(0o600)).unwrap();
+        let loc = ChunkLocation {
+            xorb: xorb(1),
+            index: 0,
+        };
+        log.record(&[(ChunkHash::from_bytes([1; 32]), loc)]);
+        assert_eq!(mode(&log.path), 0o664);
     }
 
     #[test]

@@ -10,9 +10,72 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
 
-use cas_e2e::client::cas_as;
-use cas_e2e::fails;
+use cas_e2e::client::{cas_as, ok, Env};
+use cas_e2e::{fails, json_of};
+use serde_json::Value;
+
+fn root_hash(up: &Value) -> String {
+    up["roots"][0]["hash"].as_str().unwrap().to_owned()
+}
+
+/// `c` run by `sh -c SCRIPT sh ARGS... PROGRAM PROGRAM-ARGS...` with the
+/// same environment and directory: the script ends with `exec "$@"`.
+fn wrapped(c: &Command, script: &str, args: &[&Path]) -> Command {
+    let mut w = Command::new("sh");
+    w.arg("-c").arg(script).arg("sh").args(args);
+    w.arg(c.get_program()).args(c.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => w.env(k, v),
+            None => w.env_remove(k),
+        };
+    }
+    if let Some(d) = c.get_current_dir() {
+        w.current_dir(d);
+    }
+    w
+}
+
+// ------------------------------------------------------------- 4. caches
+
+/// Under umask 077 every file of a setgid (shared) cache, the chunk
+/// location log included, is still group-readable and -writable.
+#[test]
+fn a_shared_cache_stays_shared_under_umask_077() {
+    let env = Env::new();
+    let cache = env.dir("cache");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o2775)).unwrap();
+    let src = env.root.join("f.bin");
+    std::fs::write(&src, cas_bench::random_bytes(80, 2_000_000)).unwrap();
+    let strict = |c: Command| wrapped(&c, "umask 077 && exec \"$@\"", &[]);
+    let mut c = cas_as(None, env.url(), Some(&cache), "upload", &env.root);
+    c.arg("--json").arg(&src);
+    let hash = root_hash(&json_of(ok(strict(c))));
+    let mut c = cas_as(None, env.url(), Some(&cache), "fetch", &env.root);
+    c.args([&hash, "-o"]).arg(env.root.join("out.bin"));
+    ok(strict(c));
+
+    let mut files = 0;
+    let mut stack = vec![cache.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+            if p.is_dir() {
+                assert_eq!(mode, 0o2775, "{}", p.display());
+                stack.push(p);
+            } else {
+                assert_eq!(mode, 0o664, "{}", p.display());
+                files += 1;
+            }
+        }
+    }
+    assert!(files >= 2, "a cache entry and the location log");
+}
 
 // ------------------------------------------------------ 6. lying answers
 
