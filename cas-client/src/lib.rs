@@ -39,7 +39,7 @@ pub use progress::{NoProgress, Progress, Stage};
 pub use reader::FileReader;
 pub use remote::{FileInfo, RetryPolicy};
 pub use restore::FetchReport;
-pub use upload::{UploadReport, UploadedFile, UploadedRoot};
+pub use upload::{Skipped, UploadReport, UploadedFile, UploadedRoot};
 
 /// How to reach a server and how hard to work.
 #[derive(Debug, Clone)]

@@ -257,6 +257,9 @@ async fn run(command: Command) -> Result<()> {
             paths,
         } => {
             let r = remote.client()?.upload(&paths).await?;
+            for s in &r.skipped {
+                eprintln!("skipped ({}): {}", s.reason, s.path.display());
+            }
             if as_json {
                 let mut v = serde_json::to_value(&r)?;
                 v["dedup_ratio"] = r.dedup_ratio().into();
@@ -273,9 +276,6 @@ async fn run(command: Command) -> Result<()> {
             for root in &r.roots {
                 let kind = if root.tree { "tree" } else { "file" };
                 out!("{}  {kind}  {}", root.hash, root.path.display());
-            }
-            for s in &r.skipped {
-                eprintln!("skipped (not a regular file): {}", s.display());
             }
             let compression = if r.new_bytes == 0 {
                 "nothing new".to_owned()

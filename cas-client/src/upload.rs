@@ -66,13 +66,21 @@ pub struct UploadedFile {
     pub size: u64,
 }
 
+/// Something inside an uploaded directory that its tree cannot hold.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: &'static str,
+}
+
 /// What an upload did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct UploadReport {
     pub roots: Vec<UploadedRoot>,
     pub files: Vec<UploadedFile>,
-    /// Symlinks and special files inside directories, not uploaded.
-    pub skipped: Vec<PathBuf>,
+    /// Symlinks, special files and empty directories inside directories:
+    /// trees hold regular files only.
+    pub skipped: Vec<Skipped>,
     /// Input bytes (tree listings included).
     pub bytes: u64,
     pub chunks: u64,
@@ -131,7 +139,7 @@ struct Root {
 struct Scan {
     inputs: Vec<Input>,
     roots: Vec<Root>,
-    skipped: Vec<PathBuf>,
+    skipped: Vec<Skipped>,
 }
 
 /// Walks the inputs; every problem (missing path, unreadable directory,
@@ -176,6 +184,12 @@ fn walk(dir: &Path, rel: &str, s: &mut Scan, out: &mut Vec<(String, u32, usize)>
         .collect::<std::io::Result<_>>()
         .map_err(Error::io(dir))?;
     names.sort();
+    if names.is_empty() && !rel.is_empty() {
+        s.skipped.push(Skipped {
+            path: dir.to_owned(),
+            reason: "empty directory; trees hold regular files only",
+        });
+    }
     for name in names {
         let path = dir.join(&name);
         let name = name.to_str().ok_or_else(|| Error::Input {
@@ -201,7 +215,12 @@ fn walk(dir: &Path, rel: &str, s: &mut Scan, out: &mut Vec<(String, u32, usize)>
             });
             out.push((rel, meta.permissions().mode() & 0o777, s.inputs.len() - 1));
         } else {
-            s.skipped.push(path);
+            let reason = if meta.file_type().is_symlink() {
+                "symlink"
+            } else {
+                "not a regular file"
+            };
+            s.skipped.push(Skipped { path, reason });
         }
     }
     Ok(())

@@ -14,8 +14,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use cas_e2e::client::{cas_as, ok, Env};
-use cas_e2e::{fails, json_of};
+use cas_e2e::client::{cas_as, ok, write_mode, Env};
+use cas_e2e::{fails, json_of, show};
 use serde_json::Value;
 
 fn root_hash(up: &Value) -> String {
@@ -75,6 +75,45 @@ fn a_shared_cache_stays_shared_under_umask_077() {
         }
     }
     assert!(files >= 2, "a cache entry and the location log");
+}
+
+// ------------------------------------------------------------- 5. uploads
+
+/// Empty directories cannot be stored in a tree (trees hold regular
+/// files): each is reported like a skipped symlink, with its reason, in
+/// the report and on stderr.
+#[test]
+fn empty_directories_are_reported() {
+    let env = Env::new();
+    let src = env.dir("src");
+    write_mode(&src.join("keep/a.txt"), b"a\n", 0o644);
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    std::fs::create_dir_all(src.join("nested/deeper")).unwrap();
+    std::os::unix::fs::symlink("keep/a.txt", src.join("link")).unwrap();
+    let mut c = env.cas("upload", None);
+    c.arg("--json").arg(&src);
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{}", show(&out));
+    let up = json_of(out.stdout);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let skipped = up["skipped"].as_array().unwrap();
+    let reason_of = |name: &str| {
+        let s = skipped
+            .iter()
+            .find(|s| s["path"].as_str().unwrap().ends_with(name))
+            .unwrap_or_else(|| panic!("{name} not in {up}"));
+        s["reason"].as_str().unwrap().to_owned()
+    };
+    for name in ["empty", "nested/deeper"] {
+        assert!(reason_of(name).contains("empty directory"), "{up}");
+        let line = stderr
+            .lines()
+            .find(|l| l.contains("skipped") && l.ends_with(name))
+            .unwrap_or_else(|| panic!("no warning for {name}: {stderr}"));
+        assert!(line.contains("empty directory"), "{line}");
+    }
+    assert!(reason_of("link").contains("symlink"), "{up}");
+    assert_eq!(skipped.len(), 3, "{up}");
 }
 
 // ------------------------------------------------------ 6. lying answers
