@@ -21,6 +21,7 @@ mod progress;
 mod reader;
 mod remote;
 mod restore;
+mod stamp;
 mod upload;
 
 use std::path::{Path, PathBuf};

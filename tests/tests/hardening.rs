@@ -8,18 +8,78 @@
 //! Each test runs the real binaries; each failed on the client before the
 //! hardening it checks.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
-use cas_e2e::client::{cas_as, ok, write_mode, Env};
+use cas_e2e::client::{cas_as, ok, write_mode, Env, Gate};
 use cas_e2e::{fails, json_of, show};
 use serde_json::Value;
 
+/// Long enough for anything these tests wait for; only reached on failure.
+const PATIENCE: Duration = Duration::from_secs(60);
+
 fn root_hash(up: &Value) -> String {
     up["roots"][0]["hash"].as_str().unwrap().to_owned()
+}
+
+/// A running client whose stderr is read line by line as it comes.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Running {
+    fn spawn(mut c: Command) -> Self {
+        let mut child = c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for the end: exit status, stdout, every stderr line.
+    fn finish(mut self) -> (std::process::ExitStatus, Vec<u8>, Vec<String>) {
+        let mut out = Vec::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.iter());
+        (status, out, self.seen)
+    }
+
+    /// Waits for a failure; returns its one `cas-client:` line.
+    fn fails(self) -> String {
+        let (status, _, err) = self.finish();
+        assert_eq!(status.code(), Some(1), "{err:?}");
+        let errors: Vec<&String> = err
+            .iter()
+            .filter(|l| l.starts_with("cas-client: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "{err:?}");
+        errors[0].clone()
+    }
 }
 
 /// `c` run by `sh -c SCRIPT sh ARGS... PROGRAM PROGRAM-ARGS...` with the
@@ -78,6 +138,42 @@ fn a_shared_cache_stays_shared_under_umask_077() {
 }
 
 // ------------------------------------------------------------- 5. uploads
+
+/// A file rewritten in place (same size, other bytes) while the upload
+/// reads it: the upload fails naming it, and commits nothing. The reader
+/// is stopped at a known point by holding the first dedup query, which
+/// blocks the pipeline behind it after at most 96 MiB of the file.
+#[test]
+fn a_file_rewritten_while_it_is_uploaded_is_refused() {
+    let env = Env::new();
+    let path = env.root.join("growing-log.bin");
+    let size = 128u64 << 20;
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(size).unwrap(); // zeros
+                              // An old mtime, so the rewrite moves it whatever the clock's granularity.
+    f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+    drop(f);
+    let gate = Gate::holding(env.url(), "POST /v1/dedup");
+    let mut c = cas_as(None, &gate.url, None, "upload", &env.root);
+    c.arg(&path);
+    let run = Running::spawn(c);
+    assert!(gate.wait_stalled(PATIENCE), "no dedup query was sent");
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let ones = vec![1u8; 1 << 20];
+    for mib in 100..128u64 {
+        f.write_all_at(&ones, mib << 20).unwrap();
+    }
+    drop(f);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+    let m0 = env.metrics();
+    gate.release();
+    let err = run.fails();
+    assert!(
+        err.contains("growing-log.bin") && err.contains("changed while"),
+        "{err}"
+    );
+    assert_eq!(env.metrics().requests("shard"), m0.requests("shard"));
+}
 
 /// Empty directories cannot be stored in a tree (trees hold regular
 /// files): each is reported like a skipped symlink, with its reason, in
