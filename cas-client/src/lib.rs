@@ -49,7 +49,8 @@ pub struct ClientConfig {
     pub endpoint: String,
     /// Bearer token sent to the endpoint (never to other hosts).
     pub token: Option<String>,
-    /// Local chunk cache; `None` disables it.
+    /// Local chunk cache; `None` disables it. One that cannot be created
+    /// or written is a warning, and the client goes on without it.
     pub cache_dir: Option<PathBuf>,
     pub cache_size: u64,
     /// Concurrent range GETs.
@@ -98,10 +99,17 @@ const CAT_WINDOW: u64 = 64 << 20;
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Self> {
         let remote = remote::Remote::new(&config.endpoint, config.token.as_deref(), config.retry)?;
-        let cache = config
-            .cache_dir
-            .map(|d| ChunkCache::open(&d, config.cache_size))
-            .transpose()?;
+        // A cache that cannot be used is a warning, never a failure.
+        let cache = config.cache_dir.and_then(|d| {
+            ChunkCache::open(&d, config.cache_size)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "cannot use the cache in {} ({e}); continuing without caching",
+                        d.display()
+                    )
+                })
+                .ok()
+        });
         Ok(Self {
             fetcher: fetch::Fetcher {
                 log: cache.as_ref().map(|c| c.locations(&config.endpoint)),
@@ -228,7 +236,7 @@ impl Client {
             }
         };
         progress.finish(Stage::Download);
-        self.evict().await?;
+        self.evict().await;
         Ok(FetchReport {
             hash: file,
             path: dest.to_owned(),
@@ -277,7 +285,7 @@ impl Client {
             pos = end;
         }
         out.flush().await.map_err(Error::io("standard output"))?;
-        self.evict().await?;
+        self.evict().await;
         Ok(range.len())
     }
 
@@ -287,13 +295,17 @@ impl Client {
         Ok(FileReader::new(self.fetcher.clone(), file, info.size))
     }
 
-    /// Keeps the cache under its cap.
-    async fn evict(&self) -> Result<()> {
+    /// Keeps the cache under its cap; a failure is the cache's, not the
+    /// operation's.
+    async fn evict(&self) {
         if let Some(c) = self.fetcher.cache.clone() {
-            tokio::task::spawn_blocking(move || c.evict())
-                .await
-                .expect("eviction does not panic")?;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = c.evict() {
+                    c.write_failed(&e);
+                }
+            })
+            .await
+            .expect("eviction does not panic");
         }
-        Ok(())
     }
 }

@@ -16,8 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use cas_e2e::client::{cas_as, ok, write_mode, Env, Gate};
-use cas_e2e::{fails, json_of, show};
+use cas_e2e::client::{cas_as, ok, u, write_mode, Env, Gate};
+use cas_e2e::{assert_same_bytes, fails, json_of, show};
 use serde_json::Value;
 
 /// Long enough for anything these tests wait for; only reached on failure.
@@ -100,7 +100,91 @@ fn wrapped(c: &Command, script: &str, args: &[&Path]) -> Command {
     w
 }
 
+/// `c` in a private mount namespace where `dir` is a fresh tmpfs mounted
+/// with `options` (gone when the command ends, even if the test fails).
+fn on_tmpfs(c: &Command, dir: &Path, options: &str) -> Command {
+    let script = format!("mount -t tmpfs -o {options} cas-test \"$1\" && shift && exec \"$@\"");
+    let inner = wrapped(c, &script, &[dir]);
+    let mut w = Command::new("unshare");
+    // A user namespace too, so that this works without root.
+    w.args(["--mount", "--map-root-user"])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => w.env(k, v),
+            None => w.env_remove(k),
+        };
+    }
+    if let Some(d) = c.get_current_dir() {
+        w.current_dir(d);
+    }
+    let probe = Command::new("unshare")
+        .args(["--mount", "--map-root-user", "true"])
+        .status();
+    assert!(
+        probe.is_ok_and(|s| s.success()),
+        "this test needs `unshare --mount --map-root-user` (util-linux, user namespaces) \
+         to give the client a real small filesystem"
+    );
+    w
+}
+
+/// A file of `pre` bytes uploaded alone, then `pre` + `more` uploaded: the
+/// second file's reconstruction spans two xorbs, so it is fetched (and
+/// journaled) as two units. Returns the second file's bytes and hash.
+fn two_unit_file(env: &Env, name: &str, seed: u64, half: usize) -> (Vec<u8>, String) {
+    let a = cas_bench::random_bytes(seed, half);
+    env.upload_bytes(&format!("{name}.first-half"), &a);
+    let mut b = a;
+    b.extend(cas_bench::random_bytes(seed + 1, half));
+    let (_, hash) = env.upload_bytes(name, &b);
+    (b, hash)
+}
+
 // ------------------------------------------------------------- 4. caches
+
+/// Counts the warnings about the cache among `stderr` lines.
+fn cache_warnings(stderr: &[String]) -> usize {
+    stderr
+        .iter()
+        .filter(|l| l.contains("continuing without caching"))
+        .count()
+}
+
+/// A cache on a filesystem too small for what is fetched: the fetch
+/// succeeds with one warning, however many cache writes fail.
+#[test]
+fn a_full_cache_never_fails_a_fetch() {
+    let env = Env::new();
+    let (data, hash) = two_unit_file(&env, "f.bin", 60, 3_000_000);
+    let cache = env.dir("cache");
+    let dest = env.root.join("out.bin");
+    let mut c = cas_as(None, env.url(), Some(&cache), "fetch", &env.root);
+    c.args(["--json", &hash, "-o"]).arg(&dest);
+    let run = Running::spawn(on_tmpfs(&c, &cache, "size=256k"));
+    let (status, out, err) = run.finish();
+    assert!(status.success(), "{status}: {err:?}");
+    assert_same_bytes(&data, &dest);
+    assert_eq!(cache_warnings(&err), 1, "{err:?}");
+    assert!(u(&json_of(out)["network_bytes"]) > 0);
+}
+
+/// A read-only cache: the same.
+#[test]
+fn a_read_only_cache_never_fails_a_fetch() {
+    let env = Env::new();
+    let (data, hash) = two_unit_file(&env, "f.bin", 70, 3_000_000);
+    let cache = env.dir("cache");
+    let dest = env.root.join("out.bin");
+    let mut c = cas_as(None, env.url(), Some(&cache), "fetch", &env.root);
+    c.args(["--json", &hash, "-o"]).arg(&dest);
+    let run = Running::spawn(on_tmpfs(&c, &cache, "ro"));
+    let (status, _, err) = run.finish();
+    assert!(status.success(), "{status}: {err:?}");
+    assert_same_bytes(&data, &dest);
+    assert_eq!(cache_warnings(&err), 1, "{err:?}");
+}
 
 /// Under umask 077 every file of a setgid (shared) cache, the chunk
 /// location log included, is still group-readable and -writable.

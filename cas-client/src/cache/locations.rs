@@ -6,11 +6,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use cas_protocol::messages::ChunkLocation;
 use cas_protocol::{ChunkHash, XorbHash};
 
-use super::{share, ChunkCache, PRIVATE_FILE, SHARED_FILE};
+use super::{share, ChunkCache, Writable, PRIVATE_FILE, SHARED_FILE};
+use crate::error::Error;
 
 impl ChunkCache {
     /// The chunk location log of the server at `endpoint`.
@@ -19,6 +21,7 @@ impl ChunkCache {
         LocationLog {
             path: self.root.join("chunks").join(format!("{}.log", &id[..32])),
             shared: self.shared,
+            writable: self.writable.clone(),
         }
     }
 }
@@ -36,6 +39,7 @@ pub struct LocationLog {
     pub(super) path: PathBuf,
     /// In a shared cache: group-writable like every other file.
     shared: bool,
+    writable: Arc<Writable>,
 }
 
 impl LocationLog {
@@ -62,10 +66,10 @@ impl LocationLog {
         map
     }
 
-    /// Appends records; failures only cost future dedup, so they are logged
-    /// and otherwise ignored.
+    /// Appends records; failures only cost future dedup, so they turn the
+    /// cache's writing off (with its one warning) and are otherwise ignored.
     pub fn record(&self, entries: &[(ChunkHash, ChunkLocation)]) {
-        if entries.is_empty() {
+        if entries.is_empty() || !self.writable.get() {
             return;
         }
         let mut buf = Vec::with_capacity(entries.len() * RECORD);
@@ -96,10 +100,7 @@ impl LocationLog {
                 f.write_all(&buf)
             });
         if let Err(e) = written {
-            tracing::warn!(
-                "cannot record chunk locations in {}: {e}",
-                self.path.display()
-            );
+            self.writable.failed(&Error::io(&self.path)(e));
         }
     }
 

@@ -18,6 +18,12 @@
 //! checks every recipe it is sent, so a stale or forged record makes a
 //! commit fail (and the upload retry without hints), never corrupts data.
 //!
+//! A cache that cannot be written (disk full, quota, read-only, no
+//! permission, ...) never fails an operation: the first write that fails
+//! turns writing off for the process with one warning ([`Writable`]), and
+//! everything goes on from the network; entries already there are still
+//! read.
+//!
 //! Sharing among users: when the root directory is setgid, directories are
 //! created `rwxrwsr-x` and entries `rw-rw-r--`, so every member of the group
 //! can read, add and evict. Lock files are opened read-only when they are
@@ -28,6 +34,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -62,6 +69,30 @@ fn share(file: &File) {
     }
 }
 
+/// Whether the cache may still be written, shared by everything that
+/// writes it (entries, locks, the location log, eviction).
+#[derive(Debug)]
+struct Writable {
+    root: PathBuf,
+    on: AtomicBool,
+}
+
+impl Writable {
+    /// Turns writing off after `e`, warning the first time only.
+    fn failed(&self, e: &Error) {
+        if self.on.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "cannot write to the cache in {} ({e}); continuing without caching",
+                self.root.display()
+            );
+        }
+    }
+
+    fn get(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+}
+
 /// Temp files older than this belong to a dead process.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 
@@ -75,6 +106,7 @@ pub struct ChunkCache {
     /// thousands of entries). Exact names are always checked on disk
     /// first, so ranges another process adds are still found.
     listings: Arc<Mutex<HashMap<XorbHash, Vec<ChunkRange>>>>,
+    writable: Arc<Writable>,
 }
 
 fn entry_name(r: ChunkRange) -> String {
@@ -102,6 +134,8 @@ impl ChunkCache {
     }
 
     /// Opens (creating if needed) a cache at `root` capped at `cap` bytes.
+    /// An existing root whose layout cannot be created opens for reading
+    /// only (see [`is_writable`](Self::is_writable)).
     pub fn open(root: &Path, cap: u64) -> Result<Self> {
         fs::create_dir_all(root).map_err(Error::io(root))?;
         let mode = fs::metadata(root)
@@ -113,11 +147,29 @@ impl ChunkCache {
             cap,
             shared: mode & 0o2000 != 0,
             listings: Arc::default(),
+            writable: Arc::new(Writable {
+                root: root.to_owned(),
+                on: AtomicBool::new(true),
+            }),
         };
-        cache.mkdir(&root.join("xorbs"))?;
-        cache.mkdir(&root.join("tmp"))?;
-        cache.mkdir(&root.join("chunks"))?;
+        for d in ["xorbs", "tmp", "chunks"] {
+            if let Err(e) = cache.mkdir(&root.join(d)) {
+                cache.write_failed(&e);
+                break;
+            }
+        }
         Ok(cache)
+    }
+
+    /// Whether this process still writes to the cache: false once a write
+    /// failed.
+    pub fn is_writable(&self) -> bool {
+        self.writable.get()
+    }
+
+    /// Stops writing to the cache after `e` (warning the first time).
+    pub(crate) fn write_failed(&self, e: &Error) {
+        self.writable.failed(e);
     }
 
     pub fn root(&self) -> &Path {
@@ -299,8 +351,8 @@ pub(crate) mod tests {
 
     fn put(c: &ChunkCache, x: &XorbHash, start: u32, end: u32, bytes: &[u8]) {
         let mut w = c.writer(x, ChunkRange { start, end }).unwrap();
-        w.write(bytes).unwrap();
-        w.commit(c).unwrap();
+        w.write(bytes);
+        w.commit();
     }
 
     #[test]
@@ -330,10 +382,36 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
         let mut w = c.writer(&xorb(1), ChunkRange { start: 0, end: 1 }).unwrap();
-        w.write(b"partial").unwrap();
+        w.write(b"partial");
         drop(w);
         assert_eq!(c.lookup(&xorb(1), ChunkRange { start: 0, end: 1 }), None);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// A write that fails turns writing off; what is cached is still read.
+    #[test]
+    fn a_failed_write_turns_writing_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        put(&c, &xorb(1), 0, 1, b"kept");
+        // A file where temp files go: creating one fails (ENOTDIR).
+        fs::remove_dir(dir.path().join("tmp")).unwrap();
+        fs::write(dir.path().join("tmp"), b"").unwrap();
+        assert!(c.is_writable());
+        assert!(c
+            .writer(&xorb(2), ChunkRange { start: 0, end: 1 })
+            .is_none());
+        assert!(!c.is_writable());
+        assert!(c
+            .clone()
+            .writer(&xorb(3), ChunkRange { start: 0, end: 1 })
+            .is_none());
+        let e = c.lookup(&xorb(1), ChunkRange { start: 0, end: 1 }).unwrap();
+        assert_eq!(fs::read(e.path).unwrap(), b"kept");
+        // A root whose layout cannot be made opens read-only.
+        let ro = tempfile::tempdir().unwrap();
+        fs::write(ro.path().join("xorbs"), b"").unwrap();
+        assert!(!ChunkCache::open(ro.path(), 1 << 20).unwrap().is_writable());
     }
 
     #[test]

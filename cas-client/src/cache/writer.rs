@@ -12,19 +12,25 @@ use super::{entry_name, ChunkCache};
 use crate::error::{Error, Result};
 
 impl ChunkCache {
-    /// Starts a new entry for `chunks` of `xorb`, written to a temp file.
-    pub fn writer(&self, xorb: &XorbHash, chunks: ChunkRange) -> Result<EntryWriter> {
-        let tmp_dir = self.root.join("tmp");
-        let tmp = tempfile_in(&tmp_dir)?;
+    /// Starts a new entry for `chunks` of `xorb`, written to a temp file;
+    /// `None` when the cache is not (or no longer) writable.
+    pub fn writer(&self, xorb: &XorbHash, chunks: ChunkRange) -> Option<EntryWriter> {
+        if !self.is_writable() {
+            return None;
+        }
+        let (tmp, file) = tempfile_in(&self.root.join("tmp"))
+            .map_err(|e| self.write_failed(&e))
+            .ok()?;
         let dir = self.xorb_dir(xorb);
-        Ok(EntryWriter {
-            file: Some(tmp.1),
-            tmp: tmp.0,
+        Some(EntryWriter {
+            file: Some(file),
+            tmp,
             dest: dir.join(entry_name(chunks)),
             dir,
             xorb: *xorb,
             chunks,
             mode: self.file_mode(),
+            cache: self.clone(),
         })
     }
 }
@@ -43,8 +49,11 @@ fn tempfile_in(dir: &Path) -> Result<(PathBuf, File)> {
 
 /// An entry being written; it appears under its name only on
 /// [`commit`](EntryWriter::commit), and the temp file goes away on drop.
+/// Writing it never fails its caller: a failure drops the entry and turns
+/// the cache's writing off.
 #[derive(Debug)]
 pub struct EntryWriter {
+    /// `None` once committed or failed.
     file: Option<File>,
     tmp: PathBuf,
     dest: PathBuf,
@@ -52,24 +61,39 @@ pub struct EntryWriter {
     xorb: XorbHash,
     chunks: ChunkRange,
     mode: u32,
+    cache: ChunkCache,
 }
 
 impl EntryWriter {
-    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let file = self.file.as_mut().expect("not committed");
-        file.write_all(bytes).map_err(Error::io(&self.tmp))
+    pub fn write(&mut self, bytes: &[u8]) {
+        if let Some(file) = &mut self.file {
+            if let Err(e) = file.write_all(bytes) {
+                self.abandon(Error::io(&self.tmp)(e));
+            }
+        }
     }
 
     /// Publishes the entry. Not fsynced: a cache entry lost in a crash is
     /// refetched, and a torn one fails verification and is replaced.
-    pub fn commit(mut self, cache: &ChunkCache) -> Result<()> {
-        let file = self.file.take().expect("not committed");
-        file.set_permissions(fs::Permissions::from_mode(self.mode))
-            .map_err(Error::io(&self.tmp))?;
-        drop(file);
-        cache.mkdir(&self.dir)?;
-        fs::rename(&self.tmp, &self.dest).map_err(Error::io(&self.dest))?;
-        if let Some(v) = cache
+    pub fn commit(mut self) {
+        let Some(file) = self.file.take() else {
+            return;
+        };
+        let published = file
+            .set_permissions(fs::Permissions::from_mode(self.mode))
+            .map_err(Error::io(&self.tmp))
+            .and_then(|()| {
+                drop(file);
+                self.cache.mkdir(&self.dir)
+            })
+            .and_then(|()| fs::rename(&self.tmp, &self.dest).map_err(Error::io(&self.dest)));
+        if let Err(e) = published {
+            let _ = fs::remove_file(&self.tmp);
+            self.cache.write_failed(&e);
+            return;
+        }
+        if let Some(v) = self
+            .cache
             .listings
             .lock()
             .expect("not poisoned")
@@ -77,7 +101,13 @@ impl EntryWriter {
         {
             v.push(self.chunks);
         }
-        Ok(())
+    }
+
+    /// Drops the entry after a failed write.
+    fn abandon(&mut self, e: Error) {
+        self.file = None;
+        let _ = fs::remove_file(&self.tmp);
+        self.cache.write_failed(&e);
     }
 }
 

@@ -120,11 +120,21 @@ impl Fetcher {
         if let Some(t) = self.cached(cache, unit, &sink, window).await? {
             return Ok(t);
         }
+        if !cache.is_writable() {
+            return self.network(unit, sink, window, None).await;
+        }
         let c = cache.clone();
         let (xorb, chunks) = (unit.xorb, unit.range.chunks);
-        let lock = tokio::task::spawn_blocking(move || c.lock(&xorb, chunks))
+        let lock = match tokio::task::spawn_blocking(move || c.lock(&xorb, chunks))
             .await
-            .expect("lock does not panic")?;
+            .expect("lock does not panic")
+        {
+            Ok(lock) => lock,
+            Err(e) => {
+                cache.write_failed(&e);
+                return self.network(unit, sink, window, None).await;
+            }
+        };
         if let Some(t) = self.cached(cache, unit, &sink, window).await? {
             lock.release();
             return Ok(t);
@@ -169,11 +179,15 @@ impl Fetcher {
                 cache.remove(&unit.xorb, &entry);
                 Ok(None)
             }
-            // Another process evicted it between lookup and open.
+            // Another process evicted it between lookup and open, or it
+            // cannot be read: a miss, never a failed fetch.
             Err(Error::Io {
                 ref path,
                 ref source,
-            }) if *path == entry.path && source.kind() == std::io::ErrorKind::NotFound => {
+            }) if *path == entry.path => {
+                if source.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cannot read cache entry {}: {source}", path.display());
+                }
                 cache.forget(&unit.xorb, entry.chunks);
                 Ok(None)
             }
@@ -202,9 +216,7 @@ impl Fetcher {
                     window,
                     sink.clone(),
                 );
-                if let Some(c) = cache {
-                    dec.tee = Some(c.writer(&unit.xorb, unit.range.chunks)?);
-                }
+                dec.tee = cache.and_then(|c| c.writer(&unit.xorb, unit.range.chunks));
                 let mut resp = remote
                     .get_range(unit.xorb, &unit.url, unit.range.bytes)
                     .await?;
@@ -241,8 +253,8 @@ impl Fetcher {
                 (dec, n_written) = feed(dec, buf.freeze()).await?;
                 self.progress.advance(Stage::Download, n_written);
                 let terms = dec.finish()?;
-                if let (Some(c), Some(w)) = (cache, dec.tee.take()) {
-                    w.commit(c)?;
+                if let Some(w) = dec.tee.take() {
+                    w.commit();
                 }
                 if let Some(log) = &self.log {
                     log.record(&dec.located);
