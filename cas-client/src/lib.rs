@@ -78,7 +78,10 @@ impl ClientConfig {
 /// How [`Client::fetch`] treats what is already there and what it fetches.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FetchOptions {
-    /// Replace existing files (never directories or symlinks).
+    /// Replace existing files that differ from what is fetched (never
+    /// directories or symlinks). Without it such a file is an error,
+    /// raised before anything is downloaded. Files already right are kept
+    /// either way.
     pub force: bool,
     /// Fetch a tree's listing as a plain file instead of restoring it.
     pub raw: bool,
@@ -208,8 +211,9 @@ impl Client {
             })
     }
 
-    /// Fetches a file, or a whole tree as a directory, to `dest`. An
-    /// interrupted fetch of the same hash to the same place resumes.
+    /// Fetches a file, or a whole tree as a directory, to `dest`. Fetches
+    /// to one destination take turns; run again after an interruption,
+    /// the same call finishes the job (see docs/CLIENT.md).
     pub async fn fetch(
         &self,
         file: FileHash,
@@ -221,18 +225,18 @@ impl Client {
         let info = self.stat(file).await?;
         let tree = if raw { None } else { self.tree(&info).await? };
         let progress = &self.fetcher.progress;
-        let (transfer, resumed, files, bytes) = match &tree {
+        let (outcome, files, bytes) = match &tree {
             Some(t) => {
                 let bytes = t.entries.iter().map(|e| e.size).sum();
                 progress.start(Stage::Download, Some(bytes));
-                let (tr, r) =
+                let o =
                     restore::fetch_tree(&self.fetcher, t, dest, force, self.connections).await?;
-                (tr, r, t.entries.len() as u64, bytes)
+                (o, t.entries.len() as u64, bytes)
             }
             None => {
                 progress.start(Stage::Download, Some(info.size));
-                let (tr, r) = restore::fetch_file(&self.fetcher, &info, dest, None, force).await?;
-                (tr, r, 1, info.size)
+                let o = restore::fetch_file(&self.fetcher, &info, dest, force).await?;
+                (o, 1, info.size)
             }
         };
         progress.finish(Stage::Download);
@@ -243,8 +247,10 @@ impl Client {
             tree: tree.is_some(),
             files,
             bytes,
-            resumed_bytes: resumed,
-            transfer,
+            resumed_bytes: outcome.resumed_bytes,
+            kept_files: outcome.kept_files,
+            kept_bytes: outcome.kept_bytes,
+            transfer: outcome.transfer,
             seconds: started.elapsed().as_secs_f64(),
         })
     }

@@ -72,8 +72,8 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Fetch a file (or a tree, as a directory), verified; resumes an
-    /// interrupted fetch to the same place.
+    /// Fetch a file (or a tree, as a directory), verified; run again after
+    /// an interruption, the same command finishes the job.
     Fetch {
         #[command(flatten)]
         remote: Remote,
@@ -81,7 +81,7 @@ enum Command {
         /// Destination [default: the hash, in the current directory].
         #[arg(long, short)]
         output: Option<PathBuf>,
-        /// Replace existing files.
+        /// Replace existing files that differ (files already right are kept).
         #[arg(long)]
         force: bool,
         /// Fetch a tree's listing as a plain file instead of restoring it.
@@ -312,7 +312,8 @@ async fn run(command: Command) -> Result<()> {
                 out!("{}", json(&r));
             } else {
                 eprintln!(
-                    "{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, {} resumed",
+                    "{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, \
+                     {} resumed, {} files ({}) already in place",
                     if r.tree { "tree" } else { "file" },
                     r.hash,
                     r.path.display(),
@@ -323,6 +324,8 @@ async fn run(command: Command) -> Result<()> {
                     HumanBytes(r.transfer.network_bytes),
                     HumanBytes(r.transfer.cache_bytes),
                     HumanBytes(r.resumed_bytes),
+                    r.kept_files,
+                    HumanBytes(r.kept_bytes),
                 );
             }
         }

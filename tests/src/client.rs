@@ -27,7 +27,7 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn new() -> Self {
+    pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_owned();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();

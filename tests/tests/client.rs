@@ -13,8 +13,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use cas_e2e::client::{
-    assert_same_tree, bound_by_permissions, cas_as, have_setpriv, is_root, ok, snapshot, u,
-    write_mode, Env, Gate,
+    assert_same_tree, bound_by_permissions, cas_as, find_journal, have_setpriv, is_root, ok,
+    snapshot, u, write_mode, Env, Gate,
 };
 use cas_e2e::{assert_same_bytes, fails, json_of, show};
 use cas_protocol::Sha256;
@@ -26,7 +26,7 @@ use serde_json::Value;
 /// of the weights uploads and downloads only about what changed.
 #[test]
 fn model_directory_round_trip_and_incremental_versions() {
-    let env = Env::new();
+    let env = Env::start();
     let model = env.dir("model");
     let weights = cas_bench::bf16_weights(11, 20_000_000);
     write_mode(&model.join("weights/model.safetensors"), &weights, 0o644);
@@ -120,7 +120,7 @@ fn small_files(dir: &Path, n: u64) -> Vec<(String, Vec<u8>)> {
 /// exact.
 #[test]
 fn many_small_files_upload_in_few_requests() {
-    let env = Env::new();
+    let env = Env::start();
     let src = env.dir("small");
     let n = 2000;
     small_files(&src, n);
@@ -150,7 +150,7 @@ fn many_small_files_upload_in_few_requests() {
 /// file is verified.
 #[test]
 fn fetch_resumes_after_kill_9() {
-    let env = Env::new();
+    let env = Env::start();
     let src = env.dir("src");
     // B = A + new data: B's reconstruction spans A's xorb and a new one,
     // two separately fetched (and journaled) units.
@@ -175,8 +175,7 @@ fn fetch_resumes_after_kill_9() {
     let gate = Gate::start(env.url(), budget);
     let dest = env.root.join("out/b.bin");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    let journal = dest.with_file_name("b.bin.part.journal");
-    let part = dest.with_file_name("b.bin.part");
+    let out = dest.parent().unwrap();
     let mut c = cas_as(None, &gate.url, None, "fetch", &env.root);
     c.args(["--connections", "1", &hash, "-o"])
         .arg(&dest)
@@ -185,7 +184,8 @@ fn fetch_resumes_after_kill_9() {
     let mut child = c.spawn().unwrap();
     let started = Instant::now();
     loop {
-        let lines = std::fs::read_to_string(&journal)
+        let lines = find_journal(out)
+            .and_then(|j| std::fs::read_to_string(j).ok())
             .map(|t| t.lines().count())
             .unwrap_or(0);
         if lines >= 2 && gate.stalled() {
@@ -214,7 +214,7 @@ fn fetch_resumes_after_kill_9() {
     child.wait().unwrap();
     drop(gate);
     assert!(!dest.exists(), "nothing under the final name after a kill");
-    assert!(part.is_file() && journal.is_file());
+    assert!(find_journal(out).is_some());
 
     let f = env.fetch(&hash, &dest, None);
     assert_same_bytes(&b, &dest);
@@ -226,14 +226,15 @@ fn fetch_resumes_after_kill_9() {
         net <= xorb_bytes - resumed + (1 << 20),
         "only what was not verified is fetched again: {f}"
     );
-    assert!(!part.exists() && !journal.exists(), "{f}");
+    let left: Vec<_> = std::fs::read_dir(out).unwrap().collect();
+    assert_eq!(left.len(), 1, "only b.bin is left: {left:?}");
 }
 
 /// Two fetches of one file at once through one cache move its bytes over
 /// the network once.
 #[test]
 fn concurrent_fetches_share_one_cache() {
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::bf16_weights(41, 24_000_000);
     let (_, hash) = env.upload_bytes("weights.bin", &data);
 
@@ -283,7 +284,7 @@ fn users_share_a_setgid_cache() {
         eprintln!("skipped: needs root and setpriv to act as two users");
         return;
     }
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::bf16_weights(51, 6_000_000);
     let (_, hash) = env.upload_bytes("shared.bin", &data);
 
@@ -323,7 +324,7 @@ fn users_share_a_setgid_cache() {
 /// xorb, and no file appears under the destination name.
 #[test]
 fn corrupted_xorb_fails_verification() {
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::random_bytes(61, 4_000_000);
     let (_, hash) = env.upload_bytes("data.bin", &data);
     let xorbs = env.stored_xorbs();
@@ -347,7 +348,7 @@ fn corrupted_xorb_fails_verification() {
 /// is written where it must not be.
 #[test]
 fn failures_are_clear_and_safe() {
-    let env = Env::new();
+    let env = Env::start();
     let src = env.dir("src");
     write_mode(&src.join("a.txt"), b"top file\n", 0o644);
     write_mode(&src.join("sub/b.txt"), b"nested file\n", 0o644);
@@ -444,7 +445,7 @@ fn failures_are_clear_and_safe() {
 /// `cat` ranges are the slices they name, and `stat` describes the file.
 #[test]
 fn cat_ranges_and_stat() {
-    let env = Env::new();
+    let env = Env::start();
     let mut data = cas_bench::random_bytes(81, 400_000);
     data.extend(cas_bench::bf16_weights(82, 300_000));
     let (_, hash) = env.upload_bytes("ranges.bin", &data);
@@ -493,7 +494,7 @@ fn cat_ranges_and_stat() {
 /// A damaged cache entry is not trusted: it is dropped and fetched again.
 #[test]
 fn corrupted_cache_entry_is_refetched() {
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::random_bytes(91, 3_000_000);
     let (_, hash) = env.upload_bytes("c.bin", &data);
     let cache = env.dir("cache");
@@ -530,7 +531,7 @@ fn corrupted_cache_entry_is_refetched() {
 /// as the option's value, not as an unknown flag.
 #[test]
 fn cat_suffix_range_as_separate_argument() {
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::random_bytes(85, 10_000);
     let (_, hash) = env.upload_bytes("suffix.bin", &data);
     let mut c = env.cas("cat", None);
@@ -542,7 +543,7 @@ fn cat_suffix_range_as_separate_argument() {
 /// `PATH: Permission denied (os error 13)`, not the cause twice.
 #[test]
 fn io_errors_state_their_cause_once() {
-    let env = Env::new();
+    let env = Env::start();
     let src = env.root.join("one.txt");
     std::fs::write(&src, b"one\n").unwrap();
     let hash = env.upload(&src)["roots"][0]["hash"]
@@ -577,7 +578,7 @@ fn hostile_tree_is_refused() {
     use cas_protocol::tree::{Tree, TreeEntry};
     use cas_protocol::Message;
 
-    let env = Env::new();
+    let env = Env::start();
     let payload = env.root.join("payload");
     std::fs::write(&payload, b"owned").unwrap();
     let file = env.upload(&payload)["roots"][0]["hash"]

@@ -30,8 +30,8 @@ use crate::remote::Remote;
 
 pub(crate) use decode::TermDone;
 use decode::{feed, UnitDecoder};
-pub(crate) use plan::PlacedTerm;
 use plan::{plan, Unit, Window};
+pub(crate) use plan::{term_spans, PlacedTerm};
 use sink::MemSink;
 pub(crate) use sink::{FileSink, Sink};
 

@@ -1,7 +1,7 @@
 //! A reconstruction as a plan: which byte range of which xorb serves which
 //! terms, and which part of the terms' concatenation was asked for.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use cas_protocol::messages::{FetchRange, Reconstruction, ReconstructionTerm};
 use cas_protocol::xorb::{MAX_XORB_SERIALIZED, MAX_XORB_UNCOMPRESSED};
@@ -48,6 +48,20 @@ pub(crate) struct Unit {
     pub url: String,
     pub range: FetchRange,
     pub terms: Vec<PlacedTerm>,
+}
+
+/// Where each term of `rec` lies in the concatenation of its terms, as
+/// `(start, end)`: what a fetch journal names.
+pub(crate) fn term_spans(rec: &Reconstruction) -> HashSet<(u64, u64)> {
+    let mut offset = 0;
+    rec.terms
+        .iter()
+        .map(|t| {
+            let span = (offset, offset + t.len);
+            offset += t.len;
+            span
+        })
+        .collect()
 }
 
 /// Groups the terms of `rec` by the fetch range that serves them.

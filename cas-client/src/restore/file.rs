@@ -1,61 +1,56 @@
-//! One file: positioned writes into `NAME.part`, checkpoints of verified
-//! terms in `NAME.part.journal`, the final check, then the rename.
+//! One file: positioned writes into `<file hash>.part` in the work
+//! directory, checkpoints of verified terms in `<file hash>.journal`, the
+//! final check, then the rename to every place the file goes.
+//!
+//! Crash ordering (what a kill at each step leaves, and what the next run
+//! of the same command does with it):
+//! 1. Verified bytes go to the `.part` by positioned writes; the `.part` is
+//!    synced before the journal names them, so the journal never names
+//!    bytes that are not on disk. A kill leaves the `.part` and a journal
+//!    of durable, verified terms: the next run fetches only the others.
+//! 2. When every term is in, the file hash and SHA-256 of the whole
+//!    `.part` are checked (terms an earlier run verified are read back and
+//!    hashed again). A kill after the last checkpoint, before the rename,
+//!    leaves a complete journal: the next run fetches nothing, checks the
+//!    `.part` and renames it.
+//! 3. The file is made durable (data and permission bits synced), renamed
+//!    to its final name, and its directory synced: from here it survives a
+//!    crash. Then its record goes to `placed` in the work directory. A kill
+//!    between the rename and the record leaves a complete file the next run
+//!    hashes (instead of trusting the record) and keeps.
+//! 4. The journal is removed; the work directory goes once every file of
+//!    the fetch is in place.
 
-use std::fs::{self, OpenOptions};
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use cas_protocol::ByteRange;
-
-use crate::error::{Error, Result};
-use crate::fetch::{Fetcher, FileSink, Sink, TermDone, Transfer};
-use crate::progress::Stage;
-use crate::remote::FileInfo;
+use cas_protocol::{ByteRange, FileHash};
 
 use super::digest::InOrder;
 use super::journal::Journal;
+use super::target::Target;
+use super::workdir::WorkDir;
+use crate::digest::hash_file;
+use crate::error::{Error, Result};
+use crate::fetch::{term_spans, Fetcher, FileSink, Sink, TermDone, Transfer};
+use crate::progress::{NoProgress, Stage};
+use crate::remote::FileInfo;
 
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(suffix);
-    path.with_file_name(name)
-}
-
-/// Fails unless `path` is absent, or a regular file and `force` is set.
-pub(super) fn check_target(path: &Path, force: bool) -> Result<()> {
-    match fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(path)(e)),
-        Ok(m) if m.is_file() && force => Ok(()),
-        Ok(m) if m.file_type().is_symlink() => Err(Error::Input {
-            path: path.to_owned(),
-            reason: "is a symlink; refusing to write through it".into(),
-        }),
-        Ok(_) => Err(Error::Exists(path.to_owned())),
-    }
-}
-
-/// Fetches one file to `dest`, resuming from `dest.part` and its journal.
-/// Returns the transfer and the bytes that were already there.
-pub(crate) async fn fetch_file(
+/// Fetches the file `info` describes into the work directory, resuming
+/// from what an earlier run left there, checks it, and renames it to each
+/// of `targets` (copies for all but the first). Returns the transfer and
+/// the bytes an earlier run had already verified.
+pub(super) async fn fetch_into(
     fetcher: &Fetcher,
+    work: &Arc<WorkDir>,
     info: &FileInfo,
-    dest: &Path,
-    mode: Option<u32>,
-    force: bool,
+    targets: Vec<Target>,
 ) -> Result<(Transfer, u64)> {
-    check_target(dest, force)?;
-    let part = sibling(dest, ".part");
-    let journal_path = sibling(dest, ".part.journal");
-    for p in [&part, &journal_path] {
-        if fs::symlink_metadata(p).is_ok_and(|m| !m.is_file()) {
-            return Err(Error::Input {
-                path: p.clone(),
-                reason: "exists and is not a regular file".into(),
-            });
-        }
-    }
+    let part = work.temp(&format!("{}.part", info.hash));
+    let journal_path = work.temp(&format!("{}.journal", info.hash));
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -71,17 +66,12 @@ pub(crate) async fn fetch_file(
     } else {
         None
     };
-    let resumed: u64 = journal
-        .iter()
-        .flat_map(|j| &j.done)
-        .map(|(a, b)| b - a)
-        .sum();
-    fetcher.progress.advance(Stage::Download, resumed);
     let sink = Arc::new(FileSink {
         file,
         path: part.clone(),
     });
     let mut transfer = Transfer::default();
+    let mut resumed = 0;
     let mut digest = InOrder::default();
     if info.size > 0 {
         let whole = ByteRange {
@@ -98,13 +88,20 @@ pub(crate) async fn fetch_file(
                 ),
             });
         }
-        let done = journal
+        // Only what the journal says about this reconstruction's terms.
+        let spans = term_spans(&rec);
+        let done: HashSet<(u64, u64)> = journal
             .as_mut()
             .map(|j| std::mem::take(&mut j.done))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| spans.contains(s))
+            .collect();
         for &(a, b) in &done {
             digest.add(a, b - a, None);
+            resumed += b - a;
         }
+        fetcher.progress.advance(Stage::Download, resumed);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let journaling = tokio::spawn(checkpoints(rx, sink.clone(), journal, digest, info.size));
         let s: Arc<dyn Sink> = sink.clone();
@@ -131,31 +128,86 @@ pub(crate) async fn fetch_file(
         let _ = fs::remove_file(&part);
         let _ = fs::remove_file(&journal_path);
         return Err(Error::Mismatch {
-            path: dest.to_owned(),
+            path: targets[0].path.clone(),
             reason,
         });
     }
-    if let Some(mode) = mode {
-        sink.file
-            .set_permissions(fs::Permissions::from_mode(mode & 0o777))
-            .map_err(Error::io(&part))?;
+    let (work, hash) = (work.clone(), info.hash);
+    tokio::task::spawn_blocking(move || {
+        let source = Source::Part {
+            path: &part,
+            file: &sink.file,
+        };
+        place(&work, hash, source, &targets)?;
+        match fs::remove_file(&journal_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(&journal_path)(e)),
+            _ => Ok(()),
+        }
+    })
+    .await
+    .expect("placing does not panic")?;
+    Ok((transfer, resumed))
+}
+
+/// Where the bytes put in place come from.
+pub(super) enum Source<'a> {
+    /// The verified `.part` of this fetch.
+    Part { path: &'a Path, file: &'a File },
+    /// A file already at another target of the same content, checked when
+    /// it was examined; each copy of it is hashed again.
+    Kept(&'a Path),
+}
+
+/// Puts a file of content `hash` at every target: copies of `source`
+/// (made under `<hash>.copy`) at all but the first, and the `.part`
+/// itself at the first when it is the source. Blocking.
+pub(super) fn place(
+    work: &WorkDir,
+    hash: FileHash,
+    source: Source<'_>,
+    targets: &[Target],
+) -> Result<()> {
+    let (from, copies) = match source {
+        Source::Part { path, .. } => (path, &targets[1..]),
+        Source::Kept(path) => (path, targets),
+    };
+    for t in copies {
+        let copy = work.temp(&format!("{hash}.copy"));
+        fs::copy(from, &copy).map_err(Error::io(&copy))?;
+        if matches!(source, Source::Kept(_)) && hash_file(&copy, &NoProgress)?.file_hash != hash {
+            let _ = fs::remove_file(&copy);
+            return Err(Error::Mismatch {
+                path: t.path.clone(),
+                reason: format!("{} changed while it was copied", from.display()),
+            });
+        }
+        let f = File::open(&copy).map_err(Error::io(&copy))?;
+        publish(work, hash, &copy, &f, t)?;
     }
-    sink.file.sync_all().map_err(Error::io(&part))?;
-    fs::rename(&part, dest).map_err(Error::io(dest))?;
-    let dir = match dest.parent() {
+    if let Source::Part { path, file } = source {
+        publish(work, hash, path, file, &targets[0])?;
+    }
+    Ok(())
+}
+
+/// Makes a verified temporary durable (data and mode), renames it to its
+/// target, syncs the target's directory, then records it.
+fn publish(work: &WorkDir, hash: FileHash, tmp: &Path, file: &File, t: &Target) -> Result<()> {
+    if let Some(mode) = t.mode {
+        file.set_permissions(fs::Permissions::from_mode(mode & 0o777))
+            .map_err(Error::io(tmp))?;
+    }
+    file.sync_all().map_err(Error::io(tmp))?;
+    fs::rename(tmp, &t.path).map_err(Error::io(&t.path))?;
+    let dir = match t.path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    fs::File::open(dir)
+    File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(dir))?;
-    match fs::remove_file(&journal_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(Error::io(&journal_path)(e))
-        }
-        _ => {}
-    }
-    Ok((transfer, resumed))
+    let meta = fs::symlink_metadata(&t.path).map_err(Error::io(&t.path))?;
+    work.record(hash, &meta)
 }
 
 /// Files smaller than this are fetched without a journal.
@@ -191,12 +243,15 @@ async fn checkpoints(
             bytes += terms.iter().map(|t| t.placed.term.len).sum::<u64>();
             pending.extend(terms);
         }
-        if !pending.is_empty() && (end || bytes >= threshold || last.elapsed() >= CHECKPOINT_EVERY)
+        // At the end the digest advances even with nothing pending: a
+        // fetch whose every term was resumed hashes them here.
+        if end
+            || (!pending.is_empty() && (bytes >= threshold || last.elapsed() >= CHECKPOINT_EVERY))
         {
             let (sink, (mut j, mut d)) = (sink.clone(), state.take().expect("returned"));
             let terms = std::mem::take(&mut pending);
             let synced = tokio::task::spawn_blocking(move || {
-                if let Some(j) = &mut j {
+                if let (Some(j), false) = (&mut j, terms.is_empty()) {
                     sink.file.sync_data().map_err(Error::io(&sink.path))?;
                     j.record(terms.iter().map(|t| &t.placed))?;
                 }
@@ -213,23 +268,5 @@ async fn checkpoints(
         if end {
             return Ok(state.expect("returned").1);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets_are_not_overwritten_without_force() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = dir.path().join("f");
-        assert!(check_target(&f, false).is_ok());
-        fs::write(&f, b"x").unwrap();
-        assert!(matches!(check_target(&f, false), Err(Error::Exists(_))));
-        assert!(check_target(&f, true).is_ok());
-        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("l")).unwrap();
-        assert!(check_target(&dir.path().join("l"), true).is_err());
-        assert!(check_target(dir.path(), true).is_err());
     }
 }

@@ -1,16 +1,22 @@
-//! A tree: every path checked and every target vetted before the first
-//! byte is fetched, then the files concurrently.
+//! A tree: every path checked and everything already there examined
+//! before the first byte is fetched, then each content once.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use cas_protocol::tree::{check_path, Tree};
+use cas_protocol::FileHash;
 use futures_util::StreamExt;
 
+use super::file::{fetch_into, place, Source};
+use super::target::{decide, examine, Target};
+use super::workdir::WorkDir;
+use super::{acquire, finish, Outcome};
 use crate::error::{Error, Result};
 use crate::fetch::{Fetcher, Transfer};
-
-use super::file::{check_target, fetch_file};
+use crate::progress::Stage;
 
 /// Creates the directories leading to `rel` under `root`, refusing to pass
 /// through anything that is not a real directory (a symlink planted in the
@@ -49,52 +55,131 @@ fn prepare_parents(root: &Path, rel: &str) -> Result<PathBuf> {
     Ok(root.join(rel_path))
 }
 
-/// Restores a tree under `dest`: every path is checked and every target
-/// vetted before the first byte is fetched; files then run concurrently.
+/// The files of one content a tree holds: where it must be written, and
+/// where it already is.
+struct Group {
+    hash: FileHash,
+    size: u64,
+    /// A tree path of it, for messages.
+    name: String,
+    write: Vec<Target>,
+    kept: Option<PathBuf>,
+}
+
+/// Restores a tree under `dest` (a directory, created if absent): every
+/// path is checked and everything already there examined before the first
+/// byte is fetched; then each content is fetched once, concurrently, and
+/// put at each of its paths.
 pub(crate) async fn fetch_tree(
     fetcher: &Fetcher,
     tree: &Tree,
     dest: &Path,
     force: bool,
     parallel_files: usize,
-) -> Result<(Transfer, u64)> {
+) -> Result<Outcome> {
     match fs::symlink_metadata(dest) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(Error::Exists(dest.to_owned())),
+        Ok(_) => {
+            return Err(Error::Input {
+                path: dest.to_owned(),
+                reason: "exists and is not a directory; a tree goes into a directory".into(),
+            })
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             fs::create_dir_all(dest).map_err(Error::io(dest))?
         }
         Err(e) => return Err(Error::io(dest)(e)),
     }
-    let mut targets = Vec::with_capacity(tree.entries.len());
-    for e in &tree.entries {
-        let target = prepare_parents(dest, &e.path)?;
-        check_target(&target, force)?;
-        targets.push(target);
-    }
-    let jobs = tree
-        .entries
-        .iter()
-        .zip(targets)
-        .map(|(e, target)| async move {
-            let info = fetcher.remote.file_info(e.file).await?;
-            if info.size != e.size {
+    let work = acquire(WorkDir::path_for(dest, true)?, dest).await?;
+    let r = restore(fetcher, &work, tree, dest, force, parallel_files).await;
+    finish(work, r).await
+}
+
+async fn restore(
+    fetcher: &Fetcher,
+    work: &Arc<WorkDir>,
+    tree: &Tree,
+    dest: &Path,
+    force: bool,
+    parallel_files: usize,
+) -> Result<Outcome> {
+    let (w, t, d) = (work.clone(), tree.clone(), dest.to_owned());
+    let (groups, mut outcome) = tokio::task::spawn_blocking(move || examine_all(&w, &t, &d, force))
+        .await
+        .expect("examining does not panic")?;
+    fetcher
+        .progress
+        .advance(Stage::Download, outcome.kept_bytes);
+    let jobs = groups
+        .into_iter()
+        .filter(|g| !g.write.is_empty())
+        .map(|g| async move {
+            if let Some(kept) = g.kept {
+                let w = work.clone();
+                tokio::task::spawn_blocking(move || {
+                    place(&w, g.hash, Source::Kept(&kept), &g.write)
+                })
+                .await
+                .expect("placing does not panic")?;
+                fetcher.progress.advance(Stage::Download, g.size);
+                return Ok((Transfer::default(), 0));
+            }
+            let info = fetcher.remote.file_info(g.hash).await?;
+            if info.size != g.size {
                 return Err(Error::BadAnswer {
-                    what: format!("tree entry {}", e.path),
-                    reason: format!("tree says {} bytes, the server {}", e.size, info.size),
+                    what: format!("tree entry {}", g.name),
+                    reason: format!("tree says {} bytes, the server {}", g.size, info.size),
                 });
             }
-            fetch_file(fetcher, &info, &target, Some(e.mode), force).await
+            fetch_into(fetcher, work, &info, g.write).await
         });
     let mut runs = futures_util::stream::iter(jobs).buffer_unordered(parallel_files.max(1));
-    let mut total = Transfer::default();
-    let mut resumed = 0;
     while let Some(r) = runs.next().await {
         let (t, r) = r?;
-        total += t;
-        resumed += r;
+        outcome.transfer += t;
+        outcome.resumed_bytes += r;
     }
-    Ok((total, resumed))
+    Ok(outcome)
+}
+
+/// Checks every path of `tree`, creates its directories and examines what
+/// is at each file's place, grouping the files by content in tree order.
+/// Blocking.
+fn examine_all(
+    work: &WorkDir,
+    tree: &Tree,
+    dest: &Path,
+    force: bool,
+) -> Result<(Vec<Group>, Outcome)> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: HashMap<(FileHash, u64), usize> = HashMap::new();
+    let mut outcome = Outcome::default();
+    for e in &tree.entries {
+        let target = Target {
+            path: prepare_parents(dest, &e.path)?,
+            mode: Some(e.mode),
+        };
+        let found = examine(work, &target.path, e.size, e.file)?;
+        let write = decide(found, &target, force)?;
+        let g = *index.entry((e.file, e.size)).or_insert_with(|| {
+            groups.push(Group {
+                hash: e.file,
+                size: e.size,
+                name: e.path.clone(),
+                write: Vec::new(),
+                kept: None,
+            });
+            groups.len() - 1
+        });
+        if write {
+            groups[g].write.push(target);
+        } else {
+            outcome.kept_files += 1;
+            outcome.kept_bytes += e.size;
+            groups[g].kept = Some(target.path);
+        }
+    }
+    Ok((groups, outcome))
 }
 
 #[cfg(test)]
