@@ -127,7 +127,13 @@ async fn acquire(path: PathBuf, dest: &Path) -> Result<Arc<WorkDir>> {
 /// Ends a fetch's use of its work directory: removed after success; after
 /// a failure kept for the next run if it holds progress.
 async fn finish(work: Arc<WorkDir>, r: Result<Outcome>) -> Result<Outcome> {
-    let work = Arc::into_inner(work).expect("every file job has ended");
+    // After a failure a file job may still be in a blocking step, holding
+    // the work directory (and its lock) until that step ends: it is left
+    // as it is. After success every job has ended.
+    let Some(work) = Arc::into_inner(work) else {
+        debug_assert!(r.is_err(), "a job outlived a successful fetch");
+        return r;
+    };
     tokio::task::spawn_blocking(move || match r {
         Ok(outcome) => work.remove().map(|()| outcome),
         Err(e) => {

@@ -77,7 +77,9 @@ impl WorkDir {
         let mut waited = false;
         loop {
             if !Self::vet(path)? {
+                // Ours or another fetch's: looked at again either way.
                 Self::create(path)?;
+                continue;
             }
             let lock_path = path.join(LOCK);
             let lock = match OpenOptions::new().read(true).write(true).open(&lock_path) {
