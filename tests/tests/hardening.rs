@@ -8,6 +8,7 @@
 //! Each test runs the real binaries; each failed on the client before the
 //! hardening it checks.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
@@ -150,12 +151,11 @@ fn fetch_cmd(env: &Env, endpoint: &str, hash: &str, dest: &Path, extra: &[&str])
     c
 }
 
-/// `c` run by `sh -c SCRIPT sh ARGS... PROGRAM PROGRAM-ARGS...` with the
-/// same environment and directory: the script ends with `exec "$@"`.
-fn wrapped(c: &Command, script: &str, args: &[&Path]) -> Command {
-    let mut w = Command::new("sh");
-    w.arg("-c").arg(script).arg("sh").args(args);
-    w.arg(c.get_program()).args(c.get_args());
+/// `c` run as the last arguments of `program args...`, with the same
+/// environment and directory.
+fn prefixed(c: &Command, program: &str, args: &[&OsStr]) -> Command {
+    let mut w = Command::new(program);
+    w.args(args).arg(c.get_program()).args(c.get_args());
     for (k, v) in c.get_envs() {
         match v {
             Some(v) => w.env(k, v),
@@ -168,25 +168,14 @@ fn wrapped(c: &Command, script: &str, args: &[&Path]) -> Command {
     w
 }
 
+/// `c` run by `sh -c SCRIPT`, which ends with `exec "$@"`.
+fn wrapped(c: &Command, script: &str) -> Command {
+    prefixed(c, "sh", &["-c".as_ref(), script.as_ref(), "sh".as_ref()])
+}
+
 /// `c` in a private mount namespace where `dir` is a fresh tmpfs mounted
 /// with `options` (gone when the command ends, even if the test fails).
 fn on_tmpfs(c: &Command, dir: &Path, options: &str) -> Command {
-    let script = format!("mount -t tmpfs -o {options} cas-test \"$1\" && shift && exec \"$@\"");
-    let inner = wrapped(c, &script, &[dir]);
-    let mut w = Command::new("unshare");
-    // A user namespace too, so that this works without root.
-    w.args(["--mount", "--map-root-user"])
-        .arg(inner.get_program())
-        .args(inner.get_args());
-    for (k, v) in c.get_envs() {
-        match v {
-            Some(v) => w.env(k, v),
-            None => w.env_remove(k),
-        };
-    }
-    if let Some(d) = c.get_current_dir() {
-        w.current_dir(d);
-    }
     let probe = Command::new("unshare")
         .args(["--mount", "--map-root-user", "true"])
         .status();
@@ -195,7 +184,10 @@ fn on_tmpfs(c: &Command, dir: &Path, options: &str) -> Command {
         "this test needs `unshare --mount --map-root-user` (util-linux, user namespaces) \
          to give the client a real small filesystem"
     );
-    w
+    let script = format!("mount -t tmpfs -o {options} cas-test \"$1\" && shift && exec \"$@\"");
+    // A user namespace too, so that this works without root.
+    let args = ["--mount", "--map-root-user", "sh", "-c", &script, "sh"].map(OsStr::new);
+    prefixed(c, "unshare", &[&args[..], &[dir.as_os_str()]].concat())
 }
 
 /// A file of `pre` bytes uploaded alone, then `pre` + `more` uploaded: the
@@ -612,46 +604,40 @@ fn rerunning_a_finished_fetch_downloads_nothing() {
 
 // ------------------------------------------------------------- 4. caches
 
-/// Counts the warnings about the cache among `stderr` lines.
-fn cache_warnings(stderr: &[String]) -> usize {
-    stderr
-        .iter()
-        .filter(|l| l.contains("continuing without caching"))
-        .count()
-}
-
-/// A cache on a filesystem too small for what is fetched: the fetch
-/// succeeds with one warning, however many cache writes fail.
-#[test]
-fn a_full_cache_never_fails_a_fetch() {
+/// Fetches a file with its cache on a fresh tmpfs mounted with `options`;
+/// the fetch must succeed with the right bytes. Returns the report and
+/// the warnings about the cache.
+fn fetch_with_cache_on_tmpfs(options: &str, seed: u64) -> (Value, usize) {
     let env = Env::start();
-    let (data, hash) = two_unit_file(&env, "f.bin", 60, 3_000_000);
+    let (data, hash) = two_unit_file(&env, "f.bin", seed, 3_000_000);
     let cache = env.dir("cache");
     let dest = env.root.join("out.bin");
     let mut c = cas_as(None, env.url(), Some(&cache), "fetch", &env.root);
     c.args(["--json", &hash, "-o"]).arg(&dest);
-    let run = Running::spawn(on_tmpfs(&c, &cache, "size=256k"));
-    let (status, out, err) = run.finish();
+    let (status, out, err) = Running::spawn(on_tmpfs(&c, &cache, options)).finish();
     assert!(status.success(), "{status}: {err:?}");
     assert_same_bytes(&data, &dest);
-    assert_eq!(cache_warnings(&err), 1, "{err:?}");
-    assert!(u(&json_of(out)["network_bytes"]) > 0);
+    let warnings = err
+        .iter()
+        .filter(|l| l.contains("continuing without caching"))
+        .count();
+    (json_of(out), warnings)
+}
+
+/// A cache on a filesystem too small for what is fetched (two units, so
+/// several cache writes fail): the fetch succeeds with one warning.
+#[test]
+fn a_full_cache_never_fails_a_fetch() {
+    let (report, warnings) = fetch_with_cache_on_tmpfs("size=256k", 60);
+    assert_eq!(warnings, 1, "{report}");
+    assert!(u(&report["network_bytes"]) > 0, "{report}");
 }
 
 /// A read-only cache: the same.
 #[test]
 fn a_read_only_cache_never_fails_a_fetch() {
-    let env = Env::start();
-    let (data, hash) = two_unit_file(&env, "f.bin", 70, 3_000_000);
-    let cache = env.dir("cache");
-    let dest = env.root.join("out.bin");
-    let mut c = cas_as(None, env.url(), Some(&cache), "fetch", &env.root);
-    c.args(["--json", &hash, "-o"]).arg(&dest);
-    let run = Running::spawn(on_tmpfs(&c, &cache, "ro"));
-    let (status, _, err) = run.finish();
-    assert!(status.success(), "{status}: {err:?}");
-    assert_same_bytes(&data, &dest);
-    assert_eq!(cache_warnings(&err), 1, "{err:?}");
+    let (report, warnings) = fetch_with_cache_on_tmpfs("ro", 70);
+    assert_eq!(warnings, 1, "{report}");
 }
 
 /// Under umask 077 every file of a setgid (shared) cache, the chunk
@@ -663,7 +649,7 @@ fn a_shared_cache_stays_shared_under_umask_077() {
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o2775)).unwrap();
     let src = env.root.join("f.bin");
     std::fs::write(&src, cas_bench::random_bytes(80, 2_000_000)).unwrap();
-    let strict = |c: Command| wrapped(&c, "umask 077 && exec \"$@\"", &[]);
+    let strict = |c: Command| wrapped(&c, "umask 077 && exec \"$@\"");
     let mut c = cas_as(None, env.url(), Some(&cache), "upload", &env.root);
     c.arg("--json").arg(&src);
     let hash = root_hash(&json_of(ok(strict(c))));
