@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cas_protocol::tree::Tree;
-use cas_protocol::{ByteRange, FileHash, Message};
+use cas_protocol::{ByteRange, FileHash, Kind, Message};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 pub use cache::{ChunkCache, DEFAULT_CACHE_SIZE};
@@ -180,34 +180,38 @@ impl Client {
         self.fetcher.remote.file_info(file).await
     }
 
-    /// The tree a file holds, if it starts with the tree tag. A file that
-    /// is tagged as a tree but breaks the tree rules (say, a path with
-    /// `..`) is an error, not a plain file: restoring it as a directory is
-    /// what its author asked for, and refusing is the safe answer.
+    /// The listing of a tree (`None` for a regular file), as the server
+    /// recorded it. A listing that breaks the tree rules (say, a path with
+    /// `..`) is an error: restoring it is what its author asked for, and
+    /// refusing is the safe answer (`--raw` fetches its bytes).
     pub async fn tree(&self, info: &FileInfo) -> Result<Option<Tree>> {
-        let tag = cas_protocol::tree::Tree::TAG;
-        if info.size < tag.len() as u64 || info.size > cas_protocol::tree::MAX_TREE_BYTES as u64 {
+        if info.kind != Kind::Tree {
             return Ok(None);
         }
-        let head = ByteRange {
-            start: 0,
-            end: tag.len() as u64,
-        };
-        if self.fetcher.read(info.hash, head).await? != tag {
-            return Ok(None);
+        if info.size > cas_protocol::tree::MAX_TREE_BYTES as u64 {
+            return Err(Error::BadAnswer {
+                what: format!("tree {}", info.hash),
+                reason: format!("{} bytes, more than a tree may have", info.size),
+            });
         }
         let whole = ByteRange {
             start: 0,
             end: info.size,
         };
         let bytes = self.fetcher.read(info.hash, whole).await?;
+        let chunks = cas_protocol::chunking::chunk_and_hash(&bytes);
+        let actual = FileHash::of_kind(Kind::Tree, &chunks);
+        if actual != info.hash {
+            return Err(Error::Mismatch {
+                path: info.hash.to_string().into(),
+                reason: format!("the tree's bytes hash to {actual}"),
+            });
+        }
         Tree::from_bytes(&bytes)
             .map(Some)
             .map_err(|e| Error::UnsafePath {
                 path: info.hash.to_string(),
-                reason: format!(
-                    "tagged as a tree but not a valid one ({e}); fetch it raw for its bytes"
-                ),
+                reason: format!("not a valid tree ({e}); fetch it raw for its bytes"),
             })
     }
 

@@ -355,6 +355,7 @@ async fn run(command: Command) -> Result<()> {
                 out!("{v}");
             } else {
                 out!("hash     {}", info.hash);
+                out!("kind     {}", info.kind);
                 out!("size     {}", info.size);
                 out!("sha256   {}", info.sha256);
                 out!("chunks   {} in {} terms", info.chunks, info.terms);

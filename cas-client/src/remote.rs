@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use cas_protocol::messages::{ChunkLocation, DedupAnswer, DedupQuery, MAX_DEDUP_BATCH};
 use cas_protocol::messages::{Reconstruction, MAX_RECONSTRUCTION_BYTES};
 use cas_protocol::shard::Shard;
-use cas_protocol::{ByteRange, ChunkHash, FileHash, Message, Sha256, XorbHash};
+use cas_protocol::{ByteRange, ChunkHash, FileHash, Kind, Message, Sha256, XorbHash};
 use rand::Rng;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_RANGE, CONTENT_TYPE, RANGE};
 use reqwest::{RequestBuilder, Response, StatusCode};
@@ -73,6 +73,9 @@ impl RetryPolicy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileInfo {
     pub hash: FileHash,
+    /// A file or a tree, as recorded when it was committed. A server that
+    /// lies about it is caught: the hash is computed for the kind.
+    pub kind: Kind,
     pub size: u64,
     pub sha256: Sha256,
     pub chunks: u64,
@@ -263,6 +266,27 @@ impl Remote {
             });
         }
         Ok(info)
+    }
+
+    /// Tells the server that bytes of `xorb` failed verification, so it
+    /// checks its own copy (and stops offering it for dedup if that is
+    /// damaged too). One try: this only helps the next upload.
+    pub async fn report_corrupt(&self, xorb: XorbHash) -> Result<String> {
+        #[derive(Deserialize)]
+        struct Checked {
+            status: String,
+        }
+        let url = format!("{}/v1/xorbs/{xorb}/check", self.endpoint);
+        let what = format!("check of xorb {xorb}");
+        let resp = self
+            .send(&what, &url, self.request(reqwest::Method::POST, &url))
+            .await?;
+        let body = read_limited(&what, &url, resp, 4096).await?;
+        let c: Checked = serde_json::from_slice(&body).map_err(|e| Error::BadAnswer {
+            what,
+            reason: e.to_string(),
+        })?;
+        Ok(c.status)
     }
 
     /// Starts a range GET of a xorb URL; the caller streams the body. Only a

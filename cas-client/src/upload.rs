@@ -28,7 +28,7 @@ use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{check_path, Tree, TreeEntry};
 use cas_protocol::xorb::{BuiltXorb, EncodedChunk, XorbBuilder};
-use cas_protocol::{ChunkHash, ChunkInfo, ChunkRange, FileHash, Message, Sha256, XorbHash};
+use cas_protocol::{ChunkHash, ChunkInfo, ChunkRange, FileHash, Kind, Message, Sha256, XorbHash};
 use rayon::prelude::*;
 use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -240,10 +240,17 @@ enum Item {
     },
     End {
         file: usize,
-        hash: FileHash,
-        sha256: Sha256,
-        size: u64,
+        end: FileEnd,
     },
+}
+
+/// A file's identities, known once all of it was read.
+#[derive(Debug, Clone, Copy)]
+struct FileEnd {
+    hash: FileHash,
+    sha256: Sha256,
+    size: u64,
+    kind: Kind,
 }
 
 #[derive(Default)]
@@ -260,10 +267,11 @@ fn chunk_source(
     path: &Path,
     src: &mut dyn Read,
     expected: u64,
+    kind: Kind,
     progress: &dyn Progress,
     emit: &mut dyn FnMut(Item) -> Result<()>,
 ) -> Result<Item> {
-    let d = digest_stream(path, src, expected, progress, &mut |data, chunks| {
+    let d = digest_stream(path, src, expected, kind, progress, &mut |data, chunks| {
         emit(Item::Piece { file, data, chunks })
     })?;
     if d.size != expected {
@@ -274,9 +282,12 @@ fn chunk_source(
     }
     Ok(Item::End {
         file,
-        hash: d.file_hash,
-        sha256: d.sha256,
-        size: d.size,
+        end: FileEnd {
+            hash: d.file_hash,
+            sha256: d.sha256,
+            size: d.size,
+            kind,
+        },
     })
 }
 
@@ -299,7 +310,7 @@ fn read_input(
 ) -> Result<()> {
     let path = &input.path;
     let mut f = File::open(path).map_err(Error::io(path))?;
-    let end = chunk_source(i, path, &mut f, input.size, progress, emit)?;
+    let end = chunk_source(i, path, &mut f, input.size, Kind::File, progress, emit)?;
     let open = f.metadata().map_err(Error::io(path))?;
     let named = fs::metadata(path).map_err(Error::io(path))?;
     if Stamp::of(&open) != input.stamp || Stamp::of(&named) != input.stamp {
@@ -329,9 +340,9 @@ fn chunker(
                 batch.bytes += data.len();
                 batch.chunks += chunks.len();
             }
-            Item::End { file, hash, .. } => {
+            Item::End { file, end } => {
                 if let Some(h) = hashes.get_mut(*file) {
-                    *h = Some(*hash);
+                    *h = Some(end.hash);
                 }
             }
         }
@@ -365,6 +376,7 @@ fn chunker(
                 &root.path,
                 &mut &bytes[..],
                 bytes.len() as u64,
+                Kind::Tree,
                 progress,
                 &mut |item| emit(item, &mut batch, &mut hashes),
             )?;
@@ -400,7 +412,7 @@ struct RefTerm {
 #[derive(Default)]
 struct FilePlan {
     terms: Vec<RefTerm>,
-    end: Option<(FileHash, Sha256, u64)>,
+    end: Option<FileEnd>,
 }
 
 impl FilePlan {
@@ -544,12 +556,7 @@ impl Planner {
                         plan.push(self.known[&c.hash], c.len);
                     }
                 }
-                Item::End {
-                    file,
-                    hash,
-                    sha256,
-                    size,
-                } => plan_of(&mut self.out.files, file).end = Some((hash, sha256, size)),
+                Item::End { file, end } => plan_of(&mut self.out.files, file).end = Some(end),
             }
         }
         if self.known.len() > MAX_KNOWN {
@@ -684,11 +691,12 @@ pub(crate) async fn upload(
         .files
         .iter()
         .map(|f| {
-            let (hash, sha256, size) = f.end?;
+            let end = f.end?;
             Some(FileRecipe {
-                hash,
-                sha256,
-                size,
+                hash: end.hash,
+                sha256: end.sha256,
+                size: end.size,
+                kind: end.kind,
                 terms: f
                     .terms
                     .iter()

@@ -1,5 +1,5 @@
-//! The CAS server as a library: a storage core ([`core`]) over an
-//! [`object_store::ObjectStore`] and an [`index::Index`], behind thin HTTP
+//! The CAS server as a library: a storage core ([`core`]) over a
+//! [`store::ObjectStore`] and an [`index::Index`], behind thin HTTP
 //! handlers ([`http`]). Embed it with [`Server::bind`] and [`Server::run`].
 
 pub mod auth;
@@ -7,16 +7,13 @@ pub mod core;
 pub mod http;
 pub mod index;
 pub mod metrics;
-pub mod object_store;
+pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::auth::{Access, SigningKey};
@@ -24,7 +21,7 @@ use crate::core::Core;
 use crate::http::App;
 use crate::index::{Index, IndexError, RocksIndex};
 use crate::metrics::Metrics;
-use crate::object_store::{FsStore, ObjectStore};
+use crate::store::FsStore;
 
 pub use cas_protocol as protocol;
 
@@ -93,9 +90,10 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics = Arc::new(Metrics::new(totals));
         let app = App {
-            core: Core::new(objects, index),
-            metrics: Arc::new(Metrics::new(totals)),
+            core: Core::with_metrics(objects, index, metrics.clone()),
+            metrics,
             public_url: config.public_url,
             upload_permits: tokio::sync::Semaphore::new(config.max_concurrent_uploads.max(1)),
             access: match config.signing_key {
@@ -117,53 +115,6 @@ impl Server {
     /// Serves until `shutdown` completes, then lets open requests finish
     /// (for at most 10 seconds).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-        serve(self.listener, self.app, shutdown).await
+        http::serve(self.listener, self.app, shutdown).await
     }
-}
-
-async fn serve<O: ObjectStore, I: Index>(
-    listener: TcpListener,
-    app: Arc<App<O, I>>,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        // Small answers (dedup, reconstruction, the last bytes of a range)
-        // must not wait for a delayed ACK on a reused connection (Nagle).
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(error = %e, "set_nodelay failed");
-        }
-        let app = app.clone();
-        let service = service_fn(move |req| http::handle(app.clone(), req, peer));
-        let conn = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after 10 s; closing them");
-    }
-    Ok(())
 }

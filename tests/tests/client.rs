@@ -596,7 +596,7 @@ fn hostile_tree_is_refused() {
                 file,
             }],
         };
-        let hash = cas_e2e::upload(env.url(), &[&tree.to_bytes()])
+        let hash = cas_e2e::upload_as(env.url(), &[&tree.to_bytes()], cas_protocol::Kind::Tree)
             .unwrap()
             .files[0]
             .to_string();
@@ -604,7 +604,7 @@ fn hostile_tree_is_refused() {
         let mut c = env.cas("fetch", None);
         c.arg(&hash).arg("-o").arg(&target);
         let err = fails(c);
-        assert!(err.contains("not a valid one"), "{evil}: {err}");
+        assert!(err.contains("not a valid tree"), "{evil}: {err}");
         assert!(!env.root.join("escaped").exists(), "{evil}");
         assert!(!Path::new("/tmp/escaped-absolute").exists(), "{evil}");
         assert!(!target.exists(), "{evil}: nothing created");

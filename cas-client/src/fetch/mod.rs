@@ -115,13 +115,17 @@ impl Fetcher {
         window: Window,
     ) -> Result<(Transfer, Vec<TermDone>)> {
         let Some(cache) = &self.cache else {
-            return self.network(unit, sink, window, None).await;
+            return self
+                .reported(self.network(unit, sink, window, None).await)
+                .await;
         };
         if let Some(t) = self.cached(cache, unit, &sink, window).await? {
             return Ok(t);
         }
         if !cache.is_writable() {
-            return self.network(unit, sink, window, None).await;
+            return self
+                .reported(self.network(unit, sink, window, None).await)
+                .await;
         }
         let c = cache.clone();
         let (xorb, chunks) = (unit.xorb, unit.range.chunks);
@@ -132,16 +136,32 @@ impl Fetcher {
             Ok(lock) => lock,
             Err(e) => {
                 cache.write_failed(&e);
-                return self.network(unit, sink, window, None).await;
+                return self
+                    .reported(self.network(unit, sink, window, None).await)
+                    .await;
             }
         };
         if let Some(t) = self.cached(cache, unit, &sink, window).await? {
             lock.release();
             return Ok(t);
         }
-        let t = self.network(unit, sink, window, Some(cache)).await?;
+        let t = self
+            .reported(self.network(unit, sink, window, Some(cache)).await)
+            .await?;
         lock.release();
         Ok(t)
+    }
+
+    /// Bytes from the network that failed verification are reported to the
+    /// server, which checks its copy so the next upload can repair it.
+    async fn reported<T>(&self, r: Result<T>) -> Result<T> {
+        if let Err(Error::CorruptXorb { xorb, .. }) = &r {
+            match self.remote.report_corrupt(*xorb).await {
+                Ok(status) => tracing::warn!("reported xorb {xorb} to the server: {status}"),
+                Err(e) => tracing::debug!("could not report xorb {xorb}: {e}"),
+            }
+        }
+        r
     }
 
     async fn cached(

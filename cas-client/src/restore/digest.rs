@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use cas_protocol::chunking::chunk_and_hash;
-use cas_protocol::{ChunkInfo, FileHash, FileHasher, Sha256, Sha256Hasher};
+use cas_protocol::{ChunkInfo, FileHash, FileHasher, Kind, Sha256, Sha256Hasher};
 
 use crate::error::{Error, Result};
 
@@ -16,7 +16,6 @@ use crate::error::{Error, Result};
 /// an earlier run verified come without their chunk list; their bytes are
 /// chunked again, which yields the same chunks because terms start and end
 /// at chunk boundaries.
-#[derive(Default)]
 pub(crate) struct InOrder {
     next: u64,
     waiting: BTreeMap<u64, (u64, Option<Vec<ChunkInfo>>)>,
@@ -26,6 +25,17 @@ pub(crate) struct InOrder {
 }
 
 impl InOrder {
+    /// A digest of a file of `kind` (the kind selects the file hash).
+    pub fn new(kind: Kind) -> Self {
+        Self {
+            next: 0,
+            waiting: BTreeMap::new(),
+            file_hash: FileHasher::new(kind),
+            sha: Sha256Hasher::new(),
+            buf: Vec::new(),
+        }
+    }
+
     pub fn add(&mut self, offset: u64, len: u64, chunks: Option<Vec<ChunkInfo>>) {
         self.waiting.insert(offset, (len, chunks));
     }
@@ -86,14 +96,14 @@ mod tests {
             terms.push((offset, len, group.to_vec()));
             offset += len;
         }
-        let mut d = InOrder::default();
+        let mut d = InOrder::new(Kind::File);
         for (i, (offset, len, group)) in terms.iter().enumerate().rev() {
             d.add(*offset, *len, (i % 2 == 0).then(|| group.clone()));
             d.advance(&file, &path).unwrap();
         }
         let want = (FileHash::from_chunks(&chunks), Sha256::of(&data));
         assert_eq!(d.finish(data.len() as u64), Some(want));
-        let mut partial = InOrder::default();
+        let mut partial = InOrder::new(Kind::File);
         partial.add(0, terms[0].1, None);
         partial.advance(&file, &path).unwrap();
         assert_eq!(partial.finish(data.len() as u64), None);

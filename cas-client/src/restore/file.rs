@@ -72,7 +72,7 @@ pub(super) async fn fetch_into(
     });
     let mut transfer = Transfer::default();
     let mut resumed = 0;
-    let mut digest = InOrder::default();
+    let mut digest = InOrder::new(info.kind);
     if info.size > 0 {
         let whole = ByteRange {
             start: 0,

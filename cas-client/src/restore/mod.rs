@@ -81,9 +81,15 @@ pub(crate) async fn fetch_file(
             path: dest.to_owned(),
             mode: None,
         };
-        let (w, t, size, hash) = (work.clone(), target.clone(), info.size, info.hash);
+        let (w, t, size, hash, kind) = (
+            work.clone(),
+            target.clone(),
+            info.size,
+            info.hash,
+            info.kind,
+        );
         let write = tokio::task::spawn_blocking(move || {
-            decide(examine(&w, &t.path, size, hash)?, &t, force)
+            decide(examine(&w, &t.path, size, hash, kind)?, &t, force)
         })
         .await
         .expect("examining does not panic")?;

@@ -5,10 +5,10 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use cas_protocol::FileHash;
+use cas_protocol::{FileHash, Kind};
 
 use super::workdir::WorkDir;
-use crate::digest::hash_file;
+use crate::digest::hash_file_as;
 use crate::error::{Error, Result};
 use crate::progress::NoProgress;
 
@@ -34,7 +34,13 @@ pub(super) enum Found {
 /// placed and that has not changed since (same inode, size, mtime, ctime)
 /// is the same; anything else is hashed. Symlinks and non-files are
 /// errors: they are never replaced.
-pub(super) fn examine(work: &WorkDir, path: &Path, size: u64, hash: FileHash) -> Result<Found> {
+pub(super) fn examine(
+    work: &WorkDir,
+    path: &Path,
+    size: u64,
+    hash: FileHash,
+    kind: Kind,
+) -> Result<Found> {
     let meta = match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Absent),
         Err(e) => return Err(Error::io(path)(e)),
@@ -55,7 +61,7 @@ pub(super) fn examine(work: &WorkDir, path: &Path, size: u64, hash: FileHash) ->
     if meta.len() != size {
         return Ok(Found::Differs);
     }
-    if work.placed(hash, &meta) || hash_file(path, &NoProgress)?.file_hash == hash {
+    if work.placed(hash, &meta) || hash_file_as(path, kind, &NoProgress)?.file_hash == hash {
         Ok(Found::Same)
     } else {
         Ok(Found::Differs)
@@ -96,22 +102,37 @@ mod tests {
         let hash = FileHash::from_chunks(&cas_protocol::chunking::chunk_and_hash(data));
         let f = dir.path().join("f");
         let size = data.len() as u64;
-        assert_eq!(examine(&work, &f, size, hash).unwrap(), Found::Absent);
+        assert_eq!(
+            examine(&work, &f, size, hash, Kind::File).unwrap(),
+            Found::Absent
+        );
         fs::write(&f, data).unwrap();
-        assert_eq!(examine(&work, &f, size, hash).unwrap(), Found::Same);
-        assert_eq!(examine(&work, &f, size + 1, hash).unwrap(), Found::Differs);
+        assert_eq!(
+            examine(&work, &f, size, hash, Kind::File).unwrap(),
+            Found::Same
+        );
+        assert_eq!(
+            examine(&work, &f, size + 1, hash, Kind::File).unwrap(),
+            Found::Differs
+        );
         fs::write(&f, b"the CONTENT").unwrap();
-        assert_eq!(examine(&work, &f, size, hash).unwrap(), Found::Differs);
+        assert_eq!(
+            examine(&work, &f, size, hash, Kind::File).unwrap(),
+            Found::Differs
+        );
         // A record of this work directory vouches for an unchanged file
         // (here one that does not hash right: the record is trusted).
         work.record(hash, &fs::metadata(&f).unwrap()).unwrap();
         drop(work);
         let work = WorkDir::acquire(&dir.path().join(".cas-fetch\\t"), || {}).unwrap();
-        assert_eq!(examine(&work, &f, size, hash).unwrap(), Found::Same);
+        assert_eq!(
+            examine(&work, &f, size, hash, Kind::File).unwrap(),
+            Found::Same
+        );
 
         std::os::unix::fs::symlink(&f, dir.path().join("l")).unwrap();
-        assert!(examine(&work, &dir.path().join("l"), size, hash).is_err());
-        assert!(examine(&work, dir.path(), size, hash).is_err());
+        assert!(examine(&work, &dir.path().join("l"), size, hash, Kind::File).is_err());
+        assert!(examine(&work, dir.path(), size, hash, Kind::File).is_err());
 
         let t = |mode| Target {
             path: f.clone(),

@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use cas_protocol::tree::{check_path, Tree};
-use cas_protocol::FileHash;
+use cas_protocol::{FileHash, Kind};
 use futures_util::StreamExt;
 
 use super::file::{fetch_into, place, Source};
@@ -159,7 +159,7 @@ fn examine_all(
             path: prepare_parents(dest, &e.path)?,
             mode: Some(e.mode),
         };
-        let found = examine(work, &target.path, e.size, e.file)?;
+        let found = examine(work, &target.path, e.size, e.file, Kind::File)?;
         let write = decide(found, &target, force)?;
         let g = *index.entry((e.file, e.size)).or_insert_with(|| {
             groups.push(Group {

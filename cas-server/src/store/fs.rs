@@ -1,69 +1,13 @@
-//! Immutable blobs (xorbs, shards) by content hash. The filesystem store is
-//! the embedded default; an S3 store is a second implementation of the same
-//! trait.
+//! The filesystem object store.
 
-use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 
 use bytes::Bytes;
 use cas_protocol::ByteRange;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-/// What an object is; each kind has its own namespace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjectKind {
-    Xorb,
-    Shard,
-}
-
-impl ObjectKind {
-    fn dir(self) -> &'static str {
-        match self {
-            Self::Xorb => "xorbs",
-            Self::Shard => "shards",
-        }
-    }
-}
-
-/// Name of an object: its kind and the hex of its 32-byte hash (so keys are
-/// always safe path components).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObjectKey {
-    kind: ObjectKind,
-    hex: String,
-}
-
-impl ObjectKey {
-    pub fn new(kind: ObjectKind, hash: &[u8; 32]) -> Self {
-        Self {
-            kind,
-            hex: hex::encode(hash),
-        }
-    }
-}
-
-/// A streamed read of part of an object.
-pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
-
-/// Immutable blob storage. `put` is atomic: an object is either whole under
-/// its name or absent, whatever happens during the write.
-pub trait ObjectStore: Send + Sync + 'static {
-    /// Stores `bytes`; `Ok(false)` if the object already existed (it is not
-    /// rewritten: content addressing makes the bytes equivalent).
-    fn put(&self, key: &ObjectKey, bytes: Bytes) -> impl Future<Output = io::Result<bool>> + Send;
-
-    /// The object's length, or `None` if absent.
-    fn len(&self, key: &ObjectKey) -> impl Future<Output = io::Result<Option<u64>>> + Send;
-
-    /// Streams `range` of the object (which must lie inside it).
-    fn read_range(
-        &self,
-        key: &ObjectKey,
-        range: ByteRange,
-    ) -> impl Future<Output = io::Result<ObjectReader>> + Send;
-}
+use super::{ObjectKey, ObjectKind, ObjectReader, ObjectStore};
 
 /// Objects as files under `root/<kind>/<first two hex digits>/<hex>`,
 /// written to `root/tmp`, fsynced, then renamed into place.
@@ -90,9 +34,9 @@ impl FsStore {
 
     fn path(&self, key: &ObjectKey) -> PathBuf {
         self.root
-            .join(key.kind.dir())
-            .join(&key.hex[..2])
-            .join(&key.hex)
+            .join(key.kind().dir())
+            .join(&key.hex()[..2])
+            .join(key.hex())
     }
 
     fn put_blocking(&self, key: &ObjectKey, bytes: &[u8]) -> io::Result<bool> {
@@ -126,6 +70,13 @@ impl ObjectStore for FsStore {
             Ok(m) => Ok(Some(m.len())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> io::Result<()> {
+        match tokio::fs::remove_file(self.path(key)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
         }
     }
 
@@ -163,6 +114,7 @@ mod tests {
         r.read_to_string(&mut out).await.unwrap();
         assert_eq!(out, "world");
         assert!(dir.path().join("xorbs/ab").join("ab".repeat(32)).is_file());
+        super::super::conformance::run(&store).await;
         // Leftover temp files vanish on reopen.
         std::fs::write(dir.path().join("tmp/partial"), b"x").unwrap();
         FsStore::open(dir.path()).unwrap();

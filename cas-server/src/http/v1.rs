@@ -1,178 +1,32 @@
-//! Thin hyper handlers over the storage core: parse the request, bound the
-//! body, call the core, map its answer or error to HTTP. Every error is JSON
-//! `{"error": "<stable code>", "message": "..."}`.
+//! The CAS API, version 1: dedup, xorb upload and read, shard commit,
+//! reconstruction and file info (docs/API.md, docs/openapi.json).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use cas_protocol::messages::{DedupQuery, MAX_DEDUP_BATCH};
 use cas_protocol::shard::MAX_SHARD_BYTES;
-use cas_protocol::xorb::{XorbError, MAX_XORB_SERIALIZED};
-use cas_protocol::{ByteRange, Encoding, FileHash, Message, MessageError, XorbHash};
+use cas_protocol::xorb::MAX_XORB_SERIALIZED;
+use cas_protocol::{ByteRange, Encoding, FileHash, Message, XorbHash};
 use futures_util::TryStreamExt;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Serialize;
-use tokio::sync::Semaphore;
 
-use crate::auth::{Access, Denied, Scope};
-use crate::core::{Core, CoreError, RangeRequest};
+use super::body::{body_encoding, drain, etag_matches, header_contains, range_header, read_body};
+use super::error::ApiError;
+use super::{empty, full, json, App, Body, BINARY, JSON};
+use crate::auth::Scope;
+use crate::core::CoreError;
 use crate::index::Index;
 use crate::metrics::Metrics;
-use crate::object_store::ObjectStore;
-
-pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+use crate::store::ObjectStore;
 
 /// Largest dedup query body (binary or JSON).
 const MAX_DEDUP_BODY: usize = 64 + MAX_DEDUP_BATCH * 70;
 const CACHE_IMMUTABLE: &str = "public, max-age=31536000, immutable";
-const BINARY: &str = "application/octet-stream";
-const JSON: &str = "application/json";
-
-/// Everything a request handler needs.
-pub struct App<O, I> {
-    pub core: Core<O, I>,
-    pub metrics: Arc<Metrics>,
-    /// Base URL put in front of `/v1/xorbs/...` in reconstruction answers;
-    /// `None`: the `Host` the client used.
-    pub public_url: Option<String>,
-    /// Bounds memory: each in-flight xorb upload holds up to 64 MiB.
-    pub upload_permits: Semaphore,
-    pub access: Access,
-}
-
-/// An HTTP error with its stable code.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    headers: Vec<(header::HeaderName, HeaderValue)>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            headers: vec![],
-        }
-    }
-
-    /// 416, with the `Content-Range: bytes */SIZE` that HTTP asks for.
-    fn unsatisfiable(size: u64, message: String) -> Self {
-        let mut err = Self::new(
-            StatusCode::RANGE_NOT_SATISFIABLE,
-            "range_not_satisfiable",
-            message,
-        );
-        let value = HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii");
-        err.headers.push((header::CONTENT_RANGE, value));
-        err
-    }
-
-    fn into_response(self) -> Response<Body> {
-        #[derive(Serialize)]
-        struct E<'a> {
-            error: &'a str,
-            message: &'a str,
-        }
-        let body = serde_json::to_vec(&E {
-            error: self.code,
-            message: &self.message,
-        })
-        .expect("json");
-        let mut r = full(self.status, JSON, body);
-        r.headers_mut().extend(self.headers);
-        r
-    }
-}
-
-impl From<Denied> for ApiError {
-    fn from(d: Denied) -> Self {
-        match d {
-            Denied::Unauthenticated(m) => {
-                let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-                e.headers
-                    .push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
-                e
-            }
-            Denied::Forbidden(m) => Self::new(StatusCode::FORBIDDEN, "forbidden", m),
-        }
-    }
-}
-
-impl From<CoreError> for ApiError {
-    fn from(e: CoreError) -> Self {
-        use StatusCode as S;
-        let message = e.to_string();
-        match e {
-            CoreError::InvalidXorb(
-                XorbError::ChunkHashMismatch { .. } | XorbError::XorbHashMismatch { .. },
-            ) => Self::new(S::BAD_REQUEST, "hash_mismatch", message),
-            CoreError::InvalidXorb(_) => Self::new(S::BAD_REQUEST, "invalid_xorb", message),
-            CoreError::InvalidMessage(MessageError::TooLarge { .. }) => {
-                Self::new(S::PAYLOAD_TOO_LARGE, "payload_too_large", message)
-            }
-            CoreError::InvalidMessage(_) => Self::new(S::BAD_REQUEST, "invalid_message", message),
-            CoreError::UnknownXorb(_) => Self::new(S::BAD_REQUEST, "unknown_xorb", message),
-            CoreError::InvalidRecipe { .. } => Self::new(S::BAD_REQUEST, "invalid_recipe", message),
-            CoreError::NotFound(_) => Self::new(S::NOT_FOUND, "not_found", message),
-            CoreError::RangeNotSatisfiable { size } => Self::unsatisfiable(size, message),
-            CoreError::Index(_) | CoreError::Io(_) => {
-                tracing::error!(error = %e, "internal error");
-                Self::new(
-                    S::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "internal error; see the server log",
-                )
-            }
-        }
-    }
-}
-
-fn full_body(bytes: Bytes) -> Body {
-    Full::new(bytes)
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-fn full(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(full_body(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
-}
-
-fn empty() -> Body {
-    full_body(Bytes::new())
-}
-
-fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
-    full(status, JSON, serde_json::to_vec(value).expect("json"))
-}
-
-fn header_contains(headers: &HeaderMap, name: header::HeaderName, needle: &str) -> bool {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains(needle))
-}
-
-/// The form of a request body: JSON when its Content-Type says so.
-fn body_encoding(headers: &HeaderMap) -> Encoding {
-    if header_contains(headers, header::CONTENT_TYPE, JSON) {
-        Encoding::Json
-    } else {
-        Encoding::Binary
-    }
-}
 
 fn message_response<M: Message>(encoding: Encoding, m: &M) -> Response<Body> {
     let content_type = match encoding {
@@ -193,95 +47,6 @@ fn parse_hash<T: std::str::FromStr>(s: &str) -> Result<T, ApiError> {
     })
 }
 
-/// Parses a single-range `Range: bytes=...` header.
-pub fn parse_range(value: &str) -> Result<RangeRequest, ApiError> {
-    let bad = || {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_range",
-            format!("unsupported Range header {value:?}"),
-        )
-    };
-    let spec = value.trim().strip_prefix("bytes=").ok_or_else(bad)?.trim();
-    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
-    let num = |s: &str| -> Result<u64, ApiError> {
-        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
-            return Err(bad());
-        }
-        s.parse().map_err(|_| bad())
-    };
-    match (a.trim(), b.trim()) {
-        ("", n) => Ok(RangeRequest::Suffix(num(n)?)),
-        (s, "") => Ok(RangeRequest::From {
-            start: num(s)?,
-            end: None,
-        }),
-        (s, e) => Ok(RangeRequest::From {
-            start: num(s)?,
-            end: Some(num(e)?),
-        }),
-    }
-}
-
-/// The request's range, if any; an empty `Range` value counts as none.
-fn range_header(headers: &HeaderMap) -> Result<Option<RangeRequest>, ApiError> {
-    match headers
-        .get(header::RANGE)
-        .filter(|v| !v.as_bytes().trim_ascii().is_empty())
-    {
-        None => Ok(None),
-        Some(v) => {
-            let v = v.to_str().map_err(|_| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_range",
-                    "non-ASCII Range header",
-                )
-            })?;
-            parse_range(v).map(Some)
-        }
-    }
-}
-
-/// Reads a request body of at most `limit` bytes.
-async fn read_body(
-    req: Request<Incoming>,
-    limit: usize,
-    metrics: &Metrics,
-) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("body exceeds {limit} bytes"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    let body = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("cannot read request body: {e}"),
-                )
-            }
-        })?;
-    let bytes = body.to_bytes();
-    Metrics::add(&metrics.bytes_in, bytes.len() as u64);
-    Ok(bytes)
-}
-
 /// The API's operations; `name` is the metrics label and the OpenAPI
 /// operationId in docs/openapi.json.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,10 +60,11 @@ pub enum Route {
     Shard,
     Reconstruction,
     File,
+    XorbCheck,
 }
 
 impl Route {
-    pub const ALL: [Route; 9] = [
+    pub const ALL: [Route; 10] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -308,6 +74,7 @@ impl Route {
         Route::Shard,
         Route::Reconstruction,
         Route::File,
+        Route::XorbCheck,
     ];
 
     pub fn name(self) -> &'static str {
@@ -321,6 +88,7 @@ impl Route {
             Route::Shard => "shard",
             Route::Reconstruction => "reconstruction",
             Route::File => "file",
+            Route::XorbCheck => "xorb_check",
         }
     }
 }
@@ -333,29 +101,20 @@ pub enum NoRoute {
     MethodNotAllowed(Vec<Method>),
 }
 
-/// Matches a request line to an operation and its `{hash}` path segment.
-/// Reads and drops a refused request's body (at most a shard's worth, for
-/// at most 30 s) before answering. A proxy that streams the body upstream
-/// (nginx with request buffering off) turns an early answer followed by a
-/// closed connection into a 502; draining lets the 401/403 through.
-async fn drain(req: Request<Incoming>) {
-    let mut body = Limited::new(req.into_body(), MAX_SHARD_BYTES);
-    let read_all = async { while let Some(Ok(_)) = body.frame().await {} };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(30), read_all).await;
-}
-
 impl Route {
     /// The token scope a route needs (when the server checks tokens).
     /// Xorb reads need none: their URLs are capabilities.
     pub fn scope(self) -> Option<Scope> {
         match self {
             Route::Dedup | Route::XorbPut | Route::Shard => Some(Scope::Write),
-            Route::Reconstruction | Route::File => Some(Scope::Read),
+            // A reader reports bytes that failed verification.
+            Route::Reconstruction | Route::File | Route::XorbCheck => Some(Scope::Read),
             Route::Healthz | Route::Metrics | Route::XorbGet | Route::XorbHead => None,
         }
     }
 }
 
+/// Matches a request line to an operation and its `{hash}` path segment.
 pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a str>), NoRoute> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let (candidates, hash): (&[(Method, Route)], _) = match segments.as_slice() {
@@ -373,6 +132,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a st
         ),
         ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], Some(*h)),
         ["v1", "files", h] => (&[(Method::GET, Route::File)], Some(*h)),
+        ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], Some(*h)),
         _ => return Err(NoRoute::NotFound),
     };
     candidates
@@ -421,6 +181,7 @@ pub async fn handle<O: ObjectStore, I: Index>(
                     Route::Shard => post_shard(&app, req).await,
                     Route::Reconstruction => reconstruct(&app, h, &req).await,
                     Route::File => file_info(&app, h).await,
+                    Route::XorbCheck => check_xorb(&app, h).await,
                 },
             };
             (r.name(), result)
@@ -512,16 +273,6 @@ async fn put_xorb<O: ObjectStore, I: Index>(
     }
 }
 
-fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
-    headers
-        .get_all(header::IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().trim_start_matches("W/"))
-        .any(|t| t == "*" || t == etag)
-}
-
 async fn get_xorb<O: ObjectStore, I: Index>(
     app: &App<O, I>,
     hash: &str,
@@ -591,7 +342,6 @@ async fn post_shard<O: ObjectStore, I: Index>(
     let encoding = body_encoding(req.headers());
     let body = read_body(req, MAX_SHARD_BYTES, &app.metrics).await?;
     let commit = app.core.commit_shard(body, encoding).await?;
-    Metrics::add(&app.metrics.files, commit.files as u64);
     Ok(json(StatusCode::OK, &commit))
 }
 
@@ -640,44 +390,31 @@ async fn file_info<O: ObjectStore, I: Index>(
     Ok(json(StatusCode::OK, &app.core.file_info(hash).await?))
 }
 
+/// A reader says bytes of this xorb failed verification; the server
+/// checks its own copy (and marks it damaged if it fails).
+async fn check_xorb<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: &str,
+) -> Result<Response<Body>, ApiError> {
+    #[derive(serde::Serialize)]
+    struct Checked {
+        xorb: XorbHash,
+        status: crate::core::XorbCheck,
+    }
+    let xorb: XorbHash = parse_hash(hash)?;
+    let status = app.core.check_xorb(xorb).await?;
+    Ok(json(StatusCode::OK, &Checked { xorb, status }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn range_header_forms() {
-        assert_eq!(
-            parse_range("bytes=0-9").unwrap(),
-            RangeRequest::From {
-                start: 0,
-                end: Some(9)
-            }
-        );
-        assert_eq!(
-            parse_range("bytes=5-").unwrap(),
-            RangeRequest::From {
-                start: 5,
-                end: None
-            }
-        );
-        assert_eq!(parse_range("bytes=-5").unwrap(), RangeRequest::Suffix(5));
-        for bad in [
-            "bytes=",
-            "bytes=-",
-            "bytes=a-b",
-            "bytes=0-1,2-3",
-            "items=0-1",
-            "bytes=99999999999999999999-",
-        ] {
-            assert!(parse_range(bad).is_err(), "{bad}");
-        }
-    }
 
     /// docs/openapi.json and the router describe the same operations.
     #[test]
     fn openapi_matches_router() {
         let spec: serde_json::Value =
-            serde_json::from_str(include_str!("../../docs/openapi.json")).expect("valid JSON");
+            serde_json::from_str(include_str!("../../../docs/openapi.json")).expect("valid JSON");
         let mut seen = Vec::new();
         for (path, ops) in spec["paths"].as_object().expect("paths") {
             let concrete = path.replace("{hash}", &"a".repeat(64));

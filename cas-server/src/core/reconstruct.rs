@@ -1,0 +1,218 @@
+//! Reading: file info, reconstruction plans (which xorb byte ranges
+//! rebuild a byte range of a file) and xorb reads.
+
+use std::collections::HashMap;
+
+use cas_protocol::messages::{FetchRange, Reconstruction, ReconstructionTerm, XorbFetch};
+use cas_protocol::shard::FileRecipe;
+use cas_protocol::xorb::{FrameOffsets, XorbError};
+use cas_protocol::{ByteRange, ChunkRange, FileHash, RangeHash, XorbHash};
+
+use super::health::xorb_key;
+use super::{load_recipe, Core, CoreError, FileInfo, Records};
+use crate::index::{Index, IndexError};
+use crate::store::{ObjectReader, ObjectStore};
+
+/// A requested byte range, before it is resolved against a file's size
+/// (the forms of an HTTP `Range: bytes=` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// `a-b` (inclusive end) or `a-` (`end: None`).
+    From { start: u64, end: Option<u64> },
+    /// `-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+impl RangeRequest {
+    /// The bytes this request selects of an object of `size` bytes, or
+    /// `None` when nothing can be served (HTTP 416).
+    pub fn resolve(self, size: u64) -> Option<ByteRange> {
+        match self {
+            Self::From { start, end } if start < size => {
+                let end = end.map_or(size, |e| e.saturating_add(1).min(size));
+                ByteRange::new(start, end)
+            }
+            Self::Suffix(n) if n > 0 && size > 0 => ByteRange::new(size - n.min(size), size),
+            _ => None,
+        }
+    }
+}
+
+impl<O: ObjectStore, I: Index> Core<O, I> {
+    pub async fn file_info(&self, hash: FileHash) -> Result<FileInfo, CoreError> {
+        let recipe = self.recipe(hash).await?;
+        Ok(FileInfo {
+            hash,
+            kind: recipe.kind,
+            size: recipe.size,
+            sha256: recipe.sha256,
+            chunks: recipe.terms.iter().map(|t| u64::from(t.chunks.len())).sum(),
+            terms: recipe.terms.len(),
+        })
+    }
+
+    /// The terms and xorb byte ranges that rebuild `range` of a file (the
+    /// whole file without one). `xorb_url` names where a xorb is fetched.
+    pub async fn reconstruct(
+        &self,
+        hash: FileHash,
+        range: Option<RangeRequest>,
+        xorb_url: impl Fn(&XorbHash) -> String + Send + 'static,
+    ) -> Result<Reconstruction, CoreError> {
+        self.with_index(move |i| {
+            let recipe = load_recipe(i, hash)?;
+            let range = match range {
+                None => ByteRange {
+                    start: 0,
+                    end: recipe.size,
+                },
+                Some(r) => r
+                    .resolve(recipe.size)
+                    .ok_or(CoreError::RangeNotSatisfiable { size: recipe.size })?,
+            };
+            plan(i, &recipe, range, &xorb_url).map_err(|e| match e {
+                CoreError::DamagedXorb(xorb) | CoreError::UnknownXorb(xorb) => CoreError::Damaged {
+                    file: Some(hash),
+                    xorb,
+                },
+                e => e,
+            })
+        })
+        .await
+    }
+
+    /// Streams bytes of a stored xorb.
+    pub async fn read_xorb(
+        &self,
+        hash: XorbHash,
+        range: ByteRange,
+    ) -> Result<ObjectReader, CoreError> {
+        Ok(self.objects.read_range(&xorb_key(&hash), range).await?)
+    }
+}
+
+/// Builds the reconstruction of `range` (already inside the file): the
+/// terms overlapping it, trimmed to the chunks that overlap it, and per
+/// xorb the merged byte ranges that hold those chunks.
+fn plan(
+    index: &impl Index,
+    recipe: &FileRecipe,
+    range: ByteRange,
+    xorb_url: &impl Fn(&XorbHash) -> String,
+) -> Result<Reconstruction, CoreError> {
+    let mut terms = Vec::new();
+    let mut offset_into_first_term = 0;
+    let mut records = Records::new(index);
+    let mut pos = 0u64;
+    for t in &recipe.terms {
+        let (t_start, t_end) = (pos, pos + t.len);
+        pos = t_end;
+        if t_end <= range.start || range.is_empty() {
+            continue;
+        }
+        if t_start >= range.end {
+            break;
+        }
+        let entries = &records.get(t.xorb)?.entries[t.chunks.as_usize()];
+        // Trim to the chunks overlapping the range.
+        let (mut first, mut last) = (0, entries.len());
+        let mut chunk_start = t_start;
+        let mut skipped = 0;
+        for (k, e) in entries.iter().enumerate() {
+            let chunk_end = chunk_start + u64::from(e.info.len);
+            if chunk_end <= range.start {
+                first = k + 1;
+                skipped = chunk_end - t_start;
+            }
+            if chunk_start >= range.end {
+                last = k;
+                break;
+            }
+            chunk_start = chunk_end;
+        }
+        let kept = &entries[first..last];
+        if terms.is_empty() {
+            offset_into_first_term = range.start.saturating_sub(t_start + skipped);
+        }
+        terms.push(ReconstructionTerm {
+            xorb: t.xorb,
+            chunks: ChunkRange {
+                start: t.chunks.start + first as u32,
+                end: t.chunks.start + last as u32,
+            },
+            len: kept.iter().map(|e| u64::from(e.info.len)).sum(),
+            range_hash: RangeHash::from_chunks(kept.iter().map(|e| &e.info)),
+        });
+    }
+    let mut by_xorb: HashMap<XorbHash, Vec<ChunkRange>> = HashMap::new();
+    for t in &terms {
+        by_xorb.entry(t.xorb).or_default().push(t.chunks);
+    }
+    let mut fetch = Vec::with_capacity(by_xorb.len());
+    for (xorb, mut ranges) in by_xorb {
+        ranges.sort_by_key(|r| r.start);
+        let mut merged: Vec<ChunkRange> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match merged.last_mut() {
+                Some(m) if r.start <= m.end => m.end = m.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        let offsets = FrameOffsets::new(&records.map[&xorb].entries);
+        let ranges = merged
+            .into_iter()
+            .map(|chunks| {
+                Ok(FetchRange {
+                    chunks,
+                    bytes: offsets.range(chunks)?,
+                })
+            })
+            .collect::<Result<_, XorbError>>()
+            .map_err(IndexError::from)?;
+        fetch.push(XorbFetch {
+            xorb,
+            url: xorb_url(&xorb),
+            ranges,
+        });
+    }
+    // Deterministic order: the order xorbs first appear in the terms.
+    let first_use: HashMap<XorbHash, usize> = terms
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(i, t)| (t.xorb, i))
+        .collect();
+    fetch.sort_by_key(|f| first_use[&f.xorb]);
+    Ok(Reconstruction {
+        file: recipe.hash,
+        file_size: recipe.size,
+        range,
+        offset_into_first_term,
+        terms,
+        fetch,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_requests_resolve_like_http() {
+        let from = |start, end| RangeRequest::From { start, end };
+        assert_eq!(from(0, Some(9)).resolve(100), ByteRange::new(0, 10));
+        assert_eq!(from(90, None).resolve(100), ByteRange::new(90, 100));
+        assert_eq!(from(90, Some(1000)).resolve(100), ByteRange::new(90, 100));
+        assert_eq!(from(100, None).resolve(100), None);
+        assert_eq!(
+            RangeRequest::Suffix(10).resolve(100),
+            ByteRange::new(90, 100)
+        );
+        assert_eq!(
+            RangeRequest::Suffix(1000).resolve(100),
+            ByteRange::new(0, 100)
+        );
+        assert_eq!(RangeRequest::Suffix(0).resolve(100), None);
+        assert_eq!(from(0, None).resolve(0), None);
+    }
+}

@@ -1,0 +1,102 @@
+//! An in-memory index for tests of the core.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use cas_protocol::messages::ChunkLocation;
+use cas_protocol::shard::FileRecipe;
+use cas_protocol::{ChunkHash, FileHash, XorbHash};
+
+use super::{Index, IndexError, Totals, XorbRecord};
+
+#[derive(Debug, Default)]
+pub struct MemIndex {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    xorbs: HashMap<XorbHash, XorbRecord>,
+    chunks: HashMap<ChunkHash, ChunkLocation>,
+    files: HashMap<FileHash, FileRecipe>,
+    damaged: HashSet<XorbHash>,
+}
+
+impl MemIndex {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("not poisoned")
+    }
+}
+
+impl Index for MemIndex {
+    fn xorb(&self, hash: &XorbHash) -> Result<Option<XorbRecord>, IndexError> {
+        Ok(self.state().xorbs.get(hash).cloned())
+    }
+
+    fn chunk(&self, hash: &ChunkHash) -> Result<Option<ChunkLocation>, IndexError> {
+        Ok(self.state().chunks.get(hash).copied())
+    }
+
+    fn file(&self, hash: &FileHash) -> Result<Option<FileRecipe>, IndexError> {
+        Ok(self.state().files.get(hash).cloned())
+    }
+
+    fn add_xorb(&self, hash: &XorbHash, record: &XorbRecord) -> Result<(), IndexError> {
+        let mut s = self.state();
+        for (i, e) in record.entries.iter().enumerate() {
+            let location = ChunkLocation {
+                xorb: *hash,
+                index: i as u32,
+            };
+            s.chunks.insert(e.info.hash, location);
+        }
+        s.xorbs.insert(*hash, record.clone());
+        s.damaged.remove(hash);
+        Ok(())
+    }
+
+    fn mark_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError> {
+        let mut s = self.state();
+        let Some(record) = s.xorbs.get(hash).cloned() else {
+            return Ok(false);
+        };
+        if !s.damaged.insert(*hash) {
+            return Ok(false);
+        }
+        for e in &record.entries {
+            if s.chunks.get(&e.info.hash).is_some_and(|l| l.xorb == *hash) {
+                s.chunks.remove(&e.info.hash);
+            }
+        }
+        Ok(true)
+    }
+
+    fn is_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError> {
+        Ok(self.state().damaged.contains(hash))
+    }
+
+    fn add_files(&self, files: &[FileRecipe]) -> Result<(), IndexError> {
+        let mut s = self.state();
+        for f in files {
+            s.files.insert(f.hash, f.clone());
+        }
+        Ok(())
+    }
+
+    fn totals(&self) -> Result<Totals, IndexError> {
+        let s = self.state();
+        Ok(Totals {
+            xorbs: s.xorbs.len() as u64,
+            xorb_bytes: s.xorbs.values().map(XorbRecord::object_len).sum(),
+            files: s.files.len() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn conforms() {
+        super::super::conformance::run(&super::MemIndex::default());
+    }
+}

@@ -1,0 +1,82 @@
+//! The index: which xorbs, chunks and files the store holds. RocksDB is the
+//! implementation a server runs ([`RocksIndex`]); [`MemIndex`] serves unit
+//! tests of the core. With objects as the source of truth the index is a
+//! rebuildable cache of what the xorb headers and shards say. Every
+//! implementation passes [`conformance::run`].
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod conformance;
+#[cfg(any(test, feature = "test-util"))]
+mod mem;
+mod rocks;
+
+use cas_protocol::messages::ChunkLocation;
+use cas_protocol::shard::FileRecipe;
+use cas_protocol::xorb::{encode_header, serialized_len, IndexEntry, XorbError};
+use cas_protocol::{ChunkHash, FileHash, MessageError, XorbHash};
+
+#[cfg(any(test, feature = "test-util"))]
+pub use mem::MemIndex;
+pub use rocks::RocksIndex;
+
+/// Index failures: storage errors, or stored values that no longer parse.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("index storage: {0}")]
+    Storage(#[from] rocksdb::Error),
+    #[error("corrupt index entry for xorb: {0}")]
+    CorruptXorb(#[from] XorbError),
+    #[error("corrupt index entry for file: {0}")]
+    CorruptFile(#[from] MessageError),
+    #[error("corrupt chunk entry")]
+    CorruptChunk,
+}
+
+/// A stored xorb as the index knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XorbRecord {
+    pub entries: Vec<IndexEntry>,
+}
+
+impl XorbRecord {
+    /// Serialized length of the xorb object.
+    pub fn object_len(&self) -> u64 {
+        serialized_len(&self.entries)
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_header(&self.entries, &mut v);
+        v
+    }
+}
+
+/// Totals for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub xorbs: u64,
+    pub xorb_bytes: u64,
+    pub files: u64,
+}
+
+/// The index operations the storage core needs. Calls block; the core runs
+/// them off the async threads.
+pub trait Index: Send + Sync + 'static {
+    fn xorb(&self, hash: &XorbHash) -> Result<Option<XorbRecord>, IndexError>;
+    fn chunk(&self, hash: &ChunkHash) -> Result<Option<ChunkLocation>, IndexError>;
+    fn file(&self, hash: &FileHash) -> Result<Option<FileRecipe>, IndexError>;
+    /// Records a stored xorb and makes its chunks visible to dedup,
+    /// atomically; a damaged mark on it is cleared (its object was
+    /// replaced by a verified copy).
+    fn add_xorb(&self, hash: &XorbHash, record: &XorbRecord) -> Result<(), IndexError>;
+    /// Records files (replacing earlier recipes of the same hashes), all or
+    /// none. Which recipes may be written is the core's decision.
+    fn add_files(&self, files: &[FileRecipe]) -> Result<(), IndexError>;
+    /// Marks a recorded xorb damaged (its object is missing or corrupt) and
+    /// stops offering its chunks for dedup, atomically. `Ok(false)` when it
+    /// is unknown or already marked.
+    fn mark_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError>;
+    fn is_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError>;
+    /// Counts, by a full scan (used once at start).
+    fn totals(&self) -> Result<Totals, IndexError>;
+}
