@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use cas_protocol::chunking::chunk_and_hash_parallel;
-use cas_protocol::{ChunkInfo, FileHash, FileHasher, Sha256, Sha256Hasher};
+use cas_protocol::{ChunkInfo, FileHash, FileHasher, Kind, Sha256, Sha256Hasher};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -35,17 +35,19 @@ pub struct FileDigest {
 ///
 /// `size_hint` (the expected length) sizes the buffers: pieces keep their
 /// segment's allocation alive until they are packed, so a small file must
-/// not sit in a 16 MiB buffer.
+/// not sit in a 16 MiB buffer. `kind` selects the hash (a tree listing
+/// hashes apart from a file with the same bytes).
 pub(crate) fn digest_stream(
     path: &Path,
     src: &mut dyn Read,
     size_hint: u64,
+    kind: Kind,
     progress: &dyn Progress,
     on_piece: &mut dyn FnMut(Bytes, Vec<ChunkInfo>) -> Result<()>,
 ) -> Result<FileDigest> {
     let mut carry: Vec<u8> = Vec::new();
     let mut sha = Sha256Hasher::new();
-    let mut file_hash = FileHasher::new();
+    let mut file_hash = FileHasher::new(kind);
     let (mut size, mut count) = (0u64, 0usize);
     loop {
         let mut buf = std::mem::take(&mut carry);
@@ -95,6 +97,12 @@ pub(crate) fn digest_stream(
 /// Chunks and hashes one regular file with all cores, in bounded memory,
 /// reporting bytes read as [`Stage::Hash`].
 pub fn hash_file(path: &Path, progress: &dyn Progress) -> Result<FileDigest> {
+    hash_file_as(path, Kind::File, progress)
+}
+
+/// As [`hash_file`], hashing the file as a `kind` (a tree's listing has a
+/// hash of its own).
+pub(crate) fn hash_file_as(path: &Path, kind: Kind, progress: &dyn Progress) -> Result<FileDigest> {
     let mut file = File::open(path).map_err(Error::io(path))?;
     let meta = file.metadata().map_err(Error::io(path))?;
     if !meta.is_file() {
@@ -103,7 +111,9 @@ pub fn hash_file(path: &Path, progress: &dyn Progress) -> Result<FileDigest> {
             reason: "not a regular file".into(),
         });
     }
-    digest_stream(path, &mut file, meta.len(), progress, &mut |_, _| Ok(()))
+    digest_stream(path, &mut file, meta.len(), kind, progress, &mut |_, _| {
+        Ok(())
+    })
 }
 
 #[cfg(test)]
@@ -124,6 +134,7 @@ mod tests {
             Path::new("x"),
             &mut &data[..],
             0,
+            Kind::File,
             &NoProgress,
             &mut |b, c| {
                 pieces.push((b, c));

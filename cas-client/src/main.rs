@@ -72,8 +72,8 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Fetch a file (or a tree, as a directory), verified; resumes an
-    /// interrupted fetch to the same place.
+    /// Fetch a file (or a tree, as a directory), verified; run again after
+    /// an interruption, the same command finishes the job.
     Fetch {
         #[command(flatten)]
         remote: Remote,
@@ -81,7 +81,7 @@ enum Command {
         /// Destination [default: the hash, in the current directory].
         #[arg(long, short)]
         output: Option<PathBuf>,
-        /// Replace existing files.
+        /// Replace existing files that differ (files already right are kept).
         #[arg(long)]
         force: bool,
         /// Fetch a tree's listing as a plain file instead of restoring it.
@@ -257,6 +257,9 @@ async fn run(command: Command) -> Result<()> {
             paths,
         } => {
             let r = remote.client()?.upload(&paths).await?;
+            for s in &r.skipped {
+                eprintln!("skipped ({}): {}", s.reason, s.path.display());
+            }
             if as_json {
                 let mut v = serde_json::to_value(&r)?;
                 v["dedup_ratio"] = r.dedup_ratio().into();
@@ -273,9 +276,6 @@ async fn run(command: Command) -> Result<()> {
             for root in &r.roots {
                 let kind = if root.tree { "tree" } else { "file" };
                 out!("{}  {kind}  {}", root.hash, root.path.display());
-            }
-            for s in &r.skipped {
-                eprintln!("skipped (not a regular file): {}", s.display());
             }
             let compression = if r.new_bytes == 0 {
                 "nothing new".to_owned()
@@ -312,7 +312,8 @@ async fn run(command: Command) -> Result<()> {
                 out!("{}", json(&r));
             } else {
                 eprintln!(
-                    "{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, {} resumed",
+                    "{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, \
+                     {} resumed, {} files ({}) already in place",
                     if r.tree { "tree" } else { "file" },
                     r.hash,
                     r.path.display(),
@@ -323,6 +324,8 @@ async fn run(command: Command) -> Result<()> {
                     HumanBytes(r.transfer.network_bytes),
                     HumanBytes(r.transfer.cache_bytes),
                     HumanBytes(r.resumed_bytes),
+                    r.kept_files,
+                    HumanBytes(r.kept_bytes),
                 );
             }
         }
@@ -352,6 +355,7 @@ async fn run(command: Command) -> Result<()> {
                 out!("{v}");
             } else {
                 out!("hash     {}", info.hash);
+                out!("kind     {}", info.kind);
                 out!("size     {}", info.size);
                 out!("sha256   {}", info.sha256);
                 out!("chunks   {} in {} terms", info.chunks, info.terms);

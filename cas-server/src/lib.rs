@@ -176,9 +176,10 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let metrics = Arc::new(Metrics::new(totals));
         let mut app = App::new(
-            Core::new(objects, index),
-            Arc::new(Metrics::new(totals)),
+            Core::with_metrics(objects, index, metrics.clone()),
+            metrics,
             limits,
             match config.signing_key {
                 Some(k) => Access::Tokens(k),

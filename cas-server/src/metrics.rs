@@ -20,6 +20,8 @@ pub struct Metrics {
     pub xorbs: AtomicU64,
     pub stored_bytes: AtomicU64,
     pub files: AtomicU64,
+    /// Xorbs found missing or corrupt (and taken out of dedup).
+    pub xorbs_damaged: AtomicU64,
 }
 
 impl Metrics {
@@ -57,7 +59,7 @@ impl Metrics {
             )
             .unwrap();
         }
-        let scalars: [(&str, &str, &str, &AtomicU64); 9] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 10] = [
             (
                 "cas_bytes_in_total",
                 "counter",
@@ -102,6 +104,12 @@ impl Metrics {
                 &self.stored_bytes,
             ),
             ("cas_files", "gauge", "Files registered.", &self.files),
+            (
+                "cas_xorbs_damaged_total",
+                "counter",
+                "Xorbs found missing or corrupt (no longer offered for dedup).",
+                &self.xorbs_damaged,
+            ),
         ];
         let loaded = scalars.map(|(name, kind, help, v)| (name, kind, help, v.load(Relaxed)));
         for (name, kind, help, v) in loaded.iter().chain(live) {

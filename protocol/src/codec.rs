@@ -194,13 +194,17 @@ fn check_version<M: Message>(found: u64) -> Result<(), MessageError> {
     Ok(())
 }
 
-/// Implements [`Message`] for a type with a `check` method.
+/// Implements [`Message`] for a type with a `check` method; the version is
+/// 1 unless given.
 macro_rules! impl_message {
     ($ty:ty, $kind:literal, $tag:literal, $max:expr) => {
+        $crate::codec::impl_message!($ty, $kind, $tag, $max, version 1);
+    };
+    ($ty:ty, $kind:literal, $tag:literal, $max:expr, version $version:literal) => {
         impl $crate::codec::Message for $ty {
             const KIND: &'static str = $kind;
             const TAG: [u8; 4] = *$tag;
-            const VERSION: u32 = 1;
+            const VERSION: u32 = $version;
             const MAX_BYTES: usize = $max;
 
             fn validate(&self) -> Result<(), String> {

@@ -16,6 +16,10 @@ pub const CHUNK_CONTEXT: &str = "cas-protocol v1 chunk";
 pub const XORB_CONTEXT: &str = "cas-protocol v1 xorb";
 /// BLAKE3 `derive_key` context of file hashes.
 pub const FILE_CONTEXT: &str = "cas-protocol v1 file";
+/// BLAKE3 `derive_key` context of tree hashes: a tree's listing hashes
+/// apart from a regular file with the same bytes, so a hash names exactly
+/// one kind of thing.
+pub const TREE_CONTEXT: &str = "cas-protocol v2 tree";
 /// BLAKE3 `derive_key` context of chunk-range hashes (verification of one term).
 pub const RANGE_CONTEXT: &str = "cas-protocol v1 chunk range";
 
@@ -191,18 +195,63 @@ fn chunk_list_hash<'a>(context: &str, chunks: impl IntoIterator<Item = &'a Chunk
     h.finish()
 }
 
-/// A file hash computed as the file's chunks go by.
+/// What a file hash names: a regular file, or a tree (a directory listing
+/// stored as a file). Recorded when a file is committed and returned with
+/// it, never guessed from its bytes; the hash itself depends on it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    Serialize,
+    Deserialize,
+    bincode::Encode,
+    bincode::Decode,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    #[default]
+    File,
+    Tree,
+}
+
+impl Kind {
+    fn context(self) -> &'static str {
+        match self {
+            Self::File => FILE_CONTEXT,
+            Self::Tree => TREE_CONTEXT,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::File => "file",
+            Self::Tree => "tree",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A file (or tree) hash computed as the chunks go by.
 pub struct FileHasher(ListHasher);
 
 impl Default for FileHasher {
     fn default() -> Self {
-        Self(ListHasher::new(FILE_CONTEXT))
+        Self::new(Kind::File)
     }
 }
 
 impl FileHasher {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(kind: Kind) -> Self {
+        Self(ListHasher::new(kind.context()))
     }
 
     pub fn push(&mut self, chunk: &ChunkInfo) {
@@ -222,10 +271,15 @@ impl XorbHash {
 }
 
 impl FileHash {
-    /// The hash of a file made of these chunks, in order (an empty file has
-    /// the hash of the empty list).
+    /// The hash of a regular file made of these chunks, in order (an empty
+    /// file has the hash of the empty list).
     pub fn from_chunks<'a>(chunks: impl IntoIterator<Item = &'a ChunkInfo>) -> Self {
-        Self(chunk_list_hash(FILE_CONTEXT, chunks))
+        Self::of_kind(Kind::File, chunks)
+    }
+
+    /// The hash of a file of `kind` made of these chunks, in order.
+    pub fn of_kind<'a>(kind: Kind, chunks: impl IntoIterator<Item = &'a ChunkInfo>) -> Self {
+        Self(chunk_list_hash(kind.context(), chunks))
     }
 }
 

@@ -16,7 +16,7 @@
 //! use cas_protocol::chunking::chunks;
 //! use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 //! use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder, XorbView};
-//! use cas_protocol::{ChunkRange, FileHash, Message, Sha256};
+//! use cas_protocol::{ChunkRange, FileHash, Kind, Message, Sha256};
 //!
 //! let file: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
 //! let mut builder = XorbBuilder::new();
@@ -35,6 +35,7 @@
 //!     sha256: Sha256::of(&file),
 //!     size: file.len() as u64,
 //!     terms: vec![Term { xorb: xorb.hash, chunks: ChunkRange { start: 0, end: n }, len: file.len() as u64 }],
+//!     kind: Kind::File,
 //! };
 //! recipe.verify(|h| (*h == xorb.hash).then_some(&xorb.chunks[..])).unwrap();
 //! let shard = Shard { xorbs: vec![XorbChunkTable::from(&xorb)], files: vec![recipe] };
@@ -53,9 +54,9 @@ pub mod xorb;
 
 pub use codec::{Encoding, Message, MessageError};
 pub use hash::{
-    ChunkHash, ChunkInfo, FileHash, FileHasher, RangeHash, Sha256, Sha256Hasher, XorbHash,
+    ChunkHash, ChunkInfo, FileHash, FileHasher, Kind, RangeHash, Sha256, Sha256Hasher, XorbHash,
 };
 pub use range::{ByteRange, ChunkRange};
 
 /// Version of the protocol as a whole: chunking, hashing and formats.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunking::MAX_CHUNK;
 use crate::codec::impl_message;
-use crate::hash::{ChunkInfo, FileHash, FileHasher, Sha256, XorbHash};
+use crate::hash::{ChunkInfo, FileHash, FileHasher, Kind, Sha256, XorbHash};
 use crate::range::ChunkRange;
 use crate::xorb::{check_chunk_list, MAX_XORB_CHUNKS};
 
@@ -35,13 +35,15 @@ pub struct Term {
     pub len: u64,
 }
 
-/// How to rebuild one file: its terms in order, plus its identities.
+/// How to rebuild one file: its terms in order, plus its identities and
+/// what it is (the hash was computed for that kind, see [`Kind`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub struct FileRecipe {
     pub hash: FileHash,
     pub sha256: Sha256,
     pub size: u64,
     pub terms: Vec<Term>,
+    pub kind: Kind,
 }
 
 /// The chunk table of one xorb, in xorb order.
@@ -60,7 +62,8 @@ pub struct Shard {
     pub files: Vec<FileRecipe>,
 }
 
-impl_message!(Shard, "shard", b"CSHD", MAX_SHARD_BYTES);
+// Version 2: recipes record their kind (file or tree).
+impl_message!(Shard, "shard", b"CSHD", MAX_SHARD_BYTES, version 2);
 
 impl From<&crate::xorb::BuiltXorb> for XorbChunkTable {
     fn from(x: &crate::xorb::BuiltXorb) -> Self {
@@ -138,13 +141,14 @@ impl FileRecipe {
         Ok(())
     }
 
-    /// Recomputes the file hash from the chunk tables of the xorbs the terms
-    /// name (`table` looks one up) and checks every term's length on the way.
+    /// Recomputes the file hash (for the recipe's kind) from the chunk
+    /// tables of the xorbs the terms name (`table` looks one up) and checks
+    /// every term's length on the way.
     pub fn verify<'t>(
         &self,
         mut table: impl FnMut(&XorbHash) -> Option<&'t [ChunkInfo]>,
     ) -> Result<(), RecipeError> {
-        let mut hasher = FileHasher::new();
+        let mut hasher = FileHasher::new(self.kind);
         for (term, t) in self.terms.iter().enumerate() {
             let chunks = table(&t.xorb).ok_or(RecipeError::UnknownXorb { term, xorb: t.xorb })?;
             let run = chunks
@@ -222,6 +226,7 @@ mod tests {
                     len: 1000,
                 },
             ],
+            kind: Kind::File,
         };
         (
             Shard {
@@ -240,7 +245,8 @@ mod tests {
         let (s, _) = sample();
         assert_eq!(Shard::from_bytes(&s.to_bytes()).unwrap(), s);
         assert_eq!(Shard::from_json(s.to_json().as_bytes()).unwrap(), s);
-        assert!(s.to_json().contains("\"version\":1"));
+        assert!(s.to_json().contains("\"version\":2"));
+        assert!(s.to_json().contains("\"kind\":\"file\""));
     }
 
     #[test]
@@ -249,6 +255,17 @@ mod tests {
         let xorb = s.xorbs[0].hash;
         let lookup = |h: &XorbHash| (*h == xorb).then_some(&chunks[..]);
         s.files[0].verify(lookup).unwrap();
+        // The kind is part of the hash: the same chunks as a tree are
+        // another hash, and a recipe cannot claim the other kind.
+        let mut tree = s.files[0].clone();
+        tree.kind = Kind::Tree;
+        assert!(matches!(
+            tree.verify(lookup),
+            Err(RecipeError::FileHash { .. })
+        ));
+        tree.hash = FileHash::of_kind(Kind::Tree, [&chunks[1], &chunks[2], &chunks[0]]);
+        assert_ne!(tree.hash, s.files[0].hash);
+        tree.verify(lookup).unwrap();
         let mut bad = s.files[0].clone();
         bad.terms.swap(0, 1);
         assert!(matches!(
@@ -295,12 +312,13 @@ mod tests {
             Err(MessageError::Invalid { .. })
         ));
         let mut bytes = s.to_bytes();
-        bytes[4] = 2;
+        // Version 1 recipes had no kind: refused, not guessed.
+        bytes[4] = 1;
         assert!(matches!(
             Shard::from_bytes(&bytes),
-            Err(MessageError::UnsupportedVersion { found: 2, .. })
+            Err(MessageError::UnsupportedVersion { found: 1, .. })
         ));
-        bytes[4] = 1;
+        bytes[4] = 2;
         bytes.push(0);
         assert!(matches!(
             Shard::from_bytes(&bytes),
@@ -312,7 +330,7 @@ mod tests {
     fn hostile_lengths_are_refused_before_allocation() {
         // Tag, version, then a varint claiming 2^64-1 xorb tables.
         let mut bytes = b"CSHD".to_vec();
-        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&2u32.to_le_bytes());
         bytes.push(253);
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(

@@ -7,7 +7,7 @@ use cas_protocol::messages::{
 };
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::{
-    ByteRange, ChunkHash, ChunkInfo, ChunkRange, FileHash, Message, MessageError, RangeHash,
+    ByteRange, ChunkHash, ChunkInfo, ChunkRange, FileHash, Kind, Message, MessageError, RangeHash,
     Sha256, XorbHash,
 };
 use proptest::prelude::*;
@@ -66,6 +66,7 @@ fn recipe(tables: Vec<XorbChunkTable>) -> impl Strategy<Value = FileRecipe> {
             sha256: Sha256::of(&chunks.len().to_le_bytes()),
             size: terms.iter().map(|t| t.len).sum(),
             terms,
+            kind: Kind::File,
         }
     })
 }

@@ -16,7 +16,8 @@ use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{Tree, TreeEntry};
 use cas_protocol::xorb::{Compression, EncodedChunk, Scheme, XorbBuilder, XorbView};
 use cas_protocol::{
-    ByteRange, ChunkHash, ChunkInfo, ChunkRange, FileHash, Message, RangeHash, Sha256, XorbHash,
+    ByteRange, ChunkHash, ChunkInfo, ChunkRange, FileHash, Kind, Message, RangeHash, Sha256,
+    XorbHash,
 };
 
 const BEGIN: &str = "<!-- vectors:begin -->";
@@ -113,6 +114,12 @@ fn vectors() -> String {
     writeln!(w, "- file hash of T1 = {}", FileHash::from_chunks(&c1)).unwrap();
     writeln!(
         w,
+        "- tree hash of T1 (T1's bytes as a tree listing) = {}",
+        FileHash::of_kind(Kind::Tree, &c1)
+    )
+    .unwrap();
+    writeln!(
+        w,
         "- xorb hash of T1's chunks = {}",
         XorbHash::from_chunks(&c1)
     )
@@ -186,6 +193,7 @@ fn vectors() -> String {
                 chunks: ChunkRange { start: 0, end: 2 },
                 len: 9,
             }],
+            kind: Kind::File,
         }],
     };
     message(w, "Shard (the xorb above, file \"helloxorb\")", &shard);

@@ -3,6 +3,8 @@
 //! and speak the HTTP API with a minimal uploader and fetcher written
 //! straight from docs/API.md and docs/PROTOCOL.md.
 
+pub mod client;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,7 +14,7 @@ use cas_protocol::chunking::chunk_and_hash;
 use cas_protocol::messages::{DedupAnswer, DedupQuery, Reconstruction};
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, Frames, XorbBuilder};
-use cas_protocol::{ChunkRange, FileHash, Message, RangeHash, Sha256, XorbHash};
+use cas_protocol::{ChunkRange, FileHash, Kind, Message, RangeHash, Sha256, XorbHash};
 
 /// A command for one of the workspace's binaries (`cas-client`, `cas-server`).
 ///
@@ -174,6 +176,7 @@ fn expect_status(
 }
 
 /// Result of [`upload`].
+#[derive(Debug)]
 pub struct Uploaded {
     pub files: Vec<FileHash>,
     pub xorbs_sent: usize,
@@ -183,6 +186,22 @@ pub struct Uploaded {
 /// Uploads files the way the protocol intends: chunk, ask which chunks the
 /// server has, pack only new ones into xorbs, PUT them, POST one shard.
 pub fn upload(base: &str, files: &[&[u8]]) -> Result<Uploaded, String> {
+    upload_as(base, files, Kind::File)
+}
+
+/// As [`upload`], registering every file as `kind`.
+pub fn upload_as(base: &str, files: &[&[u8]], kind: Kind) -> Result<Uploaded, String> {
+    upload_with(base, files, kind, Sha256::of)
+}
+
+/// As [`upload_as`], claiming `sha256(data)` as each file's SHA-256 (a
+/// forger's claim, in tests of what the server believes).
+pub fn upload_with(
+    base: &str,
+    files: &[&[u8]],
+    kind: Kind,
+    sha256: impl Fn(&[u8]) -> Sha256,
+) -> Result<Uploaded, String> {
     let agent = agent();
     let chunked: Vec<_> = files.iter().map(|d| chunk_and_hash(d)).collect();
     let all: Vec<_> = chunked.iter().flatten().map(|c| c.hash).collect();
@@ -244,7 +263,7 @@ pub fn upload(base: &str, files: &[&[u8]]) -> Result<Uploaded, String> {
     let recipes: Vec<FileRecipe> = files
         .iter()
         .zip(&chunked)
-        .map(|(d, chunks)| recipe(d, chunks, &known))
+        .map(|(d, chunks)| recipe(chunks, &known, kind, sha256(d)))
         .collect();
     let shard = Shard {
         xorbs: built.iter().map(XorbChunkTable::from).collect(),
@@ -262,9 +281,10 @@ pub fn upload(base: &str, files: &[&[u8]]) -> Result<Uploaded, String> {
 }
 
 fn recipe(
-    data: &[u8],
     chunks: &[cas_protocol::ChunkInfo],
     known: &HashMap<cas_protocol::ChunkHash, (XorbHash, u32)>,
+    kind: Kind,
+    sha256: Sha256,
 ) -> FileRecipe {
     let mut terms: Vec<Term> = Vec::new();
     for c in chunks {
@@ -285,10 +305,11 @@ fn recipe(
         }
     }
     FileRecipe {
-        hash: FileHash::from_chunks(chunks),
-        sha256: Sha256::of(data),
-        size: data.len() as u64,
+        hash: FileHash::of_kind(kind, chunks),
+        sha256,
+        size: chunks.iter().map(|c| u64::from(c.len)).sum(),
         terms,
+        kind,
     }
 }
 

@@ -6,7 +6,7 @@ use cas_e2e::{agent, body, fetch, upload, ServerProcess};
 use cas_protocol::messages::Reconstruction;
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder, XorbView};
-use cas_protocol::{ChunkRange, FileHash, Message, Sha256, XorbHash};
+use cas_protocol::{ChunkRange, FileHash, Kind, Message, Sha256, XorbHash};
 use serde_json::Value;
 
 fn json(bytes: &[u8]) -> Value {
@@ -389,6 +389,7 @@ fn hostile_input_gets_4xx_json_and_changes_nothing() {
             chunks: ChunkRange { start: 0, end: 2 },
             len: 9,
         }],
+        kind: Kind::File,
     };
     let mut wrong_hash = good.clone();
     wrong_hash.terms = vec![

@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use cas_bench::{bf16_weights, pack};
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::xorb::{Compression, XorbView};
-use cas_protocol::{ChunkRange, FileHash, Message, Sha256};
+use cas_protocol::{ChunkRange, FileHash, Kind, Message, Sha256};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -143,6 +143,7 @@ fn run(args: &Args, base: &str, data_dir: &std::path::Path) -> anyhow::Result<()
                 len: x.chunks.iter().map(|c| u64::from(c.len)).sum(),
             })
             .collect(),
+        kind: Kind::File,
     };
     let shard = Shard {
         xorbs: xorbs.iter().map(XorbChunkTable::from).collect(),

@@ -2,13 +2,16 @@
 //! and shard commits (checked against stored xorbs, then indexed at once).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use cas_protocol::messages::{DedupAnswer, DedupQuery};
-use cas_protocol::shard::Shard;
+use cas_protocol::shard::{FileRecipe, Shard};
 use cas_protocol::xorb::XorbView;
-use cas_protocol::{ChunkInfo, Encoding, Message, XorbHash};
+use cas_protocol::{ChunkInfo, Encoding, Message, Sha256, XorbHash};
 
+use super::health::xorb_key;
 use super::{blocking, Core, CoreError, Records, ShardCommit, XorbUpload};
 use crate::index::{Index, XorbRecord};
 use crate::store::{ObjectKey, ObjectKind, ObjectStore};
@@ -17,9 +20,14 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Verifies a xorb completely (parse, decompress, re-hash every chunk,
     /// check the xorb hash), stores it, then indexes it. A xorb that is
     /// already stored is accepted without being rewritten (`created` is
-    /// false), also when another upload of it stored it meanwhile.
+    /// false, also when another upload of it stored it meanwhile), unless
+    /// it is damaged: then the verified upload replaces the object (a
+    /// repair).
     pub async fn put_xorb(&self, hash: XorbHash, body: Bytes) -> Result<XorbUpload, CoreError> {
-        if let Some(r) = self.with_index(move |i| Ok(i.xorb(&hash)?)).await? {
+        let (known, damaged) = self
+            .with_index(move |i| Ok((i.xorb(&hash)?, i.is_damaged(&hash)?)))
+            .await?;
+        if let (Some(r), false) = (&known, damaged) {
             return Ok(XorbUpload {
                 xorb: hash,
                 created: false,
@@ -36,22 +44,26 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             })
         })
         .await?;
-        let (chunks, bytes) = (record.entries.len(), body.len() as u64);
+        let bytes = body.len() as u64;
+        let key = xorb_key(&hash);
+        if damaged {
+            self.objects.delete(&key).await?;
+        }
         // Of concurrent uploads of one xorb, all may pass the index check
         // above; the store says which one wrote it.
-        let created = self
-            .objects
-            .put(&ObjectKey::new(ObjectKind::Xorb, hash.as_bytes()), body)
-            .await?;
-        let upload = XorbUpload {
-            xorb: hash,
-            created,
-            chunks,
-            bytes,
-        };
+        let created = self.objects.put(&key, body).await?;
+        let chunks = record.entries.len();
         self.with_index(move |i| Ok(i.add_xorb(&hash, &record)?))
             .await?;
-        Ok(upload)
+        if damaged {
+            tracing::info!(xorb = %hash, "damaged xorb repaired by an upload");
+        }
+        Ok(XorbUpload {
+            xorb: hash,
+            created: created && !damaged,
+            chunks,
+            bytes,
+        })
     }
 
     /// Which queried chunks are stored, and where.
@@ -70,6 +82,13 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Checks a shard (in either encoding) against the stored xorbs and
     /// commits its files atomically; nothing changes if any check fails.
     /// The shard object is always stored in the binary form.
+    ///
+    /// A committed recipe is immutable: a file the store has keeps its
+    /// recipe and SHA-256, with two exceptions that cannot change its bytes
+    /// (the file hash fixes them): a recipe that needs a damaged xorb is
+    /// replaced by the new one (a repair), and a disputed SHA-256 is
+    /// settled by computing it from the stored bytes (the true one stays or
+    /// replaces the recorded one; a false claim fails the whole shard).
     pub async fn commit_shard(
         &self,
         body: Bytes,
@@ -86,6 +105,34 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                 Ok((shard, body))
             })
             .await?;
+        let _decide = self.commits.lock().await;
+        let shard = Arc::new(shard);
+        let s = shard.clone();
+        let decisions: Vec<Decision> = self
+            .with_index(move |i| s.files.iter().map(|f| decide(i, f)).collect())
+            .await?;
+        let mut write = Vec::new();
+        let (mut new_files, mut repaired_files, mut corrected_files) = (0, 0, 0);
+        for (f, d) in shard.files.iter().zip(decisions) {
+            match d {
+                Decision::New => new_files += 1,
+                Decision::Keep => continue,
+                Decision::Repair => repaired_files += 1,
+                Decision::Dispute(stored) => {
+                    let truth = self.file_sha256(Arc::new(f.clone())).await?;
+                    if truth != f.sha256 {
+                        return Err(CoreError::Sha256Mismatch {
+                            file: f.hash,
+                            stored,
+                            claimed: f.sha256,
+                        });
+                    }
+                    tracing::warn!(file = %f.hash, %stored, %truth, "recorded SHA-256 was wrong; corrected from the file's bytes");
+                    corrected_files += 1;
+                }
+            }
+            write.push(f.clone());
+        }
         let id = blake3::hash(&body);
         self.objects
             .put(&ObjectKey::new(ObjectKind::Shard, id.as_bytes()), body)
@@ -93,12 +140,42 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         let commit = ShardCommit {
             shard: id.to_hex().to_string(),
             files: shard.files.len(),
+            new_files,
+            repaired_files,
+            corrected_files,
             xorbs: shard.xorbs.len(),
         };
-        self.with_index(move |i| Ok(i.add_files(&shard.files)?))
-            .await?;
+        self.with_index(move |i| Ok(i.add_files(&write)?)).await?;
+        self.metrics.files.fetch_add(new_files as u64, Relaxed);
         Ok(commit)
     }
+}
+
+/// What a shard commit does with one of its (verified) recipes.
+enum Decision {
+    /// The store does not have the file: record it.
+    New,
+    /// The store has it with the same SHA-256 and a readable recipe.
+    Keep,
+    /// The stored recipe needs a damaged xorb: record the new one.
+    Repair,
+    /// The stored SHA-256 (this one) differs from the claim: settle it.
+    Dispute(Sha256),
+}
+
+fn decide(index: &impl Index, f: &FileRecipe) -> Result<Decision, CoreError> {
+    let Some(old) = index.file(&f.hash)? else {
+        return Ok(Decision::New);
+    };
+    if old.sha256 != f.sha256 {
+        return Ok(Decision::Dispute(old.sha256));
+    }
+    for t in &old.terms {
+        if index.is_damaged(&t.xorb)? || index.xorb(&t.xorb)?.is_none() {
+            return Ok(Decision::Repair);
+        }
+    }
+    Ok(Decision::Keep)
 }
 
 /// Every xorb the shard names is stored (a table's hash was checked against
@@ -129,4 +206,178 @@ fn check_shard(index: &impl Index, shard: &Shard) -> Result<(), CoreError> {
             })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::RangeRequest;
+    use crate::index::MemIndex;
+    use crate::store::MemStore;
+    use cas_protocol::shard::{Term, XorbChunkTable};
+    use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, XorbBuilder};
+    use cas_protocol::{ChunkRange, FileHash, Kind};
+
+    type MemCore = Core<MemStore, MemIndex>;
+
+    fn chunk(n: u8) -> Vec<u8> {
+        (0..4000u32).map(|i| (i as u8).wrapping_mul(n)).collect()
+    }
+
+    fn xorb(chunks: &[u8]) -> BuiltXorb {
+        let mut b = XorbBuilder::new();
+        for &n in chunks {
+            b.try_push(EncodedChunk::encode(&chunk(n), Compression::Raw).unwrap())
+                .unwrap();
+        }
+        b.finish().unwrap()
+    }
+
+    /// The recipe of a file made of chunks `chunks.start..chunks.end` of `x`.
+    fn recipe(x: &BuiltXorb, chunks: ChunkRange, sha256: Sha256) -> FileRecipe {
+        let infos = &x.chunks[chunks.as_usize()];
+        FileRecipe {
+            hash: FileHash::from_chunks(infos),
+            sha256,
+            size: infos.iter().map(|c| u64::from(c.len)).sum(),
+            terms: vec![Term {
+                xorb: x.hash,
+                chunks,
+                len: infos.iter().map(|c| u64::from(c.len)).sum(),
+            }],
+            kind: Kind::File,
+        }
+    }
+
+    async fn commit(
+        core: &MemCore,
+        x: Option<&BuiltXorb>,
+        f: &FileRecipe,
+    ) -> Result<ShardCommit, CoreError> {
+        let shard = Shard {
+            xorbs: x.map(XorbChunkTable::from).into_iter().collect(),
+            files: vec![f.clone()],
+        };
+        core.commit_shard(shard.to_bytes().into(), Encoding::Binary)
+            .await
+    }
+
+    async fn read(core: &MemCore, f: &FileRecipe) -> Result<Vec<u8>, CoreError> {
+        use futures_util::TryStreamExt;
+        let recipe = core.recipe(f.hash).await?;
+        let range = cas_protocol::ByteRange {
+            start: 0,
+            end: recipe.size,
+        };
+        let parts: Vec<Bytes> = core.file_stream(recipe, range).try_collect().await?;
+        Ok(parts.concat())
+    }
+
+    fn data(chunks: &[u8]) -> Vec<u8> {
+        chunks.iter().flat_map(|&n| chunk(n)).collect()
+    }
+
+    /// A later shard cannot change a committed file's SHA-256: a false
+    /// claim fails the shard and the record stays; a false first record is
+    /// corrected by the first true claim (the server computes the truth).
+    #[tokio::test]
+    async fn recipes_are_immutable_and_sha256_disputes_are_settled_by_the_bytes() {
+        let core = MemCore::new(MemStore::default(), MemIndex::default());
+        let x = xorb(&[1, 2]);
+        core.put_xorb(x.hash, x.bytes.clone().into()).await.unwrap();
+        let all = ChunkRange { start: 0, end: 2 };
+        let truth = Sha256::of(&data(&[1, 2]));
+        let forged = Sha256::of(b"forged");
+        let honest = recipe(&x, all, truth);
+        let lie = FileRecipe {
+            sha256: forged,
+            ..honest.clone()
+        };
+
+        // Forged first, then the truth: corrected.
+        let c = commit(&core, Some(&x), &lie).await.unwrap();
+        assert_eq!((c.new_files, c.corrected_files), (1, 0));
+        assert_eq!(core.file_info(lie.hash).await.unwrap().sha256, forged);
+        let c = commit(&core, None, &honest).await.unwrap();
+        assert_eq!((c.new_files, c.corrected_files), (0, 1));
+        assert_eq!(core.file_info(honest.hash).await.unwrap().sha256, truth);
+
+        // A lie about a true record fails and changes nothing.
+        let err = commit(&core, None, &lie).await.unwrap_err();
+        assert!(matches!(err, CoreError::Sha256Mismatch { .. }), "{err}");
+        assert_eq!(core.file_info(honest.hash).await.unwrap().sha256, truth);
+
+        // The same claim again is a no-op, counted once.
+        let c = commit(&core, None, &honest).await.unwrap();
+        assert_eq!((c.files, c.new_files), (1, 0));
+        assert_eq!(core.metrics().files.load(Relaxed), 1);
+    }
+
+    /// A damaged xorb leaves dedup, blocks shards and reads that need it,
+    /// and is repaired by a re-upload of the same xorb.
+    #[tokio::test]
+    async fn a_reuploaded_xorb_repairs_its_damaged_copy() {
+        let core = MemCore::new(MemStore::default(), MemIndex::default());
+        let x = xorb(&[3, 4]);
+        core.put_xorb(x.hash, x.bytes.clone().into()).await.unwrap();
+        let f = recipe(
+            &x,
+            ChunkRange { start: 0, end: 2 },
+            Sha256::of(&data(&[3, 4])),
+        );
+        commit(&core, Some(&x), &f).await.unwrap();
+        core.objects.delete(&xorb_key(&x.hash)).await.unwrap();
+        assert!(matches!(
+            core.xorb_len(x.hash).await,
+            Err(CoreError::Damaged { file: None, .. })
+        ));
+        assert!(core.index.is_damaged(&x.hash).unwrap());
+        let q = DedupQuery {
+            chunks: vec![x.chunks[0].hash],
+        };
+        assert_eq!(core.dedup(q.clone()).await.unwrap().found, vec![None]);
+        assert!(matches!(
+            core.reconstruct(f.hash, None::<RangeRequest>, |x| x.to_string())
+                .await,
+            Err(CoreError::Damaged { .. })
+        ));
+        assert!(matches!(
+            commit(&core, None, &f).await,
+            Err(CoreError::DamagedXorb(h)) if h == x.hash
+        ));
+        let up = core.put_xorb(x.hash, x.bytes.clone().into()).await.unwrap();
+        assert!(!up.created, "a repair is not a new xorb");
+        assert!(!core.index.is_damaged(&x.hash).unwrap());
+        assert!(core.dedup(q).await.unwrap().found[0].is_some());
+        assert_eq!(read(&core, &f).await.unwrap(), data(&[3, 4]));
+    }
+
+    /// A file whose recipe needs a damaged xorb gets the recipe of a later
+    /// upload of the same file (same hash, same bytes) packed elsewhere.
+    #[tokio::test]
+    async fn a_reuploaded_file_gets_a_readable_recipe() {
+        let core = MemCore::new(MemStore::default(), MemIndex::default());
+        let x = xorb(&[5, 6]);
+        core.put_xorb(x.hash, x.bytes.clone().into()).await.unwrap();
+        let sha = Sha256::of(&data(&[5, 6]));
+        let old = recipe(&x, ChunkRange { start: 0, end: 2 }, sha);
+        commit(&core, Some(&x), &old).await.unwrap();
+        core.mark_damaged(x.hash, "test").await.unwrap();
+        // The same chunks, packed after another one: another xorb.
+        let y = xorb(&[9, 5, 6]);
+        core.put_xorb(y.hash, y.bytes.clone().into()).await.unwrap();
+        let new = recipe(&y, ChunkRange { start: 1, end: 3 }, sha);
+        assert_eq!(new.hash, old.hash);
+        let c = commit(&core, Some(&y), &new).await.unwrap();
+        assert_eq!((c.new_files, c.repaired_files), (0, 1));
+        assert_eq!(read(&core, &old).await.unwrap(), data(&[5, 6]));
+        // An undamaged recipe is not replaced by another one.
+        let z = xorb(&[7, 5, 6]);
+        core.put_xorb(z.hash, z.bytes.clone().into()).await.unwrap();
+        let other = recipe(&z, ChunkRange { start: 1, end: 3 }, sha);
+        let c = commit(&core, Some(&z), &other).await.unwrap();
+        assert_eq!((c.new_files, c.repaired_files), (0, 0));
+        let kept = core.recipe(old.hash).await.unwrap();
+        assert_eq!(kept.terms[0].xorb, y.hash);
+    }
 }

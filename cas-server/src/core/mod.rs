@@ -6,10 +6,16 @@
 //! indexed in one batch after everything they reference is stored.
 //!
 //! - [`ingest`]: xorb uploads, dedup queries, shard commits;
-//! - [`reconstruct`]: file info, reconstruction plans, xorb reads.
+//! - [`reconstruct`]: file info, reconstruction plans, xorb reads;
+//! - [`stream`]: a stored file's bytes, verified as they are read;
+//! - [`health`]: damaged xorbs (missing or corrupt objects), found on
+//!   read or on a client's report, leave dedup so the next upload of the
+//!   same content repairs them.
 
+mod health;
 mod ingest;
 mod reconstruct;
+mod stream;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -17,12 +23,14 @@ use std::sync::Arc;
 
 use cas_protocol::shard::{FileRecipe, RecipeError};
 use cas_protocol::xorb::XorbError;
-use cas_protocol::{FileHash, MessageError, XorbHash};
+use cas_protocol::{FileHash, Kind, MessageError, Sha256, XorbHash};
 use serde::Serialize;
 
 use crate::index::{Index, IndexError, XorbRecord};
+use crate::metrics::Metrics;
 use crate::store::ObjectStore;
 
+pub use health::XorbCheck;
 pub use reconstruct::RangeRequest;
 
 /// Why the core refused or failed a request.
@@ -34,8 +42,22 @@ pub enum CoreError {
     InvalidMessage(#[from] MessageError),
     #[error("shard references xorb {0}, which is not stored")]
     UnknownXorb(XorbHash),
+    #[error("shard references xorb {0}, which is damaged on the server (missing or corrupt); upload its chunks again")]
+    DamagedXorb(XorbHash),
     #[error("file {file}: {source}")]
     InvalidRecipe { file: FileHash, source: RecipeError },
+    #[error("file {file} is registered with SHA-256 {stored}, which its bytes have; the shard claims {claimed}")]
+    Sha256Mismatch {
+        file: FileHash,
+        stored: Sha256,
+        claimed: Sha256,
+    },
+    /// A read needs a damaged xorb (for `file`, when a file was read).
+    #[error("{}", damaged_message(file.as_ref(), xorb))]
+    Damaged {
+        file: Option<FileHash>,
+        xorb: XorbHash,
+    },
     #[error("{0} not found")]
     NotFound(String),
     #[error("range not satisfiable for a file of {size} bytes")]
@@ -44,6 +66,14 @@ pub enum CoreError {
     Index(#[from] IndexError),
     #[error("object store: {0}")]
     Io(#[from] std::io::Error),
+}
+
+fn damaged_message(file: Option<&FileHash>, xorb: &XorbHash) -> String {
+    let what = match file {
+        Some(f) => format!("file {f} needs xorb {xorb}, which"),
+        None => format!("xorb {xorb}"),
+    };
+    format!("{what} is damaged on the server (missing or corrupt); uploading the content again repairs it")
 }
 
 /// Result of a xorb upload.
@@ -60,7 +90,16 @@ pub struct XorbUpload {
 #[derive(Debug, Clone, Serialize)]
 pub struct ShardCommit {
     pub shard: String,
+    /// Files the shard names.
     pub files: usize,
+    /// Of those, files the store did not have before.
+    pub new_files: usize,
+    /// Files whose earlier recipe needed a damaged xorb, now rebuilt from
+    /// this shard's (same hash, so the same bytes).
+    pub repaired_files: usize,
+    /// Files whose recorded SHA-256 was wrong (the server computed it from
+    /// the bytes) and is now the shard's.
+    pub corrected_files: usize,
     pub xorbs: usize,
 }
 
@@ -68,24 +107,57 @@ pub struct ShardCommit {
 #[derive(Debug, Clone, Serialize)]
 pub struct FileInfo {
     pub hash: FileHash,
+    /// What the hash names, as recorded when it was committed.
+    pub kind: Kind,
     pub size: u64,
-    pub sha256: cas_protocol::Sha256,
+    pub sha256: Sha256,
     pub chunks: u64,
     pub terms: usize,
 }
 
-/// The store: objects plus index, shared by all request handlers.
+/// The store: objects plus index, shared by all request handlers. Cheap to
+/// clone (a clone shares everything), so streams can own one.
 pub struct Core<O, I> {
-    objects: O,
+    objects: Arc<O>,
     index: Arc<I>,
+    /// Serialises the decide-and-write step of shard commits, so two
+    /// commits of one file cannot both find it absent (first writer wins).
+    commits: Arc<tokio::sync::Mutex<()>>,
+    health: Arc<health::Health>,
+    metrics: Arc<Metrics>,
+}
+
+impl<O, I> Clone for Core<O, I> {
+    fn clone(&self) -> Self {
+        Self {
+            objects: self.objects.clone(),
+            index: self.index.clone(),
+            commits: self.commits.clone(),
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
 }
 
 impl<O: ObjectStore, I: Index> Core<O, I> {
     pub fn new(objects: O, index: I) -> Self {
+        Self::with_metrics(objects, index, Arc::default())
+    }
+
+    /// A core that counts what it does (damaged xorbs found, ...) in
+    /// `metrics`.
+    pub fn with_metrics(objects: O, index: I, metrics: Arc<Metrics>) -> Self {
         Self {
-            objects,
+            objects: Arc::new(objects),
             index: Arc::new(index),
+            commits: Arc::default(),
+            health: Arc::default(),
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Runs blocking index work off the async threads.
@@ -127,11 +199,16 @@ impl<'a, I: Index> Records<'a, I> {
         }
     }
 
+    /// The record of a stored, undamaged xorb.
     fn get(&mut self, h: XorbHash) -> Result<&XorbRecord, CoreError> {
         match self.map.entry(h) {
             Entry::Occupied(e) => Ok(e.into_mut()),
             Entry::Vacant(e) => {
-                Ok(e.insert(self.index.xorb(&h)?.ok_or(CoreError::UnknownXorb(h))?))
+                let record = self.index.xorb(&h)?.ok_or(CoreError::UnknownXorb(h))?;
+                if self.index.is_damaged(&h)? {
+                    return Err(CoreError::DamagedXorb(h));
+                }
+                Ok(e.insert(record))
             }
         }
     }
@@ -144,7 +221,7 @@ mod tests {
     use crate::store::MemStore;
     use cas_protocol::shard::{Shard, Term, XorbChunkTable};
     use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder};
-    use cas_protocol::{ChunkRange, Encoding, Message, Sha256};
+    use cas_protocol::{ChunkRange, Encoding, Kind, Message, Sha256};
 
     /// The core over in-memory stores: a verified xorb and a shard go in,
     /// a reconstruction of a byte range comes out; a shard naming a xorb
@@ -170,6 +247,7 @@ mod tests {
                 chunks: ChunkRange { start: 0, end: 3 },
                 len: 15_000,
             }],
+            kind: Kind::File,
         };
         let orphan = Shard {
             xorbs: vec![],

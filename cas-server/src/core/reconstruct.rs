@@ -8,9 +8,10 @@ use cas_protocol::shard::FileRecipe;
 use cas_protocol::xorb::{FrameOffsets, XorbError};
 use cas_protocol::{ByteRange, ChunkRange, FileHash, RangeHash, XorbHash};
 
+use super::health::xorb_key;
 use super::{load_recipe, Core, CoreError, FileInfo, Records};
 use crate::index::{Index, IndexError};
-use crate::store::{ObjectKey, ObjectKind, ObjectReader, ObjectStore};
+use crate::store::{ObjectReader, ObjectStore};
 
 /// A requested byte range, before it is resolved against a file's size
 /// (the forms of an HTTP `Range: bytes=` header).
@@ -42,15 +43,12 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         let recipe = self.recipe(hash).await?;
         Ok(FileInfo {
             hash,
+            kind: recipe.kind,
             size: recipe.size,
             sha256: recipe.sha256,
             chunks: recipe.terms.iter().map(|t| u64::from(t.chunks.len())).sum(),
             terms: recipe.terms.len(),
         })
-    }
-
-    async fn recipe(&self, hash: FileHash) -> Result<FileRecipe, CoreError> {
-        self.with_index(move |i| load_recipe(i, hash)).await
     }
 
     /// The terms and xorb byte ranges that rebuild `range` of a file (the
@@ -72,17 +70,15 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                     .resolve(recipe.size)
                     .ok_or(CoreError::RangeNotSatisfiable { size: recipe.size })?,
             };
-            plan(i, &recipe, range, &xorb_url)
+            plan(i, &recipe, range, &xorb_url).map_err(|e| match e {
+                CoreError::DamagedXorb(xorb) | CoreError::UnknownXorb(xorb) => CoreError::Damaged {
+                    file: Some(hash),
+                    xorb,
+                },
+                e => e,
+            })
         })
         .await
-    }
-
-    /// Length of a stored xorb, or `None`.
-    pub async fn xorb_len(&self, hash: XorbHash) -> Result<Option<u64>, CoreError> {
-        Ok(self
-            .objects
-            .len(&ObjectKey::new(ObjectKind::Xorb, hash.as_bytes()))
-            .await?)
     }
 
     /// Streams bytes of a stored xorb.
@@ -91,10 +87,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         hash: XorbHash,
         range: ByteRange,
     ) -> Result<ObjectReader, CoreError> {
-        Ok(self
-            .objects
-            .read_range(&ObjectKey::new(ObjectKind::Xorb, hash.as_bytes()), range)
-            .await?)
+        Ok(self.objects.read_range(&xorb_key(&hash), range).await?)
     }
 }
 

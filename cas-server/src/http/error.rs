@@ -88,7 +88,15 @@ impl From<CoreError> for ApiError {
                 Self::new(S::PAYLOAD_TOO_LARGE, "payload_too_large", message)
             }
             CoreError::InvalidMessage(_) => Self::new(S::BAD_REQUEST, "invalid_message", message),
-            CoreError::UnknownXorb(_) => Self::new(S::BAD_REQUEST, "unknown_xorb", message),
+            // A damaged xorb is "unknown" to a shard: the client sends its
+            // chunks again, as for one it never had.
+            CoreError::UnknownXorb(_) | CoreError::DamagedXorb(_) => {
+                Self::new(S::BAD_REQUEST, "unknown_xorb", message)
+            }
+            CoreError::Sha256Mismatch { .. } => {
+                Self::new(S::BAD_REQUEST, "sha256_mismatch", message)
+            }
+            CoreError::Damaged { .. } => Self::new(S::GONE, "damaged", message),
             CoreError::InvalidRecipe { .. } => Self::new(S::BAD_REQUEST, "invalid_recipe", message),
             CoreError::NotFound(_) => Self::new(S::NOT_FOUND, "not_found", message),
             CoreError::RangeNotSatisfiable { size } => Self::unsatisfiable(size, message),

@@ -62,10 +62,11 @@ pub enum Route {
     Shard,
     Reconstruction,
     File,
+    XorbCheck,
 }
 
 impl Route {
-    pub const ALL: [Route; 9] = [
+    pub const ALL: [Route; 10] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -75,6 +76,7 @@ impl Route {
         Route::Shard,
         Route::Reconstruction,
         Route::File,
+        Route::XorbCheck,
     ];
 
     pub fn name(self) -> &'static str {
@@ -88,6 +90,7 @@ impl Route {
             Route::Shard => "shard",
             Route::Reconstruction => "reconstruction",
             Route::File => "file",
+            Route::XorbCheck => "xorb_check",
         }
     }
 }
@@ -106,7 +109,8 @@ impl Route {
     pub fn scope(self) -> Option<Scope> {
         match self {
             Route::Dedup | Route::XorbPut | Route::Shard => Some(Scope::Write),
-            Route::Reconstruction | Route::File => Some(Scope::Read),
+            // A reader reports bytes that failed verification.
+            Route::Reconstruction | Route::File | Route::XorbCheck => Some(Scope::Read),
             Route::Healthz | Route::Metrics | Route::XorbGet | Route::XorbHead => None,
         }
     }
@@ -130,6 +134,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Option<&'a st
         ),
         ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], Some(*h)),
         ["v1", "files", h] => (&[(Method::GET, Route::File)], Some(*h)),
+        ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], Some(*h)),
         _ => return Err(NoRoute::NotFound),
     };
     candidates
@@ -179,6 +184,7 @@ pub async fn handle<O: ObjectStore, I: Index>(
                     Route::Shard => post_shard(&app, req).await,
                     Route::Reconstruction => reconstruct(&app, h, &req, local).await,
                     Route::File => file_info(&app, h).await,
+                    Route::XorbCheck => check_xorb(&app, h).await,
                 },
             };
             (r.name(), result)
@@ -376,7 +382,6 @@ async fn post_shard<O: ObjectStore, I: Index>(
     let commit = app.core.commit_shard(body.bytes.clone(), encoding).await;
     drop(body);
     let commit = commit?;
-    Metrics::add(&app.metrics.files, commit.files as u64);
     Ok(json(StatusCode::OK, &commit))
 }
 
@@ -431,6 +436,22 @@ async fn file_info<O: ObjectStore, I: Index>(
 ) -> Result<Response<Body>, ApiError> {
     let hash: FileHash = parse_hash(hash)?;
     Ok(json(StatusCode::OK, &app.core.file_info(hash).await?))
+}
+
+/// A reader says bytes of this xorb failed verification; the server
+/// checks its own copy (and marks it damaged if it fails).
+async fn check_xorb<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: &str,
+) -> Result<Response<Body>, ApiError> {
+    #[derive(serde::Serialize)]
+    struct Checked {
+        xorb: XorbHash,
+        status: crate::core::XorbCheck,
+    }
+    let xorb: XorbHash = parse_hash(hash)?;
+    let status = app.core.check_xorb(xorb).await?;
+    Ok(json(StatusCode::OK, &Checked { xorb, status }))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::{FileRecipe, Term};
 use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder, XorbView};
-use cas_protocol::{ChunkHash, ChunkRange, FileHash, Sha256};
+use cas_protocol::{ChunkHash, ChunkRange, FileHash, Kind, Sha256};
 
 use super::{Index, Totals, XorbRecord};
 
@@ -37,6 +37,7 @@ pub fn run(index: &impl Index) -> Written {
             chunks: ChunkRange { start: 0, end: 2 },
             len: 6,
         }],
+        kind: Kind::File,
     };
     assert_eq!(index.totals().unwrap(), Totals::default());
     assert_eq!(index.xorb(&xorb.hash).unwrap(), None);
@@ -49,7 +50,25 @@ pub fn run(index: &impl Index) -> Written {
         recipe,
     };
     check_written(index, &written);
+    damage(index, &written);
     written
+}
+
+/// A damaged xorb stays recorded but leaves dedup; storing it again heals
+/// it and brings its chunks back.
+fn damage(index: &impl Index, w: &Written) {
+    let h = w.xorb.hash;
+    assert!(!index.is_damaged(&h).unwrap());
+    assert!(index.mark_damaged(&h).unwrap());
+    assert!(!index.mark_damaged(&h).unwrap(), "marked once");
+    assert!(index.is_damaged(&h).unwrap());
+    assert_eq!(index.chunk(&w.xorb.chunks[0].hash).unwrap(), None);
+    assert_eq!(index.xorb(&h).unwrap(), Some(w.record.clone()));
+    assert!(!index
+        .mark_damaged(&cas_protocol::XorbHash::from_bytes([3; 32]))
+        .unwrap());
+    index.add_xorb(&h, &w.record).unwrap();
+    assert!(!index.is_damaged(&h).unwrap());
 }
 
 /// What [`run`] wrote is all there.

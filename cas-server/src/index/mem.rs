@@ -1,6 +1,6 @@
 //! An in-memory index for tests of the core.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use cas_protocol::messages::ChunkLocation;
@@ -19,6 +19,7 @@ struct State {
     xorbs: HashMap<XorbHash, XorbRecord>,
     chunks: HashMap<ChunkHash, ChunkLocation>,
     files: HashMap<FileHash, FileRecipe>,
+    damaged: HashSet<XorbHash>,
 }
 
 impl MemIndex {
@@ -50,7 +51,28 @@ impl Index for MemIndex {
             s.chunks.insert(e.info.hash, location);
         }
         s.xorbs.insert(*hash, record.clone());
+        s.damaged.remove(hash);
         Ok(())
+    }
+
+    fn mark_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError> {
+        let mut s = self.state();
+        let Some(record) = s.xorbs.get(hash).cloned() else {
+            return Ok(false);
+        };
+        if !s.damaged.insert(*hash) {
+            return Ok(false);
+        }
+        for e in &record.entries {
+            if s.chunks.get(&e.info.hash).is_some_and(|l| l.xorb == *hash) {
+                s.chunks.remove(&e.info.hash);
+            }
+        }
+        Ok(true)
+    }
+
+    fn is_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError> {
+        Ok(self.state().damaged.contains(hash))
     }
 
     fn add_files(&self, files: &[FileRecipe]) -> Result<(), IndexError> {

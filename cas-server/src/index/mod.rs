@@ -65,10 +65,18 @@ pub trait Index: Send + Sync + 'static {
     fn xorb(&self, hash: &XorbHash) -> Result<Option<XorbRecord>, IndexError>;
     fn chunk(&self, hash: &ChunkHash) -> Result<Option<ChunkLocation>, IndexError>;
     fn file(&self, hash: &FileHash) -> Result<Option<FileRecipe>, IndexError>;
-    /// Records a stored xorb and makes its chunks visible to dedup, atomically.
+    /// Records a stored xorb and makes its chunks visible to dedup,
+    /// atomically; a damaged mark on it is cleared (its object was
+    /// replaced by a verified copy).
     fn add_xorb(&self, hash: &XorbHash, record: &XorbRecord) -> Result<(), IndexError>;
-    /// Records files, all or none.
+    /// Records files (replacing earlier recipes of the same hashes), all or
+    /// none. Which recipes may be written is the core's decision.
     fn add_files(&self, files: &[FileRecipe]) -> Result<(), IndexError>;
+    /// Marks a recorded xorb damaged (its object is missing or corrupt) and
+    /// stops offering its chunks for dedup, atomically. `Ok(false)` when it
+    /// is unknown or already marked.
+    fn mark_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError>;
+    fn is_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError>;
     /// Counts, by a full scan (used once at start).
     fn totals(&self) -> Result<Totals, IndexError>;
 }

@@ -2,7 +2,8 @@
 //! - `x` + xorb hash  -> the xorb's header (magic, version, count, index
 //!   entries: exactly the bytes at the start of the xorb object);
 //! - `c` + chunk hash -> xorb hash (32) || chunk index (u32 LE);
-//! - `f` + file hash  -> the recipe, encoded as a one-file shard message.
+//! - `f` + file hash  -> the recipe, encoded as a one-file shard message;
+//! - `d` + xorb hash  -> empty: the xorb is damaged (missing or corrupt).
 
 use std::path::Path;
 
@@ -89,7 +90,30 @@ impl Index for RocksIndex {
             batch.put(key(b'c', e.info.hash.as_bytes()), v);
         }
         batch.put(key(b'x', hash.as_bytes()), record.encode());
+        batch.delete(key(b'd', hash.as_bytes()));
         self.write(batch)
+    }
+
+    fn mark_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError> {
+        if self.is_damaged(hash)? {
+            return Ok(false);
+        }
+        let Some(record) = self.xorb(hash)? else {
+            return Ok(false);
+        };
+        let mut batch = rocksdb::WriteBatch::default();
+        for e in &record.entries {
+            if self.chunk(&e.info.hash)?.is_some_and(|l| l.xorb == *hash) {
+                batch.delete(key(b'c', e.info.hash.as_bytes()));
+            }
+        }
+        batch.put(key(b'd', hash.as_bytes()), []);
+        self.write(batch)?;
+        Ok(true)
+    }
+
+    fn is_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError> {
+        Ok(self.db.get_pinned(key(b'd', hash.as_bytes()))?.is_some())
     }
 
     fn add_files(&self, files: &[FileRecipe]) -> Result<(), IndexError> {

@@ -54,4 +54,15 @@ pub async fn run(store: &impl ObjectStore) {
         .read_range(&missing, ByteRange { start: 0, end: 1 })
         .await
         .is_err());
+    store.delete(&missing).await.unwrap();
+    store.delete(&xorb).await.unwrap();
+    assert_eq!(store.len(&xorb).await.unwrap(), None, "deleted");
+    assert!(
+        store
+            .put(&xorb, Bytes::from_static(b"again"))
+            .await
+            .unwrap(),
+        "a deleted key can be written again"
+    );
+    assert_eq!(store.len(&xorb).await.unwrap(), Some(5));
 }

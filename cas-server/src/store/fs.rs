@@ -78,6 +78,13 @@ impl ObjectStore for FsStore {
         }
     }
 
+    async fn delete(&self, key: &ObjectKey) -> io::Result<()> {
+        match tokio::fs::remove_file(self.path(key)).await {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     async fn read_range(&self, key: &ObjectKey, range: ByteRange) -> io::Result<ObjectReader> {
         let mut f = tokio::fs::File::open(self.path(key)).await?;
         f.seek(io::SeekFrom::Start(range.start)).await?;

@@ -36,6 +36,12 @@ impl ObjectStore for MemStore {
         Ok(objects.get(&Self::key(key)).map(|b| b.len() as u64))
     }
 
+    async fn delete(&self, key: &ObjectKey) -> io::Result<()> {
+        let mut objects = self.objects.lock().expect("not poisoned");
+        objects.remove(&Self::key(key));
+        Ok(())
+    }
+
     async fn read_range(&self, key: &ObjectKey, range: ByteRange) -> io::Result<ObjectReader> {
         let objects = self.objects.lock().expect("not poisoned");
         let bytes = objects

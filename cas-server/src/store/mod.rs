@@ -76,6 +76,9 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// The object's length, or `None` if absent.
     fn len(&self, key: &ObjectKey) -> impl Future<Output = io::Result<Option<u64>>> + Send;
 
+    /// Removes an object; removing an absent one is not an error.
+    fn delete(&self, key: &ObjectKey) -> impl Future<Output = io::Result<()>> + Send;
+
     /// Streams `range` of the object (which must lie inside it).
     fn read_range(
         &self,

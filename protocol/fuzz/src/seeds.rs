@@ -5,7 +5,7 @@ use cas_protocol::chunking::chunks;
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{Tree, TreeEntry};
 use cas_protocol::xorb::{Compression, EncodedChunk, Scheme, XorbBuilder};
-use cas_protocol::{ChunkRange, FileHash, Message, Sha256};
+use cas_protocol::{ChunkRange, FileHash, Kind, Message, Sha256};
 use std::fs;
 
 fn main() {
@@ -29,6 +29,7 @@ fn main() {
         sha256: Sha256::of(&data),
         size: xorb.chunks.iter().map(|c| u64::from(c.len)).sum(),
         terms: vec![Term { xorb: xorb.hash, chunks: ChunkRange { start: 0, end: n }, len: xorb.chunks.iter().map(|c| u64::from(c.len)).sum() }],
+        kind: Kind::File,
     };
     let shard = Shard {
         xorbs: vec![XorbChunkTable { hash: xorb.hash, chunks: xorb.chunks.clone() }],
