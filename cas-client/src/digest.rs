@@ -97,6 +97,12 @@ pub(crate) fn digest_stream(
 /// Chunks and hashes one regular file with all cores, in bounded memory,
 /// reporting bytes read as [`Stage::Hash`].
 pub fn hash_file(path: &Path, progress: &dyn Progress) -> Result<FileDigest> {
+    hash_file_as(path, Kind::File, progress)
+}
+
+/// As [`hash_file`], hashing the file as a `kind` (a tree's listing has a
+/// hash of its own).
+pub(crate) fn hash_file_as(path: &Path, kind: Kind, progress: &dyn Progress) -> Result<FileDigest> {
     let mut file = File::open(path).map_err(Error::io(path))?;
     let meta = file.metadata().map_err(Error::io(path))?;
     if !meta.is_file() {
@@ -105,14 +111,9 @@ pub fn hash_file(path: &Path, progress: &dyn Progress) -> Result<FileDigest> {
             reason: "not a regular file".into(),
         });
     }
-    digest_stream(
-        path,
-        &mut file,
-        meta.len(),
-        Kind::File,
-        progress,
-        &mut |_, _| Ok(()),
-    )
+    digest_stream(path, &mut file, meta.len(), kind, progress, &mut |_, _| {
+        Ok(())
+    })
 }
 
 #[cfg(test)]

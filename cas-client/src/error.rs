@@ -42,13 +42,14 @@ pub enum Error {
     },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    /// An input that cannot be uploaded as given.
+    /// An input or destination that cannot be used as given.
     #[error("{path}: {reason}")]
     Input { path: PathBuf, reason: String },
     /// The assembled file does not match its hashes; it was removed.
     #[error("{path}: fetched bytes do not match ({reason}); the partial file was removed")]
     Mismatch { path: PathBuf, reason: String },
-    #[error("{0} already exists (use force to replace it)")]
+    /// A file with other content stands where a fetched file goes.
+    #[error("{0} already exists and differs (use force to replace it)")]
     Exists(PathBuf),
     /// A tree names a path that must not be written.
     #[error("refusing tree entry {path:?}: {reason}")]

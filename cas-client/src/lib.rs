@@ -23,6 +23,7 @@ mod reader;
 mod remote;
 pub mod repo;
 mod restore;
+mod stamp;
 mod upload;
 
 use std::path::{Path, PathBuf};
@@ -42,7 +43,7 @@ pub use reader::FileReader;
 pub use remote::{FileInfo, RetryPolicy};
 pub use repo::{RepoTarget, RepoUpload, RevisionFetch};
 pub use restore::FetchReport;
-pub use upload::{Layout, UploadReport, UploadedFile, UploadedRoot};
+pub use upload::{Layout, Skipped, UploadReport, UploadedFile, UploadedRoot};
 
 /// How to reach a server and how hard to work.
 #[derive(Debug, Clone)]
@@ -51,7 +52,8 @@ pub struct ClientConfig {
     pub endpoint: String,
     /// Bearer token sent to the endpoint (never to other hosts).
     pub token: Option<String>,
-    /// Local chunk cache; `None` disables it.
+    /// Local chunk cache; `None` disables it. One that cannot be created
+    /// or written is a warning, and the client goes on without it.
     pub cache_dir: Option<PathBuf>,
     pub cache_size: u64,
     /// Concurrent range GETs.
@@ -79,7 +81,10 @@ impl ClientConfig {
 /// How [`Client::fetch`] treats what is already there and what it fetches.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FetchOptions {
-    /// Replace existing files (never directories or symlinks).
+    /// Replace existing files that differ from what is fetched (never
+    /// directories or symlinks). Without it such a file is an error,
+    /// raised before anything is downloaded. Files already right are kept
+    /// either way.
     pub force: bool,
     /// Fetch a tree's listing as a plain file instead of restoring it.
     pub raw: bool,
@@ -100,10 +105,17 @@ const CAT_WINDOW: u64 = 64 << 20;
 impl Client {
     pub fn new(config: ClientConfig) -> Result<Self> {
         let remote = remote::Remote::new(&config.endpoint, config.token.as_deref(), config.retry)?;
-        let cache = config
-            .cache_dir
-            .map(|d| ChunkCache::open(&d, config.cache_size))
-            .transpose()?;
+        // A cache that cannot be used is a warning, never a failure.
+        let cache = config.cache_dir.and_then(|d| {
+            ChunkCache::open(&d, config.cache_size)
+                .inspect_err(|e| {
+                    tracing::warn!(
+                        "cannot use the cache in {} ({e}); continuing without caching",
+                        d.display()
+                    )
+                })
+                .ok()
+        });
         Ok(Self {
             fetcher: fetch::Fetcher {
                 log: cache.as_ref().map(|c| c.locations(&config.endpoint)),
@@ -192,7 +204,11 @@ impl Client {
                 reason: format!("{} bytes, more than a tree may have", info.size),
             });
         }
-        let bytes = self.fetcher.read(info.hash, None).await?;
+        let whole = ByteRange {
+            start: 0,
+            end: info.size,
+        };
+        let bytes = self.fetcher.read(info.hash, whole).await?;
         let chunks = cas_protocol::chunking::chunk_and_hash(&bytes);
         let actual = FileHash::of_kind(Kind::Tree, &chunks);
         if actual != info.hash {
@@ -209,8 +225,9 @@ impl Client {
             })
     }
 
-    /// Fetches a file, or a whole tree as a directory, to `dest`. An
-    /// interrupted fetch of the same hash to the same place resumes.
+    /// Fetches a file, or a whole tree as a directory, to `dest`. Fetches
+    /// to one destination take turns; run again after an interruption,
+    /// the same call finishes the job (see docs/CLIENT.md).
     pub async fn fetch(
         &self,
         file: FileHash,
@@ -222,37 +239,51 @@ impl Client {
         let info = self.stat(file).await?;
         let tree = if raw { None } else { self.tree(&info).await? };
         let progress = &self.fetcher.progress;
-        let (transfer, resumed, files, bytes) = match &tree {
+        let (outcome, files, bytes) = match &tree {
             Some(t) => {
                 let bytes = t.entries.iter().map(|e| e.size).sum();
                 progress.start(Stage::Download, Some(bytes));
-                let (tr, r) =
+                let o =
                     restore::fetch_tree(&self.fetcher, t, dest, force, self.connections).await?;
-                (tr, r, t.entries.len() as u64, bytes)
+                (o, t.entries.len() as u64, bytes)
             }
             None => {
                 progress.start(Stage::Download, Some(info.size));
-                let (tr, r) = restore::fetch_file(&self.fetcher, &info, dest, None, force).await?;
-                (tr, r, 1, info.size)
+                let o = restore::fetch_file(&self.fetcher, &info, dest, force).await?;
+                (o, 1, info.size)
             }
         };
         progress.finish(Stage::Download);
-        self.evict().await?;
+        self.evict().await;
         Ok(FetchReport {
             hash: file,
             path: dest.to_owned(),
             tree: tree.is_some(),
             files,
             bytes,
-            resumed_bytes: resumed,
-            transfer,
+            resumed_bytes: outcome.resumed_bytes,
+            kept_files: outcome.kept_files,
+            kept_bytes: outcome.kept_bytes,
+            transfer: outcome.transfer,
             seconds: started.elapsed().as_secs_f64(),
         })
     }
 
     /// Bytes `range` of a file (all of it without one), verified.
     pub async fn read(&self, file: FileHash, range: Option<ByteRange>) -> Result<Vec<u8>> {
+        let range = self.range_or_whole(file, range).await?;
         self.fetcher.read(file, range).await
+    }
+
+    /// `range`, or all of the file.
+    async fn range_or_whole(&self, file: FileHash, range: Option<ByteRange>) -> Result<ByteRange> {
+        Ok(match range {
+            Some(r) => r,
+            None => ByteRange {
+                start: 0,
+                end: self.stat(file).await?.size,
+            },
+        })
     }
 
     /// Streams `range` of a file (all of it without one) to `out`, in
@@ -263,13 +294,7 @@ impl Client {
         range: Option<ByteRange>,
         out: &mut W,
     ) -> Result<u64> {
-        let range = match range {
-            Some(r) => r,
-            None => ByteRange {
-                start: 0,
-                end: self.stat(file).await?.size,
-            },
-        };
+        let range = self.range_or_whole(file, range).await?;
         let mut pos = range.start;
         while pos < range.end {
             let end = (pos + CAT_WINDOW).min(range.end);
@@ -280,7 +305,7 @@ impl Client {
             pos = end;
         }
         out.flush().await.map_err(Error::io("standard output"))?;
-        self.evict().await?;
+        self.evict().await;
         Ok(range.len())
     }
 
@@ -290,13 +315,17 @@ impl Client {
         Ok(FileReader::new(self.fetcher.clone(), file, info.size))
     }
 
-    /// Keeps the cache under its cap.
-    async fn evict(&self) -> Result<()> {
+    /// Keeps the cache under its cap; a failure is the cache's, not the
+    /// operation's.
+    async fn evict(&self) {
         if let Some(c) = self.fetcher.cache.clone() {
-            tokio::task::spawn_blocking(move || c.evict())
-                .await
-                .expect("eviction does not panic")?;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = c.evict() {
+                    c.write_failed(&e);
+                }
+            })
+            .await
+            .expect("eviction does not panic");
         }
-        Ok(())
     }
 }

@@ -114,8 +114,8 @@ enum Command {
     },
     /// Fetch a file (or a tree, as a directory) by hash, or a revision of
     /// a repository (ORG/NAME[@REV], REV a branch, tag, commit id or unique
-    /// prefix; default main), verified; resumes an interrupted fetch to the
-    /// same place.
+    /// prefix; default main), verified; run again after an interruption,
+    /// the same command finishes the job.
     Fetch {
         #[command(flatten)]
         remote: Remote,
@@ -127,7 +127,7 @@ enum Command {
         /// current directory].
         #[arg(long, short)]
         output: Option<PathBuf>,
-        /// Replace existing files.
+        /// Replace existing files that differ (files already right are kept).
         #[arg(long)]
         force: bool,
         /// Fetch a tree's listing as a plain file instead of restoring it.
@@ -369,15 +369,19 @@ fn upload_json(r: &UploadReport, mut value: serde_json::Value) -> serde_json::Va
     value
 }
 
+/// What an upload left out and why, on stderr (also with `--json`).
+fn print_skipped(r: &UploadReport) {
+    for s in &r.skipped {
+        eprintln!("skipped ({}): {}", s.reason, s.path.display());
+    }
+}
+
 /// An upload's per-file lines (with `-v`) and summary.
 fn print_upload(r: &UploadReport, verbose: bool) -> Result<()> {
     if verbose {
         for f in &r.files {
             out!("{}  {}  {}  {}", f.hash, f.sha256, f.size, f.path.display());
         }
-    }
-    for s in &r.skipped {
-        eprintln!("skipped (not a regular file): {}", s.display());
     }
     let compression = if r.new_bytes == 0 {
         "nothing new".to_owned()
@@ -402,7 +406,8 @@ fn print_upload(r: &UploadReport, verbose: bool) -> Result<()> {
 /// A fetch's summary on stderr, after `prefix`.
 fn print_fetch(r: &FetchReport, prefix: &str) {
     eprintln!(
-        "{prefix}{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, {} resumed",
+        "{prefix}{} {} to {}: {} files, {} in {:.1} s ({}); {} from the network, {} from cache, \
+         {} resumed, {} files ({}) already in place",
         if r.tree { "tree" } else { "file" },
         r.hash,
         r.path.display(),
@@ -413,6 +418,8 @@ fn print_fetch(r: &FetchReport, prefix: &str) {
         HumanBytes(r.transfer.network_bytes),
         HumanBytes(r.transfer.cache_bytes),
         HumanBytes(r.resumed_bytes),
+        r.kept_files,
+        HumanBytes(r.kept_bytes),
     );
 }
 
@@ -439,6 +446,7 @@ async fn run(command: Command) -> Result<()> {
             let client = remote.client()?;
             let Some(target) = commit.target(&paths)? else {
                 let r = client.upload(&paths).await?;
+                print_skipped(&r);
                 if as_json {
                     out!("{}", upload_json(&r, serde_json::to_value(&r)?));
                     return Ok(());
@@ -450,6 +458,7 @@ async fn run(command: Command) -> Result<()> {
                 return print_upload(&r, verbose);
             };
             let u = client.upload_to(&paths, &target).await?;
+            print_skipped(&u.report);
             if as_json {
                 out!("{}", upload_json(&u.report, serde_json::to_value(&u)?));
                 return Ok(());

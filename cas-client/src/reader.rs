@@ -86,7 +86,7 @@ impl AsyncRead for FileReader {
                 let (file, start) = (this.file, this.pos);
                 let end = (start + this.block.max(out.remaining() as u64)).min(this.size);
                 Box::pin(async move {
-                    let bytes = fetcher.read(file, Some(ByteRange { start, end })).await?;
+                    let bytes = fetcher.read(file, ByteRange { start, end }).await?;
                     Ok((start, bytes))
                 })
             });

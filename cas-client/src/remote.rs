@@ -239,27 +239,26 @@ impl Remote {
             .await
     }
 
-    /// How to rebuild `range` of `file` (all of it without one).
-    pub async fn reconstruct(
-        &self,
-        file: FileHash,
-        range: Option<ByteRange>,
-    ) -> Result<Reconstruction> {
+    /// How to rebuild bytes `range` (not empty) of `file`. The answer is
+    /// checked against the question before anyone sizes anything from it.
+    pub async fn reconstruct(&self, file: FileHash, range: ByteRange) -> Result<Reconstruction> {
         let url = format!(
             "{}/v1/reconstructions/{file}{}",
             self.endpoint,
             self.context()
         );
         let what = format!("reconstruction of {file}");
+        let header = range.to_http_range().ok_or_else(|| Error::BadAnswer {
+            what: what.clone(),
+            reason: "asked for an empty range".into(),
+        })?;
         let rec: Reconstruction = self
             .retry
             .run(|| async {
-                let mut rb = self
+                let rb = self
                     .request(reqwest::Method::GET, &url)
-                    .header(ACCEPT, OCTETS);
-                if let Some(r) = range.and_then(|r| r.to_http_range()) {
-                    rb = rb.header(RANGE, r);
-                }
+                    .header(ACCEPT, OCTETS)
+                    .header(RANGE, &header);
                 let resp = self.send(&what, &url, rb).await?;
                 decode(
                     &what,
@@ -267,12 +266,7 @@ impl Remote {
                 )
             })
             .await?;
-        if rec.file != file || range.is_some_and(|r| r != rec.range) {
-            return Err(Error::BadAnswer {
-                what,
-                reason: "answer is for another file or range".into(),
-            });
-        }
+        answers(&rec, file, range).map_err(|reason| Error::BadAnswer { what, reason })?;
         Ok(rec)
     }
 
@@ -354,6 +348,24 @@ impl Remote {
         }
         Ok(resp)
     }
+}
+
+/// Whether `rec` rebuilds exactly bytes `range` of `file`. The decoder
+/// has checked that the answer is consistent in itself (its terms cover
+/// its range, its range lies in its file); this checks that it is the
+/// answer to the question, so nothing is ever sized from a length the
+/// server made up.
+fn answers(rec: &Reconstruction, file: FileHash, range: ByteRange) -> Result<(), String> {
+    if rec.file != file {
+        return Err(format!("answer is for file {}", rec.file));
+    }
+    if rec.range != range {
+        return Err(format!(
+            "answer is for bytes {}..{}, not the {}..{} asked for",
+            rec.range.start, rec.range.end, range.start, range.end
+        ));
+    }
+    Ok(())
 }
 
 fn same_origin(url: &str, endpoint: &str) -> bool {
@@ -455,6 +467,32 @@ mod tests {
         }
         let spread: std::collections::HashSet<_> = (0..20).map(|_| p.delay(3)).collect();
         assert!(spread.len() > 1, "delays are jittered");
+    }
+
+    /// Lying answers (another file, a larger or shifted range) are refused.
+    #[test]
+    fn a_reconstruction_must_answer_the_question() {
+        let file = FileHash::from_bytes([1; 32]);
+        let asked = ByteRange { start: 0, end: 100 };
+        let rec = |file, range| Reconstruction {
+            file,
+            file_size: 1 << 40,
+            range,
+            offset_into_first_term: 0,
+            terms: Vec::new(),
+            fetch: Vec::new(),
+        };
+        assert!(answers(&rec(file, asked), file, asked).is_ok());
+        let huge = ByteRange {
+            start: 0,
+            end: 1 << 40,
+        };
+        let err = answers(&rec(file, huge), file, asked).unwrap_err();
+        assert!(err.contains("not the 0..100 asked for"), "{err}");
+        let shifted = ByteRange { start: 1, end: 101 };
+        assert!(answers(&rec(file, shifted), file, asked).is_err());
+        let other = FileHash::from_bytes([2; 32]);
+        assert!(answers(&rec(other, asked), file, asked).is_err());
     }
 
     #[test]

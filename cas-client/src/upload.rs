@@ -38,6 +38,7 @@ use crate::digest::digest_stream;
 use crate::error::{Error, Result};
 use crate::progress::{Progress, Stage};
 use crate::remote::Remote;
+use crate::stamp::Stamp;
 
 /// A batch closes at this many bytes or chunks.
 const BATCH_BYTES: usize = 16 << 20;
@@ -66,13 +67,21 @@ pub struct UploadedFile {
     pub size: u64,
 }
 
+/// Something inside an uploaded directory that its tree cannot hold.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: &'static str,
+}
+
 /// What an upload did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct UploadReport {
     pub roots: Vec<UploadedRoot>,
     pub files: Vec<UploadedFile>,
-    /// Symlinks and special files inside directories, not uploaded.
-    pub skipped: Vec<PathBuf>,
+    /// Symlinks, special files and empty directories inside directories:
+    /// trees hold regular files only.
+    pub skipped: Vec<Skipped>,
     /// Input bytes (tree listings included).
     pub bytes: u64,
     pub chunks: u64,
@@ -115,6 +124,8 @@ fn ratio(a: u64, b: u64) -> f64 {
 struct Input {
     path: PathBuf,
     size: u64,
+    /// As scanned: reading must not see it change.
+    stamp: Stamp,
 }
 
 enum RootKind {
@@ -131,7 +142,7 @@ struct Root {
 struct Scan {
     inputs: Vec<Input>,
     roots: Vec<Root>,
-    skipped: Vec<PathBuf>,
+    skipped: Vec<Skipped>,
 }
 
 /// How the paths given to an upload become its roots.
@@ -166,6 +177,7 @@ fn scan(paths: &[PathBuf], layout: Layout) -> Result<Scan> {
             s.inputs.push(Input {
                 path: path.clone(),
                 size: meta.len(),
+                stamp: Stamp::of(&meta),
             });
             RootKind::File(s.inputs.len() - 1)
         } else {
@@ -244,6 +256,12 @@ fn walk(dir: &Path, rel: &str, s: &mut Scan, out: &mut Vec<(String, u32, usize)>
         .collect::<std::io::Result<_>>()
         .map_err(Error::io(dir))?;
     names.sort();
+    if names.is_empty() && !rel.is_empty() {
+        s.skipped.push(Skipped {
+            path: dir.to_owned(),
+            reason: "empty directory; trees hold regular files only",
+        });
+    }
     for name in names {
         let path = dir.join(&name);
         let name = name.to_str().ok_or_else(|| Error::Input {
@@ -266,10 +284,16 @@ fn walk(dir: &Path, rel: &str, s: &mut Scan, out: &mut Vec<(String, u32, usize)>
             s.inputs.push(Input {
                 path: path.clone(),
                 size: meta.len(),
+                stamp: Stamp::of(&meta),
             });
             out.push((rel, meta.permissions().mode() & 0o777, s.inputs.len() - 1));
         } else {
-            s.skipped.push(path);
+            let reason = if meta.file_type().is_symlink() {
+                "symlink"
+            } else {
+                "not a regular file"
+            };
+            s.skipped.push(Skipped { path, reason });
         }
     }
     Ok(())
@@ -304,7 +328,8 @@ struct Batch {
     chunks: usize,
 }
 
-/// Chunks and hashes one source, handing its pieces to the planner.
+/// Chunks and hashes one source, handing its pieces to the planner;
+/// returns the [`Item::End`] that completes it.
 fn chunk_source(
     file: usize,
     path: &Path,
@@ -313,20 +338,17 @@ fn chunk_source(
     kind: Kind,
     progress: &dyn Progress,
     emit: &mut dyn FnMut(Item) -> Result<()>,
-) -> Result<()> {
+) -> Result<Item> {
     let d = digest_stream(path, src, expected, kind, progress, &mut |data, chunks| {
         emit(Item::Piece { file, data, chunks })
     })?;
     if d.size != expected {
-        return Err(Error::Input {
-            path: path.to_owned(),
-            reason: format!(
-                "changed while being read ({expected} bytes before, {} now)",
-                d.size
-            ),
-        });
+        return Err(changed(
+            path,
+            format!("{expected} bytes before, {} now", d.size),
+        ));
     }
-    emit(Item::End {
+    Ok(Item::End {
         file,
         end: FileEnd {
             hash: d.file_hash,
@@ -335,6 +357,37 @@ fn chunk_source(
             kind,
         },
     })
+}
+
+/// A file that changed while the upload read it: what was read may mix
+/// two versions, so the upload stops before it commits anything.
+fn changed(path: &Path, how: String) -> Error {
+    Error::Input {
+        path: path.to_owned(),
+        reason: format!("changed while being read ({how}); nothing was committed"),
+    }
+}
+
+/// Reads one input, checking before its end goes to the planner that
+/// neither the open file nor the name changed since the scan.
+fn read_input(
+    i: usize,
+    input: &Input,
+    progress: &dyn Progress,
+    emit: &mut dyn FnMut(Item) -> Result<()>,
+) -> Result<()> {
+    let path = &input.path;
+    let mut f = File::open(path).map_err(Error::io(path))?;
+    let end = chunk_source(i, path, &mut f, input.size, Kind::File, progress, emit)?;
+    let open = f.metadata().map_err(Error::io(path))?;
+    let named = fs::metadata(path).map_err(Error::io(path))?;
+    if Stamp::of(&open) != input.stamp || Stamp::of(&named) != input.stamp {
+        return Err(changed(
+            path,
+            "its size, times or inode differ from when the upload started".into(),
+        ));
+    }
+    emit(end)
 }
 
 /// Stage 2: reads every input and then the tree listings, sending batches.
@@ -368,16 +421,9 @@ fn chunker(
         Ok(())
     };
     for (i, input) in scan.inputs.iter().enumerate() {
-        let mut f = File::open(&input.path).map_err(Error::io(&input.path))?;
-        chunk_source(
-            i,
-            &input.path,
-            &mut f,
-            input.size,
-            Kind::File,
-            progress,
-            &mut |item| emit(item, &mut batch, &mut hashes),
-        )?;
+        read_input(i, input, progress, &mut |item| {
+            emit(item, &mut batch, &mut hashes)
+        })?;
     }
     for (k, root) in scan.roots.iter().enumerate() {
         if let RootKind::Dir(entries) = &root.kind {
@@ -393,7 +439,7 @@ fn chunker(
                     .collect(),
             );
             let bytes = tree.to_bytes();
-            chunk_source(
+            let end = chunk_source(
                 scan.inputs.len() + k,
                 &root.path,
                 &mut &bytes[..],
@@ -402,6 +448,7 @@ fn chunker(
                 progress,
                 &mut |item| emit(item, &mut batch, &mut hashes),
             )?;
+            emit(end, &mut batch, &mut hashes)?;
         }
     }
     if !batch.items.is_empty() {
@@ -827,5 +874,39 @@ impl ShardBatch<'_> {
         }
         self.size = 0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::NoProgress;
+
+    /// A file rewritten (same size) after the scan is refused by name; an
+    /// untouched one is read.
+    #[test]
+    fn a_file_changed_since_the_scan_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"version one").unwrap();
+        // An old mtime, so the rewrite moves it whatever the clock's
+        // granularity.
+        let f = File::options().write(true).open(&path).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        let s = scan(std::slice::from_ref(&path), Layout::PerPath).unwrap();
+        let mut items = 0;
+        read_input(0, &s.inputs[0], &NoProgress, &mut |_| {
+            items += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(items, 2, "one piece and the end");
+        fs::write(&path, b"version two").unwrap();
+        let err = read_input(0, &s.inputs[0], &NoProgress, &mut |_| Ok(())).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&*path.to_string_lossy()) && msg.contains("changed while being read"),
+            "{msg}"
+        );
     }
 }

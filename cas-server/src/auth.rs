@@ -312,7 +312,7 @@ impl Access {
         };
         let token = authorization
             .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| h.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .ok_or_else(|| Denied::Unauthenticated("a bearer token is required".into()))?;
         let claims = key
             .verify(token.trim(), now)
@@ -324,6 +324,13 @@ impl Access {
             repos: claims.repos,
         })
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 7235 §2.1), so `bearer` and `BEARER` count too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 #[cfg(test)]
@@ -398,6 +405,22 @@ mod tests {
             check(remote, Some(Scope::Write), Some(&both)),
             Ok(Grant::all())
         );
+        for scheme in ["bearer", "BEARER", "bEaReR"] {
+            let h = read.replacen("Bearer", scheme, 1);
+            assert_eq!(
+                check(remote, Some(Scope::Read), Some(&h)),
+                Ok(Grant::all()),
+                "{h:.10}"
+            );
+        }
+        assert!(matches!(
+            check(
+                remote,
+                Some(Scope::Read),
+                Some(&read.replacen("Bearer ", "Bearer", 1))
+            ),
+            Err(Denied::Unauthenticated(_))
+        ));
         assert_eq!(check(remote, None, None), Ok(Grant::all()), "open routes");
         assert!(
             matches!(check(remote, Some(Scope::Write), Some(&read)), Err(Denied::Forbidden(m)) if m.contains("write"))

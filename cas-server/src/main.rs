@@ -1,10 +1,14 @@
 //! `cas-server`: runs the CAS server with its embedded default stores.
 
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{anyhow, Context};
 use cas_server::auth::{self, Claims, RepoPattern, Scope, SigningKey};
+use cas_server::Limits;
 use clap::{Parser, Subcommand};
 
 /// A verifying content-addressed chunk store server.
@@ -24,12 +28,41 @@ struct Args {
     #[arg(long, env = "CAS_DATA_DIR", default_value = "./cas-data")]
     data_dir: PathBuf,
     /// Base URL that reconstruction answers use for xorb reads, e.g. a CDN or
-    /// caching proxy in front of this server. Default: the host the client used.
+    /// caching proxy in front of this server. Default: the address the client
+    /// connected to (never its Host header, which it could forge).
     #[arg(long, env = "CAS_PUBLIC_URL")]
     public_url: Option<String>,
-    /// Xorb uploads verified concurrently; each holds up to 64 MiB in memory.
-    #[arg(long, env = "CAS_MAX_CONCURRENT_UPLOADS", default_value_t = 8)]
+    /// Xorb uploads received and verified at once; a slot is taken once
+    /// the body's first bytes arrive.
+    #[arg(long, env = "CAS_MAX_CONCURRENT_UPLOADS", default_value_t = Limits::default().max_concurrent_uploads)]
     max_concurrent_uploads: usize,
+    /// Open connections at most; at the cap the longest-idle one is closed
+    /// for a new one. Default: from the file descriptor limit (raised to
+    /// its hard limit at start), at most 4096.
+    #[arg(long, env = "CAS_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Time a request head may take, from its first byte (ms, s, m, h).
+    #[arg(long, env = "CAS_HEADER_TIMEOUT", default_value_t = Span(Limits::default().header_timeout))]
+    header_timeout: Span,
+    /// Time a connection may stay open with no request on it.
+    #[arg(long, env = "CAS_IDLE_TIMEOUT", default_value_t = Span(Limits::default().idle_timeout))]
+    idle_timeout: Span,
+    /// A request body must deliver --body-progress bytes (or its end)
+    /// within this time, again and again, or it is answered 408; an answer
+    /// the client does not read for this long is dropped.
+    #[arg(long, env = "CAS_BODY_TIMEOUT", default_value_t = Span(Limits::default().body_timeout))]
+    body_timeout: Span,
+    /// See --body-timeout (bytes; KiB, MiB and GiB suffixes).
+    #[arg(long, env = "CAS_BODY_PROGRESS", default_value_t = Size(Limits::default().body_progress_bytes))]
+    body_progress: Size,
+    /// Memory for all request bodies buffered at once, together (at least
+    /// one shard, 128MiB).
+    #[arg(long, env = "CAS_BODY_BUDGET", default_value_t = Size(Limits::default().body_budget))]
+    body_budget: Size,
+    /// How long a request waits for body budget or an upload slot before it
+    /// is answered 503.
+    #[arg(long, env = "CAS_QUEUE_TIMEOUT", default_value_t = Span(Limits::default().queue_timeout))]
+    queue_timeout: Span,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `cas_server=debug`.
     #[arg(long, env = "CAS_LOG", default_value = "info")]
     log: String,
@@ -76,19 +109,110 @@ enum KeyCommand {
     Create { path: PathBuf },
 }
 
-fn parse_ttl(s: &str) -> Result<u64, String> {
+/// A duration on the command line: a number with ms, s, m, h or d (a bare
+/// number is seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span(Duration);
+
+/// Why a duration did not parse.
+enum SpanError {
+    Invalid(String),
+    /// Well-formed, but more than a `Duration` holds.
+    TooLong,
+}
+
+fn span(s: &str) -> Result<Duration, SpanError> {
     let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = n.parse().map_err(|_| format!("not a duration: {s:?}"))?;
-    let mult = match unit {
-        "s" | "" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("unknown unit in {s:?} (s, m, h or d)")),
+    let n: u64 = n
+        .parse()
+        .map_err(|_| SpanError::Invalid(format!("not a duration: {s:?}")))?;
+    let (base, mult) = match unit {
+        "ms" => (Duration::from_millis(n), 1),
+        "s" | "" => (Duration::from_secs(n), 1),
+        "m" => (Duration::from_secs(n), 60),
+        "h" => (Duration::from_secs(n), 3600),
+        "d" => (Duration::from_secs(n), 86_400),
+        _ => {
+            return Err(SpanError::Invalid(format!(
+                "unknown unit in {s:?} (ms, s, m, h or d)"
+            )))
+        }
     };
-    n.checked_mul(mult)
-        .filter(|&t| t > 0)
-        .ok_or_else(|| format!("not a usable duration: {s:?}"))
+    match base.checked_mul(mult) {
+        None => Err(SpanError::TooLong),
+        Some(d) if d.is_zero() => Err(SpanError::Invalid(format!("{s:?} is no time at all"))),
+        Some(d) => Ok(d),
+    }
+}
+
+impl FromStr for Span {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        span(s).map(Span).map_err(|e| match e {
+            SpanError::Invalid(m) => m,
+            SpanError::TooLong => format!("{s:?} is too long"),
+        })
+    }
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_millis() {
+            ms if ms % 1000 == 0 => write!(f, "{}s", ms / 1000),
+            ms => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+/// A size on the command line: bytes, or a number with KiB, MiB or GiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Size(usize);
+
+const SIZE_UNITS: [(&str, usize); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+        let n: usize = n.parse().map_err(|_| format!("not a size: {s:?}"))?;
+        let mult = match SIZE_UNITS.iter().find(|(u, _)| *u == unit) {
+            Some((_, m)) => *m,
+            None if unit.is_empty() => 1,
+            None => return Err(format!("unknown unit in {s:?} (KiB, MiB or GiB)")),
+        };
+        n.checked_mul(mult)
+            .filter(|&b| b > 0)
+            .map(Size)
+            .ok_or_else(|| format!("not a usable size: {s:?}"))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match SIZE_UNITS.iter().find(|(_, m)| self.0.is_multiple_of(*m)) {
+            Some((u, m)) => write!(f, "{}{u}", self.0 / m),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+/// Longest token lifetime: longer ones are mistakes (or overflow).
+const MAX_TTL: Duration = Duration::from_secs(3650 * 86_400);
+
+/// A token lifetime in seconds: a duration of at least a second and at
+/// most ten years.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let too_long = || format!("{s:?} is longer than the longest token lifetime, 3650d");
+    let ttl = match span(s) {
+        Ok(ttl) if ttl > MAX_TTL => return Err(too_long()),
+        Ok(ttl) => ttl,
+        Err(SpanError::TooLong) => return Err(too_long()),
+        Err(SpanError::Invalid(m)) => return Err(m),
+    };
+    match ttl.as_secs() {
+        0 => Err(format!("{s:?} is shorter than a second")),
+        secs => Ok(secs),
+    }
 }
 
 fn key(path: Option<&PathBuf>) -> anyhow::Result<Option<SigningKey>> {
@@ -104,7 +228,9 @@ fn admin(command: Command, key_file: Option<&PathBuf>) -> anyhow::Result<()> {
         } => {
             let key = key(key_file)?
                 .context("token create needs --signing-key-file (or CAS_SIGNING_KEY_FILE)")?;
-            let exp = auth::now() + ttl;
+            let exp = auth::now()
+                .checked_add(ttl)
+                .context("the clock is past any expiry")?;
             let repos = (!repos.is_empty()).then_some(repos);
             let token = key.sign(&Claims { scopes, exp, repos });
             if token.len() > auth::MAX_TOKEN_LEN {
@@ -119,20 +245,32 @@ fn admin(command: Command, key_file: Option<&PathBuf>) -> anyhow::Result<()> {
         }
         Command::Key {
             command: KeyCommand::Create { path },
-        } => {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("{}", path.display()))?;
-            writeln!(f, "{}", SigningKey::generate().to_hex())
-                .with_context(|| format!("{}", path.display()))?;
-        }
+        } => create_key(&path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => anyhow!(
+                "{} already exists; key create never overwrites a key",
+                path.display()
+            ),
+            _ => anyhow!("cannot create key file {}: {e}", path.display()),
+        })?,
     }
     Ok(())
+}
+
+/// Writes a new key to `path`, which must not exist (mode 0600); a failed
+/// write leaves no file behind.
+fn create_key(path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    let written = writeln!(f, "{}", SigningKey::generate().to_hex()).and_then(|()| f.sync_all());
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
 }
 
 fn main() -> std::process::ExitCode {
@@ -158,18 +296,40 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log).context("invalid --log filter")?,
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .map_err(|e| anyhow!("invalid --log filter {:?}: {e}", args.log))?,
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let nofile = cas_server::raise_nofile_limit();
+    let fitting = Limits::max_connections_for(nofile);
+    let max_connections = args.max_connections.unwrap_or(fitting);
+    if max_connections > fitting {
+        tracing::warn!(
+            max_connections,
+            nofile,
+            "--max-connections is more than {fitting}, what the file descriptor limit leaves room for"
+        );
+    }
+    let limits = Limits {
+        max_connections,
+        header_timeout: args.header_timeout.0,
+        idle_timeout: args.idle_timeout.0,
+        body_timeout: args.body_timeout.0,
+        body_progress_bytes: args.body_progress.0,
+        body_budget: args.body_budget.0,
+        queue_timeout: args.queue_timeout.0,
+        max_concurrent_uploads: args.max_concurrent_uploads,
+    };
     let config = cas_server::Config {
         listen: args.listen,
         data_dir: args.data_dir.clone(),
         public_url: args.public_url,
-        max_concurrent_uploads: args.max_concurrent_uploads,
         signing_key: key(args.signing_key_file.as_ref())?,
+        limits,
     };
+    let logged_limits = format!("{:?}", config.limits);
     let tokens = config.signing_key.is_some();
     let public_url_set = config.public_url.is_some();
     let server = cas_server::Server::bind(config).await?;
@@ -180,6 +340,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_dir = %args.data_dir.display(),
         "serving: xorbs and shards on the local filesystem, index in RocksDB"
     );
+    tracing::info!(nofile, limits = logged_limits, "limits");
     if tokens {
         tracing::info!(
             "API calls need tokens (read: fetch, write: upload); xorb reads are capability URLs"
@@ -203,5 +364,41 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_sizes_and_ttls() {
+        assert_eq!("1500ms".parse(), Ok(Span(Duration::from_millis(1500))));
+        assert_eq!("90".parse(), Ok(Span(Duration::from_secs(90))));
+        assert_eq!("2m".parse(), Ok(Span(Duration::from_secs(120))));
+        for bad in [
+            "",
+            "0s",
+            "5x",
+            "-1s",
+            "18446744073709551615d",
+            "99999999999999999999",
+        ] {
+            assert!(bad.parse::<Span>().is_err(), "{bad}");
+        }
+        assert_eq!(Span(Duration::from_secs(20)).to_string(), "20s");
+        assert_eq!(Span(Duration::from_millis(250)).to_string(), "250ms");
+        assert_eq!("64KiB".parse(), Ok(Size(65_536)));
+        assert_eq!("1GiB".parse(), Ok(Size(1 << 30)));
+        assert_eq!("100".parse(), Ok(Size(100)));
+        assert!("1TB".parse::<Size>().is_err());
+        assert_eq!(Size(1 << 30).to_string(), "1GiB");
+        assert_eq!(Size(1000).to_string(), "1000");
+
+        assert_eq!(parse_ttl("24h"), Ok(86_400));
+        assert_eq!(parse_ttl("3650d"), Ok(315_360_000));
+        for bad in ["3651d", "18446744073709551615", "99999999999999d", "500ms"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
     }
 }

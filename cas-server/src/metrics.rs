@@ -46,7 +46,9 @@ impl Metrics {
         counter.fetch_add(n, Relaxed);
     }
 
-    pub fn render(&self) -> String {
+    /// The Prometheus text of the counters, followed by `live` samples
+    /// (name, type, help, value) read from their holders at render time.
+    pub fn render(&self, live: &[(&str, &str, &str, u64)]) -> String {
         let mut s = String::new();
         s.push_str("# HELP cas_requests_total HTTP requests by route and status.\n");
         s.push_str("# TYPE cas_requests_total counter\n");
@@ -109,13 +111,9 @@ impl Metrics {
                 &self.xorbs_damaged,
             ),
         ];
-        for (name, kind, help, v) in scalars {
-            writeln!(
-                s,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                v.load(Relaxed)
-            )
-            .unwrap();
+        let loaded = scalars.map(|(name, kind, help, v)| (name, kind, help, v.load(Relaxed)));
+        for (name, kind, help, v) in loaded.iter().chain(live) {
+            writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}").unwrap();
         }
         s
     }
@@ -135,10 +133,11 @@ mod tests {
         m.request("xorb_get", 206);
         m.request("xorb_get", 206);
         Metrics::add(&m.bytes_out, 42);
-        let text = m.render();
+        let text = m.render(&[("cas_open_connections", "gauge", "Open.", 3)]);
         assert!(text.contains("cas_requests_total{route=\"xorb_get\",status=\"206\"} 2\n"));
         assert!(text.contains("cas_bytes_out_total 42\n"));
         assert!(text.contains("cas_xorbs 2\n"));
         assert!(text.contains("# TYPE cas_stored_bytes gauge\n"));
+        assert!(text.contains("# TYPE cas_open_connections gauge\ncas_open_connections 3\n"));
     }
 }

@@ -3,9 +3,10 @@
 //! and speak the HTTP API with a minimal uploader and fetcher written
 //! straight from docs/API.md and docs/PROTOCOL.md.
 
-use std::collections::{BTreeMap, HashMap};
+pub mod client;
+
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -20,6 +21,11 @@ use cas_protocol::{ChunkRange, FileHash, Kind, Message, RangeHash, Sha256, XorbH
 /// Panics with instructions when the binary has not been built: a test that
 /// silently skipped would prove nothing.
 pub fn bin(name: &str) -> Command {
+    Command::new(bin_path(name))
+}
+
+/// The path of one of the workspace's binaries (see [`bin`]).
+pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
     let dir = exe
@@ -32,7 +38,7 @@ pub fn bin(name: &str) -> Command {
         "{} is missing: run `cargo build --workspace --bins` before the tests",
         path.display()
     );
-    Command::new(path)
+    path
 }
 
 /// A running `cas-server` on a free loopback port; killed when dropped.
@@ -51,7 +57,21 @@ impl ServerProcess {
     /// As [`start`](Self::start) with more flags; a `--listen` among them
     /// replaces the default free port.
     pub fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
-        let mut cmd = bin("cas-server");
+        Self::spawn(bin("cas-server"), data_dir, extra_args)
+    }
+
+    /// As [`start_with`](Self::start_with), under the open-file limits that
+    /// `ulimit` sets with `ulimit_args` (e.g. `-n 256` for both limits,
+    /// `-Sn 256` for the soft one).
+    pub fn start_with_ulimit(data_dir: &Path, extra_args: &[&str], ulimit_args: &str) -> Self {
+        let mut sh = Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("ulimit {ulimit_args} && exec \"$0\" \"$@\""))
+            .arg(bin_path("cas-server"));
+        Self::spawn(sh, data_dir, extra_args)
+    }
+
+    fn spawn(mut cmd: Command, data_dir: &Path, extra_args: &[&str]) -> Self {
         if !extra_args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
@@ -76,6 +96,32 @@ impl ServerProcess {
             url,
             data_dir: data_dir.to_owned(),
         }
+    }
+
+    /// Stops this server and starts the binary again on the same data
+    /// directory with `extra_args` (on a new port: `url` changes).
+    pub fn restart_with(&mut self, extra_args: &[&str]) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data_dir = self.data_dir.clone();
+        *self = Self::start_with(&data_dir, extra_args);
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A field of /proc/<pid>/status in bytes, e.g. `VmRSS` (resident
+    /// memory now) or `VmHWM` (its peak).
+    pub fn status_bytes(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix(" kB")?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in\n{status}"));
+        kib * 1024
     }
 
     /// SIGKILL, no chance to clean up.
@@ -401,56 +447,6 @@ pub fn assert_same_bytes(want: &[u8], path: &Path) {
         want.len(),
         got.len()
     );
-}
-
-/// Every regular file under `dir`: relative path -> (bytes, mode bits).
-pub fn snapshot(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32)>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let e = e.unwrap();
-            let meta = std::fs::symlink_metadata(e.path()).unwrap();
-            if meta.is_dir() {
-                walk(root, &e.path(), out);
-            } else {
-                assert!(meta.is_file(), "{} is not a file", e.path().display());
-                let rel = e
-                    .path()
-                    .strip_prefix(root)
-                    .unwrap()
-                    .to_str()
-                    .unwrap()
-                    .to_owned();
-                let mode = meta.permissions().mode() & 0o777;
-                out.insert(rel, (std::fs::read(e.path()).unwrap(), mode));
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    out
-}
-
-/// `got` holds exactly the files of `want`, byte for byte and mode for mode
-/// (without printing megabytes on a mismatch).
-pub fn assert_same_tree(want: &Path, got: &Path) {
-    let (w, g) = (snapshot(want), snapshot(got));
-    assert_eq!(
-        w.keys().collect::<Vec<_>>(),
-        g.keys().collect::<Vec<_>>(),
-        "file lists of {} and {}",
-        want.display(),
-        got.display()
-    );
-    for (path, (bytes, mode)) in &w {
-        let (gbytes, gmode) = &g[path];
-        assert!(
-            bytes == gbytes,
-            "{path}: {} bytes expected, got {} different ones",
-            bytes.len(),
-            gbytes.len()
-        );
-        assert_eq!(mode, gmode, "{path}: mode {mode:o} expected, got {gmode:o}");
-    }
 }
 
 /// A token signed with the key in `key`, from `cas-server token create

@@ -13,6 +13,17 @@ fn run(mut c: Command) -> Output {
     c.output().unwrap()
 }
 
+/// `cas-server token create` with `key` and `args`.
+fn token_create(key: &Path, args: &[&str]) -> Output {
+    run({
+        let mut c = bin("cas-server");
+        c.args(["token", "create", "--signing-key-file"])
+            .arg(key)
+            .args(args);
+        c
+    })
+}
+
 fn client(url: &str, token: Option<&str>, args: &[&str], cwd: &Path) -> Output {
     let mut c = bin("cas-client");
     c.args(args)
@@ -177,6 +188,103 @@ fn token_commands_and_keys_fail_clearly() {
         Some(1),
         "a server with a bad key does not start"
     );
+}
+
+fn key_create(path: &Path) -> Output {
+    run({
+        let mut c = bin("cas-server");
+        c.args(["key", "create"]).arg(path);
+        c
+    })
+}
+
+/// The one `cas-server: ...` line a failed command printed.
+fn error_line(o: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    stderr.trim_end().to_owned()
+}
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    assert!(key_create(&key).status.success());
+    let server = ServerProcess::start_with(
+        &dir.path().join("server"),
+        &["--signing-key-file", key.to_str().unwrap()],
+    );
+    let read = token(&key, &["--scope", "read"]);
+    let missing = format!("{}/v1/files/{}", server.url, "ab".repeat(32));
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let r = agent()
+            .get(&missing)
+            .header("Authorization", format!("{scheme} {read}"))
+            .call()
+            .unwrap();
+        assert_eq!(body(r).0, 404, "{scheme}: authorized, and no such file");
+    }
+    let r = agent()
+        .get(&missing)
+        .header("Authorization", format!("Basic {read}"))
+        .call()
+        .unwrap();
+    assert_eq!(body(r).0, 401);
+}
+
+#[test]
+fn token_lifetimes_that_overflow_or_are_absurd_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    assert!(key_create(&key).status.success());
+    for ttl in [
+        "18446744073709551615",
+        "18446744073709551615s",
+        "3651d",
+        "99999999h",
+    ] {
+        let o = token_create(&key, &["--scope", "read", "--ttl", ttl]);
+        assert_eq!(o.status.code(), Some(2), "--ttl {ttl}: {o:?}");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            stderr.contains("longer than the longest token lifetime, 3650d"),
+            "--ttl {ttl}: {stderr}"
+        );
+        assert!(o.stdout.is_empty(), "no token for --ttl {ttl}");
+    }
+    // Ten years is fine, and says until when.
+    let o = token_create(&key, &["--scope", "read", "--ttl", "3650d"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("valid until 20"));
+}
+
+#[test]
+fn key_create_errors_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/dir/k");
+    let o = key_create(&missing);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        error_line(&o),
+        format!(
+            "cas-server: cannot create key file {}: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+
+    let key = dir.path().join("k");
+    assert!(key_create(&key).status.success());
+    let before = std::fs::read(&key).unwrap();
+    let o = key_create(&key);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        error_line(&o),
+        format!(
+            "cas-server: {} already exists; key create never overwrites a key",
+            key.display()
+        )
+    );
+    assert_eq!(std::fs::read(&key).unwrap(), before, "the key is untouched");
 }
 
 /// A local address that is not loopback, if this machine has one.

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cas_e2e::client::cas_as;
 use cas_e2e::{agent, assert_same_bytes, bin, body, fails, json_of, ok, Metrics, ServerProcess};
 use serde_json::Value;
 
@@ -284,31 +285,7 @@ impl Cdn {
     /// `cas-client SUB` against `endpoint` with `cache` as its cache
     /// (`None`: `--no-cache`); the caller's environment cannot leak in.
     fn cas(&self, endpoint: &str, cache: Option<&Path>, sub: &str) -> Command {
-        let mut c = bin("cas-client");
-        for k in [
-            "CAS_TOKEN",
-            "CAS_CACHE_SIZE",
-            "CAS_CONNECTIONS",
-            "CAS_UPLOADS",
-            "CAS_LOG",
-            "XDG_CACHE_HOME",
-        ] {
-            c.env_remove(k);
-        }
-        c.current_dir(&self.root)
-            .env("CAS_ENDPOINT", endpoint)
-            .env("CAS_RETRIES", "2")
-            .arg(sub);
-        match cache {
-            Some(d) => {
-                c.env("CAS_CACHE_DIR", d);
-            }
-            None => {
-                c.env("CAS_CACHE_DIR", self.root.join("no-cache-here"))
-                    .arg("--no-cache");
-            }
-        }
-        c
+        cas_as(None, endpoint, cache, sub, &self.root)
     }
 
     /// Writes `data` to `name` and uploads it to the origin; returns the

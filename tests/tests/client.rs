@@ -6,285 +6,19 @@
 //! Every test starts its own server on a temporary directory and gives the
 //! client its own cache directory.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::Arc;
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cas_e2e::{
-    assert_same_bytes, assert_same_tree, bin, fails, json_of, show, snapshot, Metrics,
-    ServerProcess,
+use cas_e2e::client::{
+    assert_same_tree, bound_by_permissions, cas_as, find_journal, have_setpriv, is_root, ok,
+    snapshot, u, write_mode, Env, Gate,
 };
+use cas_e2e::{assert_same_bytes, fails, json_of, show};
 use cas_protocol::Sha256;
 use serde_json::Value;
-
-// ---------------------------------------------------------------- helpers
-
-/// A server on its own data directory plus a scratch directory for inputs,
-/// outputs and caches.
-struct Env {
-    server: ServerProcess,
-    /// Scratch space (traversable by every user, for the tests that drop
-    /// privileges).
-    root: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let data = root.join("server");
-        std::fs::create_dir(&data).unwrap();
-        let server = ServerProcess::start(&data);
-        Self {
-            server,
-            root,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> &str {
-        &self.server.url
-    }
-
-    /// A fresh, empty directory under the scratch space.
-    fn dir(&self, name: &str) -> PathBuf {
-        let d = self.root.join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    /// `cas-client SUB` against this server, with `cache` as its cache
-    /// (`None`: `--no-cache`).
-    fn cas(&self, sub: &str, cache: Option<&Path>) -> Command {
-        cas_as(None, self.url(), cache, sub, &self.root)
-    }
-
-    /// Uploads `path` and returns the `--json` report.
-    fn upload(&self, path: &Path) -> Value {
-        let mut c = self.cas("upload", None);
-        c.arg("--json").arg(path);
-        json_of(ok(c))
-    }
-
-    /// Writes `data` to `name` in the scratch space and uploads it;
-    /// returns the path and the file hash.
-    fn upload_bytes(&self, name: &str, data: &[u8]) -> (PathBuf, String) {
-        let path = self.root.join(name);
-        std::fs::write(&path, data).unwrap();
-        let hash = self.upload(&path)["roots"][0]["hash"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        (path, hash)
-    }
-
-    /// Fetches `hash` to `dest` and returns the `--json` report.
-    fn fetch(&self, hash: &str, dest: &Path, cache: Option<&Path>) -> Value {
-        let mut c = self.cas("fetch", cache);
-        c.args(["--json", hash, "-o"]).arg(dest);
-        json_of(ok(c))
-    }
-
-    fn metrics(&self) -> Metrics {
-        Metrics::fetch(self.url())
-    }
-
-    /// Paths of the xorbs the server stores.
-    fn stored_xorbs(&self) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        let top = self.server.data_dir.join("objects/xorbs");
-        for prefix in std::fs::read_dir(&top).unwrap() {
-            for x in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-                out.push(x.unwrap().path());
-            }
-        }
-        out.sort();
-        out
-    }
-}
-
-/// `cas-client SUB`, as `user` (uid, gid) when given. The environment is
-/// cleared of the client's variables so the caller's shell cannot leak in.
-fn cas_as(
-    user: Option<(u32, u32)>,
-    endpoint: &str,
-    cache: Option<&Path>,
-    sub: &str,
-    cwd: &Path,
-) -> Command {
-    let client = bin("cas-client");
-    let mut c = match user {
-        None => client,
-        Some((uid, gid)) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid",
-                &uid.to_string(),
-                "--regid",
-                &gid.to_string(),
-                "--clear-groups",
-            ])
-            .arg(client.get_program());
-            c
-        }
-    };
-    for k in [
-        "CAS_TOKEN",
-        "CAS_CACHE_SIZE",
-        "CAS_CONNECTIONS",
-        "CAS_UPLOADS",
-        "CAS_LOG",
-        "XDG_CACHE_HOME",
-    ] {
-        c.env_remove(k);
-    }
-    c.current_dir(cwd)
-        .env("CAS_ENDPOINT", endpoint)
-        .env("CAS_RETRIES", "2")
-        .arg(sub);
-    match cache {
-        Some(d) => {
-            c.env("CAS_CACHE_DIR", d);
-        }
-        None => {
-            // Never the caller's own cache, even if --no-cache were ignored.
-            c.env("CAS_CACHE_DIR", cwd.join("no-cache-here"))
-                .arg("--no-cache");
-        }
-    }
-    c
-}
-
-/// Runs `c`, which must succeed; returns its stdout.
-fn ok(c: Command) -> Vec<u8> {
-    output_within(c, MAX_RSS, MAX_TIME).stdout
-}
-
-/// Resident memory a client may use: every test moves tens of MB at most,
-/// and the client is meant to work in bounded memory whatever the input.
-const MAX_RSS: u64 = 2 << 30;
-
-/// Time any one client command may take: none moves more than tens of MB.
-const MAX_TIME: Duration = Duration::from_secs(60);
-
-/// Resident set size of a running process, in bytes.
-fn rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kb * 1024)
-}
-
-/// Runs `c` to completion, which must succeed, killing it (and failing)
-/// if its resident memory passes `max_rss` bytes (a runaway client must
-/// not take the machine down with it) or it runs longer than `max_time`.
-fn output_within(mut c: Command, max_rss: u64, max_time: Duration) -> Output {
-    let started = Instant::now();
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    };
-    let stdout = drain(Box::new(child.stdout.take().unwrap()));
-    let stderr = drain(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        let now = rss(child.id()).unwrap_or(0);
-        if now > max_rss {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{c:?} used {} MiB of memory and was killed", now >> 20);
-        }
-        if started.elapsed() > max_time {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("{c:?} still ran after {max_time:?} and was killed");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let out = Output {
-        status,
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    };
-    assert!(out.status.success(), "{c:?} failed: {}", show(&out));
-    out
-}
-
-/// Whether this process runs as root (permission bits do not bind it).
-fn is_root() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let uids = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .expect("Uid line");
-    // real, effective, saved, filesystem
-    uids.split_whitespace().nth(1) == Some("0")
-}
-
-fn have_setpriv() -> bool {
-    Command::new("setpriv")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Whom to run the client as so that permission bits bind it: `Some(None)`
-/// as ourselves when not root, `Some(Some(nobody))` through setpriv when
-/// root, `None` (with a note) when root without setpriv.
-fn bound_by_permissions() -> Option<Option<(u32, u32)>> {
-    if !is_root() {
-        Some(None)
-    } else if have_setpriv() {
-        Some(Some((65534, 65534)))
-    } else {
-        eprintln!("note: root without setpriv (util-linux): permission check skipped");
-        None
-    }
-}
-
-fn write_mode(path: &Path, data: &[u8], mode: u32) {
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).unwrap();
-    }
-    std::fs::write(path, data).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-/// `NAME.suffix` next to `path`.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut name = path.file_name().unwrap().to_owned();
-    name.push(suffix);
-    path.with_file_name(name)
-}
 
 // ------------------------------------------------------------------ tests
 
@@ -292,7 +26,7 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
 /// of the weights uploads and downloads only about what changed.
 #[test]
 fn model_directory_round_trip_and_incremental_versions() {
-    let env = Env::new();
+    let env = Env::start();
     let model = env.dir("model");
     let weights = cas_bench::bf16_weights(11, 20_000_000);
     write_mode(&model.join("weights/model.safetensors"), &weights, 0o644);
@@ -386,7 +120,7 @@ fn small_files(dir: &Path, n: u64) -> Vec<(String, Vec<u8>)> {
 /// exact.
 #[test]
 fn many_small_files_upload_in_few_requests() {
-    let env = Env::new();
+    let env = Env::start();
     let src = env.dir("small");
     let n = 2000;
     small_files(&src, n);
@@ -411,96 +145,12 @@ fn many_small_files_upload_in_few_requests() {
     assert_same_tree(&src, &out);
 }
 
-/// A TCP proxy to a server that relays answers until `budget` bytes have
-/// passed, then holds every connection open without relaying more: a
-/// fetch through it stalls at a known point.
-struct Gate {
-    url: String,
-    addr: SocketAddr,
-    passed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Gate {
-    fn start(server_url: &str, budget: u64) -> Self {
-        let target = server_url.strip_prefix("http://").unwrap().to_owned();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let passed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (passed.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for down in listener.incoming() {
-                if s.load(SeqCst) {
-                    break;
-                }
-                let (Ok(down), Ok(up)) = (down, TcpStream::connect(&target)) else {
-                    continue;
-                };
-                let (mut from_client, mut to_server) =
-                    (down.try_clone().unwrap(), up.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut from_client, &mut to_server);
-                    let _ = to_server.shutdown(Shutdown::Write);
-                });
-                let (p, s) = (p.clone(), s.clone());
-                std::thread::spawn(move || Self::relay(up, down, budget, &p, &s));
-            }
-        });
-        Self {
-            url: format!("http://{addr}"),
-            addr,
-            passed,
-            stop,
-        }
-    }
-
-    fn relay(
-        mut from: TcpStream,
-        mut to: TcpStream,
-        budget: u64,
-        passed: &AtomicU64,
-        stop: &AtomicBool,
-    ) {
-        let mut buf = vec![0u8; 64 << 10];
-        loop {
-            let n = match from.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            let before = passed.fetch_add(n as u64, SeqCst);
-            let allowed = budget.saturating_sub(before).min(n as u64) as usize;
-            if to.write_all(&buf[..allowed]).is_err() {
-                break;
-            }
-            if allowed < n {
-                while !stop.load(SeqCst) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                break;
-            }
-        }
-        let _ = to.shutdown(Shutdown::Both);
-    }
-
-    fn stalled(&self, budget: u64) -> bool {
-        self.passed.load(SeqCst) >= budget
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-        let _ = TcpStream::connect(self.addr); // wake the accept loop
-    }
-}
-
 /// A fetch killed with SIGKILL half-way resumes: the verified part is not
 /// fetched again, and nothing stands under the final name until the whole
 /// file is verified.
 #[test]
 fn fetch_resumes_after_kill_9() {
-    let env = Env::new();
+    let mut env = Env::start();
     let src = env.dir("src");
     // B = A + new data: B's reconstruction spans A's xorb and a new one,
     // two separately fetched (and journaled) units.
@@ -522,11 +172,10 @@ fn fetch_resumes_after_kill_9() {
     // Through the gate, one connection at a time: the first unit gets
     // through whole, the second stalls half-way.
     let budget = xorb_bytes * 3 / 4;
-    let gate = Gate::start(env.url(), budget);
+    let gate = Gate::start(&mut env.server, budget);
     let dest = env.root.join("out/b.bin");
     std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-    let journal = sibling(&dest, ".part.journal");
-    let part = sibling(&dest, ".part");
+    let out = dest.parent().unwrap();
     let mut c = cas_as(None, &gate.url, None, "fetch", &env.root);
     c.args(["--connections", "1", &hash, "-o"])
         .arg(&dest)
@@ -535,10 +184,11 @@ fn fetch_resumes_after_kill_9() {
     let mut child = c.spawn().unwrap();
     let started = Instant::now();
     loop {
-        let lines = std::fs::read_to_string(&journal)
+        let lines = find_journal(out)
+            .and_then(|j| std::fs::read_to_string(j).ok())
             .map(|t| t.lines().count())
             .unwrap_or(0);
-        if lines >= 2 && gate.stalled(budget) {
+        if lines >= 2 && gate.stalled() {
             break;
         }
         if let Some(status) = child.try_wait().unwrap() {
@@ -555,16 +205,16 @@ fn fetch_resumes_after_kill_9() {
             child.kill().unwrap();
             panic!(
                 "no unit was journaled within 60 s ({} bytes relayed)",
-                gate.passed.load(SeqCst)
+                gate.passed()
             );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    drop(gate);
+    gate.close(&mut env.server);
     assert!(!dest.exists(), "nothing under the final name after a kill");
-    assert!(part.is_file() && journal.is_file());
+    assert!(find_journal(out).is_some());
 
     let f = env.fetch(&hash, &dest, None);
     assert_same_bytes(&b, &dest);
@@ -576,14 +226,15 @@ fn fetch_resumes_after_kill_9() {
         net <= xorb_bytes - resumed + (1 << 20),
         "only what was not verified is fetched again: {f}"
     );
-    assert!(!part.exists() && !journal.exists(), "{f}");
+    let left: Vec<_> = std::fs::read_dir(out).unwrap().collect();
+    assert_eq!(left.len(), 1, "only b.bin is left: {left:?}");
 }
 
 /// Two fetches of one file at once through one cache move its bytes over
 /// the network once.
 #[test]
 fn concurrent_fetches_share_one_cache() {
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::bf16_weights(41, 24_000_000);
     let (_, hash) = env.upload_bytes("weights.bin", &data);
 
@@ -633,7 +284,7 @@ fn users_share_a_setgid_cache() {
         eprintln!("skipped: needs root and setpriv to act as two users");
         return;
     }
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::bf16_weights(51, 6_000_000);
     let (_, hash) = env.upload_bytes("shared.bin", &data);
 
@@ -673,7 +324,7 @@ fn users_share_a_setgid_cache() {
 /// xorb, and no file appears under the destination name.
 #[test]
 fn corrupted_xorb_fails_verification() {
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::random_bytes(61, 4_000_000);
     let (_, hash) = env.upload_bytes("data.bin", &data);
     let xorbs = env.stored_xorbs();
@@ -697,7 +348,7 @@ fn corrupted_xorb_fails_verification() {
 /// is written where it must not be.
 #[test]
 fn failures_are_clear_and_safe() {
-    let env = Env::new();
+    let env = Env::start();
     let src = env.dir("src");
     write_mode(&src.join("a.txt"), b"top file\n", 0o644);
     write_mode(&src.join("sub/b.txt"), b"nested file\n", 0o644);
@@ -794,7 +445,7 @@ fn failures_are_clear_and_safe() {
 /// `cat` ranges are the slices they name, and `stat` describes the file.
 #[test]
 fn cat_ranges_and_stat() {
-    let env = Env::new();
+    let env = Env::start();
     let mut data = cas_bench::random_bytes(81, 400_000);
     data.extend(cas_bench::bf16_weights(82, 300_000));
     let (_, hash) = env.upload_bytes("ranges.bin", &data);
@@ -843,7 +494,7 @@ fn cat_ranges_and_stat() {
 /// A damaged cache entry is not trusted: it is dropped and fetched again.
 #[test]
 fn corrupted_cache_entry_is_refetched() {
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::random_bytes(91, 3_000_000);
     let (_, hash) = env.upload_bytes("c.bin", &data);
     let cache = env.dir("cache");
@@ -880,7 +531,7 @@ fn corrupted_cache_entry_is_refetched() {
 /// as the option's value, not as an unknown flag.
 #[test]
 fn cat_suffix_range_as_separate_argument() {
-    let env = Env::new();
+    let env = Env::start();
     let data = cas_bench::random_bytes(85, 10_000);
     let (_, hash) = env.upload_bytes("suffix.bin", &data);
     let mut c = env.cas("cat", None);
@@ -892,7 +543,7 @@ fn cat_suffix_range_as_separate_argument() {
 /// `PATH: Permission denied (os error 13)`, not the cause twice.
 #[test]
 fn io_errors_state_their_cause_once() {
-    let env = Env::new();
+    let env = Env::start();
     let src = env.root.join("one.txt");
     std::fs::write(&src, b"one\n").unwrap();
     let hash = env.upload(&src)["roots"][0]["hash"]
@@ -927,7 +578,7 @@ fn hostile_tree_is_refused() {
     use cas_protocol::tree::{Tree, TreeEntry};
     use cas_protocol::Message;
 
-    let env = Env::new();
+    let env = Env::start();
     let payload = env.root.join("payload");
     std::fs::write(&payload, b"owned").unwrap();
     let file = env.upload(&payload)["roots"][0]["hash"]

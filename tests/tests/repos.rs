@@ -7,9 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cas_e2e::{
-    agent, assert_same_tree, bin, body, fails, json_of, ok, show, token, Metrics, ServerProcess,
-};
+use cas_e2e::client::assert_same_tree;
+use cas_e2e::{agent, bin, body, fails, json_of, ok, show, token, Metrics, ServerProcess};
 use serde_json::Value;
 
 /// A server on its own data directory, a scratch directory, and the token

@@ -18,8 +18,10 @@ use crate::store::{ObjectKey, ObjectStore};
 impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Verifies a xorb completely (parse, decompress, re-hash every chunk,
     /// check the xorb hash), stores it, then indexes it. A xorb that is
-    /// already stored is accepted without being rewritten, unless it is
-    /// damaged: then the verified upload replaces the object (a repair).
+    /// already stored is accepted without being rewritten (`created` is
+    /// false, also when another upload of it stored it meanwhile), unless
+    /// it is damaged: then the verified upload replaces the object (a
+    /// repair).
     pub async fn put_xorb(&self, hash: XorbHash, body: Bytes) -> Result<XorbUpload, CoreError> {
         let (known, damaged) = self
             .with_index(move |i| Ok((i.xorb(&hash)?, i.is_damaged(&hash)?)))
@@ -46,8 +48,8 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         if damaged {
             self.objects.delete(&key).await?;
         }
-        // Two uploads of one new xorb can both get here: only the one whose
-        // put wrote the object reports it created.
+        // Of concurrent uploads of one xorb, all may pass the index check
+        // above; the store says which one wrote it.
         let created = self.objects.put(&key, body).await?;
         let chunks = record.entries.len();
         self.with_index(move |i| Ok(i.add_xorb(&hash, &record)?))

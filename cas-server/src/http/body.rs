@@ -1,14 +1,18 @@
 //! Request bodies (bounded in size and time) and the `Range`, `ETag` and
 //! content-type headers the API reads.
 
-use bytes::Bytes;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
 use cas_protocol::shard::MAX_SHARD_BYTES;
 use cas_protocol::Encoding;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderMap};
+use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Request, StatusCode};
+use tokio::time::Instant;
 
+use super::budget::{Budget, BudgetTimeout, Reservation};
 use super::error::ApiError;
 use super::JSON;
 use crate::core::RangeRequest;
@@ -80,49 +84,230 @@ pub(crate) fn range_header(headers: &HeaderMap) -> Result<Option<RangeRequest>, 
     }
 }
 
-/// Reads a request body of at most `limit` bytes.
-pub(crate) async fn read_body(
+/// The time bound of a request body: it must deliver `progress_bytes` (or
+/// its end) within `timeout`, again and again. A client that trickles a
+/// byte a second is cut off as surely as one that sends nothing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyRules {
+    pub timeout: Duration,
+    pub progress_bytes: usize,
+}
+
+/// A request body whose first bytes arrived (or that was empty).
+pub(crate) struct Started {
+    body: Incoming,
+    limit: usize,
+    declared: Option<usize>,
+    first: Option<Bytes>,
+    progress: Progress,
+}
+
+/// A request body read whole, with the budget it holds until dropped.
+pub(crate) struct Buffered {
+    pub bytes: Bytes,
+    _reservation: Reservation,
+}
+
+/// The body progress rule: each `bytes` must arrive within `timeout`.
+struct Progress {
+    deadline: Instant,
+    got: usize,
+    bytes: usize,
+    timeout: Duration,
+}
+
+impl Progress {
+    fn new(rules: BodyRules) -> Self {
+        Self {
+            deadline: Instant::now() + rules.timeout,
+            got: 0,
+            bytes: rules.progress_bytes.max(1),
+            timeout: rules.timeout,
+        }
+    }
+
+    /// A new window: time the server made the body wait (for budget or
+    /// an upload slot) does not count against the client.
+    fn restart(&mut self) {
+        self.got = 0;
+        self.deadline = Instant::now() + self.timeout;
+    }
+
+    fn arrived(&mut self, n: usize) {
+        self.got += n;
+        if self.got >= self.bytes {
+            self.got = 0;
+            self.deadline = Instant::now() + self.timeout;
+        }
+    }
+
+    /// The next frame of `body`, or 408 when progress stalls.
+    async fn frame(&mut self, body: &mut Incoming) -> Result<Option<Bytes>, ApiError> {
+        loop {
+            let frame = tokio::time::timeout_at(self.deadline, body.frame())
+                .await
+                .map_err(|_| {
+                    let mut e = ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "request_timeout",
+                        format!(
+                            "request body sent less than {} bytes in {:?}",
+                            self.bytes, self.timeout
+                        ),
+                    );
+                    e.headers
+                        .push((header::CONNECTION, HeaderValue::from_static("close")));
+                    e
+                })?;
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_body",
+                        format!("cannot read request body: {e}"),
+                    ))
+                }
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        self.arrived(data.len());
+                        if !data.is_empty() {
+                            return Ok(Some(data));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("body exceeds {limit} bytes"),
+    )
+}
+
+/// Waits for the first bytes of a body of at most `limit` bytes (a larger
+/// `Content-Length` is refused at once); 408 if none come in time.
+pub(crate) async fn start_body(
     req: Request<Incoming>,
     limit: usize,
-    metrics: &Metrics,
-) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("body exceeds {limit} bytes"),
-        )
-    };
+    rules: BodyRules,
+) -> Result<Started, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+        return Err(too_large(limit));
     }
-    let body = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_body",
-                    format!("cannot read request body: {e}"),
-                )
-            }
-        })?;
-    let bytes = body.to_bytes();
-    Metrics::add(&metrics.bytes_in, bytes.len() as u64);
-    Ok(bytes)
+    let mut body = req.into_body();
+    let mut progress = Progress::new(rules);
+    let first = progress.frame(&mut body).await?;
+    Ok(Started {
+        body,
+        limit,
+        declared: declared.map(|n| n as usize),
+        first,
+        progress,
+    })
 }
 
-/// Reads and drops a refused request's body (at most a shard's worth, for
-/// at most 30 s) before answering. A proxy that streams the body upstream
-/// (nginx with request buffering off) turns an early answer followed by a
-/// closed connection into a 502; draining lets the 401/403 through.
+impl Started {
+    /// Reads the rest into one buffer, reserving its bytes from the budget
+    /// first: the declared length up front, or as the buffer grows when
+    /// the length is not declared. Waits for budget at most the budget's
+    /// wait (then 503); 408 when the body stalls.
+    pub(crate) async fn finish(
+        mut self,
+        budget: &Budget,
+        metrics: &Metrics,
+    ) -> Result<Buffered, ApiError> {
+        let busy = |e: BudgetTimeout| busy(e.to_string());
+        let mut reservation = budget.empty();
+        let Some(first) = self.first.take() else {
+            return Ok(Buffered {
+                bytes: Bytes::new(),
+                _reservation: reservation,
+            });
+        };
+        // One allocation of the whole body when its length is declared:
+        // no pieces pinning hyper's read buffers, and freed all at once.
+        let initial = self
+            .declared
+            .unwrap_or_else(|| first.len().max(MIN_GROWTH))
+            .min(self.limit);
+        reservation.grow(initial).await.map_err(busy)?;
+        self.progress.restart();
+        let mut buf = BytesMut::with_capacity(initial);
+        let mut next = Some(first);
+        while let Some(data) = next {
+            let needed = buf.len() + data.len();
+            if needed > self.limit {
+                return Err(too_large(self.limit));
+            }
+            if needed > buf.capacity() {
+                // Only bodies without a declared length grow; the budget
+                // holds the new capacity before it is allocated.
+                let cap = (buf.capacity() * 2).max(needed).min(self.limit);
+                reservation
+                    .grow(cap - reservation.len())
+                    .await
+                    .map_err(busy)?;
+                self.progress.restart();
+                let mut bigger = BytesMut::with_capacity(cap);
+                bigger.extend_from_slice(&buf);
+                buf = bigger;
+            }
+            buf.extend_from_slice(&data);
+            next = self.progress.frame(&mut self.body).await?;
+        }
+        if self.declared.is_some_and(|n| n != buf.len()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "request body ended before its Content-Length",
+            ));
+        }
+        Metrics::add(&metrics.bytes_in, buf.len() as u64);
+        Ok(Buffered {
+            bytes: buf.freeze(),
+            _reservation: reservation,
+        })
+    }
+}
+
+/// First reservation of a body of undeclared length.
+const MIN_GROWTH: usize = 64 * 1024;
+
+/// 503: the server is at a bound and the client should retry. The body
+/// (if any) is left unread, so the connection closes after the answer.
+pub(crate) fn busy(message: String) -> ApiError {
+    let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
+    e.headers
+        .push((header::RETRY_AFTER, HeaderValue::from_static("1")));
+    e.headers
+        .push((header::CONNECTION, HeaderValue::from_static("close")));
+    e
+}
+
+/// Reads a whole request body of at most `limit` bytes under `rules`,
+/// buffered within `budget`.
+pub(crate) async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    rules: BodyRules,
+    budget: &Budget,
+    metrics: &Metrics,
+) -> Result<Buffered, ApiError> {
+    start_body(req, limit, rules)
+        .await?
+        .finish(budget, metrics)
+        .await
+}
+
 /// Reads and drops a refused request's body (at most a shard's worth, for
 /// at most 30 s) before answering. A proxy that streams the body upstream
 /// (nginx with request buffering off) turns an early answer followed by a

@@ -5,9 +5,13 @@
 //!   `{"error": "<stable code>", "message": "..."}` ([`error`]);
 //! - [`repos`]: its repository routes and the access check of tokens
 //!   limited to repositories;
-//! - [`body`]: request bodies, `Range` and `ETag` headers.
+//! - [`body`]: request bodies (bounded in size, time and memory), `Range`
+//!   and `ETag` headers; [`budget`]: the memory budget of all bodies;
+//! - [`conn`]: the connection cap and the idle and header timeouts.
 
 pub mod body;
+pub mod budget;
+pub mod conn;
 pub mod error;
 pub mod repos;
 pub mod v1;
@@ -25,14 +29,21 @@ use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 
+use self::budget::Budget;
+use self::conn::{Connections, Guarded, RequestGuard, Timeouts};
 use crate::auth::Access;
 use crate::core::Core;
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::store::ObjectStore;
+use crate::Limits;
 
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Read buffer of one connection.
+const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 
 const BINARY: &str = "application/octet-stream";
 const JSON: &str = "application/json";
@@ -42,11 +53,121 @@ pub struct App<O, I> {
     pub core: Core<O, I>,
     pub metrics: Arc<Metrics>,
     /// Base URL put in front of `/v1/xorbs/...` in reconstruction answers;
-    /// `None`: the `Host` the client used.
+    /// `None`: the local address the client's connection reached.
     pub public_url: Option<String>,
-    /// Bounds memory: each in-flight xorb upload holds up to 64 MiB.
+    /// Xorb uploads buffered and verified at once (CPU and blocking
+    /// threads); taken once a body's first bytes arrived.
     pub upload_permits: Semaphore,
+    /// Memory of all request bodies buffered at once.
+    pub budget: Budget,
+    pub connections: Arc<Connections>,
+    pub limits: Limits,
     pub access: Access,
+    /// Work that finishes even when its client has gone (a xorb whose body
+    /// arrived is stored and indexed); shutdown waits for it.
+    pub tasks: TaskTracker,
+}
+
+impl<O, I> App<O, I> {
+    pub fn new(core: Core<O, I>, metrics: Arc<Metrics>, limits: Limits, access: Access) -> Self {
+        Self {
+            core,
+            metrics,
+            public_url: None,
+            upload_permits: Semaphore::new(limits.max_concurrent_uploads.max(1)),
+            budget: Budget::new(limits.body_budget, limits.queue_timeout),
+            connections: Connections::new(limits.max_connections),
+            limits,
+            access,
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    pub(crate) fn body_rules(&self) -> body::BodyRules {
+        body::BodyRules {
+            timeout: self.limits.body_timeout,
+            progress_bytes: self.limits.body_progress_bytes,
+        }
+    }
+
+    /// `/metrics`: the counters plus the gauges of held resources.
+    pub(crate) fn render_metrics(&self) -> String {
+        let c = &self.connections;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let in_use =
+            self.limits.max_concurrent_uploads.max(1) - self.upload_permits.available_permits();
+        self.metrics.render(&[
+            (
+                "cas_open_connections",
+                "gauge",
+                "Open connections.",
+                c.open() as u64,
+            ),
+            (
+                "cas_connections_evicted_total",
+                "counter",
+                "Idle connections closed to make room at the connection cap.",
+                load(&c.evicted),
+            ),
+            (
+                "cas_idle_timeouts_total",
+                "counter",
+                "Connections closed after the idle timeout.",
+                load(&c.idle_timeouts),
+            ),
+            (
+                "cas_header_timeouts_total",
+                "counter",
+                "Connections closed because a request head took longer than the header timeout.",
+                load(&c.header_timeouts),
+            ),
+            (
+                "cas_write_timeouts_total",
+                "counter",
+                "Connections closed because the client took no bytes of an answer for the body timeout.",
+                load(&c.write_timeouts),
+            ),
+            (
+                "cas_body_bytes_reserved",
+                "gauge",
+                "Bytes of the request body budget held.",
+                self.budget.reserved() as u64,
+            ),
+            (
+                "cas_upload_slots_in_use",
+                "gauge",
+                "Xorb uploads being received or verified.",
+                in_use as u64,
+            ),
+        ])
+    }
+}
+
+/// A response body that keeps its request's mark on the connection
+/// ([`RequestGuard`]) until hyper has sent it and dropped it.
+struct Held {
+    body: Body,
+    _guard: RequestGuard,
+}
+
+impl hyper::body::Body for Held {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 pub(crate) fn full_body(bytes: Bytes) -> Body {
@@ -83,18 +204,30 @@ pub async fn serve<O: ObjectStore, I: Index>(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let timeouts = Timeouts {
+        header: app.limits.header_timeout,
+        idle: app.limits.idle_timeout,
+        write: app.limits.body_timeout,
+    };
     tokio::pin!(shutdown);
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        // A connection beyond the cap waits here, accepted, until a slot
+        // frees; the ones after it wait in the listen backlog.
+        let next = async {
+            let (stream, peer) = loop {
+                match listener.accept().await {
+                    Ok(a) => break a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
-            },
+            };
+            (stream, peer, app.connections.admit().await)
+        };
+        let (stream, peer, slot) = tokio::select! {
+            n = next => n,
             () = &mut shutdown => break,
         };
         // Small answers (dedup, reconstruction, the last bytes of a range)
@@ -102,20 +235,64 @@ pub async fn serve<O: ObjectStore, I: Index>(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
+        // The address the client reached: the base of xorb URLs when no
+        // --public-url is set (a Host header is the client's to forge).
+        let local = match stream.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection without a local address");
+                continue;
+            }
+        };
+        let conn = slot.conn();
         let app = app.clone();
-        let service = service_fn(move |req| v1::handle(app.clone(), req, peer));
+        let service = service_fn(move |req| {
+            let (app, conn) = (app.clone(), conn.clone());
+            async move {
+                let Some(guard) = conn.begin_request() else {
+                    // Evicted while this request's head was arriving.
+                    let r = body::busy("connection closed to make room".into());
+                    return Ok::<_, std::convert::Infallible>(r.into_response());
+                };
+                let r = v1::handle(app, req, peer, local).await?;
+                Ok(r.map(|body| {
+                    Held {
+                        body,
+                        _guard: guard,
+                    }
+                    .boxed_unsync()
+                }))
+            }
+        });
         let conn = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), service);
+            // Ours, counted from a head's first byte (conn.rs); hyper's
+            // would also end every idle connection.
+            .header_read_timeout(None)
+            // What one connection may buffer of unparsed input (a head, or
+            // body bytes not yet handed over): the bodies themselves are
+            // in the budget, this bounds the rest (4096 connections: at
+            // most 256 MiB, where hyper's default allows 400 KiB each).
+            .max_buf_size(MAX_CONNECTION_BUFFER)
+            .serve_connection(
+                TokioIo::new(Guarded::new(stream, slot.conn(), timeouts)),
+                service,
+            );
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+    app.tasks.close();
+    let finish = async {
+        graceful.shutdown().await;
+        app.tasks.wait().await;
+    };
+    if tokio::time::timeout(Duration::from_secs(10), finish)
         .await
         .is_err()
     {

@@ -81,8 +81,8 @@ async fn json_body<T: DeserializeOwned, O: ObjectStore, I: Index>(
     req: Request<Incoming>,
     limit: usize,
 ) -> Result<T, ApiError> {
-    let body = read_body(req, limit, &app.metrics).await?;
-    serde_json::from_slice(&body).map_err(|e| {
+    let body = read_body(req, limit, app.body_rules(), &app.budget, &app.metrics).await?;
+    serde_json::from_slice(&body.bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_message",

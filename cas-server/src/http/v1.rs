@@ -16,11 +16,13 @@ use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
-use super::body::{body_encoding, drain, etag_matches, header_contains, range_header, read_body};
+use super::body::{
+    body_encoding, busy, drain, etag_matches, header_contains, range_header, read_body, start_body,
+};
 use super::error::ApiError;
 use super::{empty, full, json, repos, App, Body, BINARY, JSON};
 use crate::auth::{Grant, Scope};
-use crate::core::CoreError;
+use crate::core::{CoreError, XorbUpload};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::store::ObjectStore;
@@ -198,12 +200,13 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
         })
 }
 
-/// Routes one request from `peer`; never fails (errors become JSON
-/// responses).
+/// Routes one request from `peer` that reached this server at `local`;
+/// never fails (errors become JSON responses).
 pub async fn handle<O: ObjectStore, I: Index>(
     app: Arc<App<O, I>>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    local: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
@@ -221,7 +224,7 @@ pub async fn handle<O: ObjectStore, I: Index>(
                     drain(req).await;
                     Err(denied.into())
                 }
-                Ok(grant) => dispatch(&app, r, &params, &grant, req).await,
+                Ok(grant) => dispatch(&app, r, &params, &grant, req, local).await,
             };
             (r.name(), result)
         }
@@ -262,11 +265,12 @@ pub async fn handle<O: ObjectStore, I: Index>(
 
 /// Serves one allowed request.
 async fn dispatch<O: ObjectStore, I: Index>(
-    app: &App<O, I>,
+    app: &Arc<App<O, I>>,
     r: Route,
     params: &[&str],
     grant: &Grant,
     req: Request<Incoming>,
+    local: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let h = params.first().copied().unwrap_or_default();
     match r {
@@ -274,7 +278,7 @@ async fn dispatch<O: ObjectStore, I: Index>(
         Route::Metrics => Ok(full(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            app.metrics.render(),
+            app.render_metrics(),
         )),
         Route::Dedup => dedup(app, req).await,
         Route::XorbPut => put_xorb(app, h, req).await,
@@ -282,7 +286,7 @@ async fn dispatch<O: ObjectStore, I: Index>(
         Route::Shard => post_shard(app, req).await,
         Route::Reconstruction => {
             repos::authorize_file(app, grant, req.uri(), h).await?;
-            reconstruct(app, h, &req).await
+            reconstruct(app, h, &req, local).await
         }
         Route::File => {
             repos::authorize_file(app, grant, req.uri(), h).await?;
@@ -304,8 +308,16 @@ async fn dedup<O: ObjectStore, I: Index>(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let encoding = body_encoding(req.headers());
-    let body = read_body(req, MAX_DEDUP_BODY, &app.metrics).await?;
-    let query = DedupQuery::decode_as(&body, encoding).map_err(CoreError::from)?;
+    let body = read_body(
+        req,
+        MAX_DEDUP_BODY,
+        app.body_rules(),
+        &app.budget,
+        &app.metrics,
+    )
+    .await?;
+    let query = DedupQuery::decode_as(&body.bytes, encoding).map_err(CoreError::from)?;
+    drop(body);
     Metrics::add(&app.metrics.dedup_queried, query.chunks.len() as u64);
     let answer = app.core.dedup(query).await?;
     Metrics::add(
@@ -316,39 +328,59 @@ async fn dedup<O: ObjectStore, I: Index>(
 }
 
 async fn put_xorb<O: ObjectStore, I: Index>(
-    app: &App<O, I>,
+    app: &Arc<App<O, I>>,
     hash: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let hash: XorbHash = parse_hash(hash)?;
-    let _permit = app
-        .upload_permits
-        .acquire()
+    // A task of its own: hyper drops this handler when the client hangs up,
+    // possibly before it has taken the body's last bytes from hyper. The
+    // task still reads what arrived and, if the body is whole, stores and
+    // indexes the xorb; a body cut short fails verification and stores
+    // nothing.
+    let task_app = app.clone();
+    let upload = app
+        .tasks
+        .spawn(async move { receive_xorb(&task_app, hash, req).await });
+    let up = upload
         .await
+        .map_err(|e| CoreError::Io(std::io::Error::other(e)))??;
+    let status = if up.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(status, &up))
+}
+
+async fn receive_xorb<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: XorbHash,
+    req: Request<Incoming>,
+) -> Result<XorbUpload, ApiError> {
+    let started = start_body(req, MAX_XORB_SERIALIZED, app.body_rules()).await?;
+    // The slot is taken once bytes flow: a client that sends nothing holds
+    // none, and one that trickles is cut off by the body timeout.
+    let wait = app.limits.queue_timeout;
+    let _slot = tokio::time::timeout(wait, app.upload_permits.acquire())
+        .await
+        .map_err(|_| busy(format!("every xorb upload slot stayed busy for {wait:?}")))?
         .expect("semaphore is never closed");
-    let body = read_body(req, MAX_XORB_SERIALIZED, &app.metrics).await?;
-    match app.core.put_xorb(hash, body).await {
-        Ok(up) => {
-            if up.created {
-                Metrics::add(&app.metrics.xorbs, 1);
-                Metrics::add(&app.metrics.stored_bytes, up.bytes);
-            }
-            Ok(json(
-                if up.created {
-                    StatusCode::CREATED
-                } else {
-                    StatusCode::OK
-                },
-                &up,
-            ))
+    let body = started.finish(&app.budget, &app.metrics).await?;
+    let result = app.core.put_xorb(hash, body.bytes.clone()).await;
+    drop(body);
+    let metrics = &app.metrics;
+    match &result {
+        // `created` is true for exactly one of concurrent uploads of a
+        // xorb: each is counted once.
+        Ok(up) if up.created => {
+            Metrics::add(&metrics.xorbs, 1);
+            Metrics::add(&metrics.stored_bytes, up.bytes);
         }
-        Err(e) => {
-            if matches!(e, CoreError::InvalidXorb(_)) {
-                Metrics::add(&app.metrics.xorbs_rejected, 1);
-            }
-            Err(e.into())
-        }
+        Err(CoreError::InvalidXorb(_)) => Metrics::add(&metrics.xorbs_rejected, 1),
+        _ => {}
     }
+    Ok(result?)
 }
 
 async fn get_xorb<O: ObjectStore, I: Index>(
@@ -418,8 +450,17 @@ async fn post_shard<O: ObjectStore, I: Index>(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let encoding = body_encoding(req.headers());
-    let body = read_body(req, MAX_SHARD_BYTES, &app.metrics).await?;
-    let commit = app.core.commit_shard(body, encoding).await?;
+    let body = read_body(
+        req,
+        MAX_SHARD_BYTES,
+        app.body_rules(),
+        &app.budget,
+        &app.metrics,
+    )
+    .await?;
+    let commit = app.core.commit_shard(body.bytes.clone(), encoding).await;
+    drop(body);
+    let commit = commit?;
     Ok(json(StatusCode::OK, &commit))
 }
 
@@ -427,19 +468,15 @@ async fn reconstruct<O: ObjectStore, I: Index>(
     app: &App<O, I>,
     hash: &str,
     req: &Request<Incoming>,
+    local: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let hash: FileHash = parse_hash(hash)?;
     let range = range_header(req.headers())?;
     let base = match &app.public_url {
         Some(u) => u.trim_end_matches('/').to_owned(),
-        None => {
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("127.0.0.1");
-            format!("http://{host}")
-        }
+        // The address this connection reached, not its Host header: a
+        // client must not be able to point the URLs elsewhere.
+        None => origin(local),
     };
     let r = app
         .core
@@ -458,6 +495,18 @@ async fn reconstruct<O: ObjectStore, I: Index>(
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// `http://ADDR` for a local address (an IPv4 client of a dual-stack
+/// socket as IPv4; no IPv6 scope, which URLs cannot carry as is).
+fn origin(local: SocketAddr) -> String {
+    match local {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => format!("http://{v4}:{}", a.port()),
+            None => format!("http://[{}]:{}", a.ip(), a.port()),
+        },
+        SocketAddr::V4(a) => format!("http://{a}"),
+    }
 }
 
 async fn file_info<O: ObjectStore, I: Index>(
@@ -487,6 +536,18 @@ async fn check_xorb<O: ObjectStore, I: Index>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_of_local_addresses() {
+        for (addr, want) in [
+            ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+            ("[::1]:9", "http://[::1]:9"),
+            ("[::ffff:10.1.2.3]:80", "http://10.1.2.3:80"),
+            ("[fe80::1%2]:80", "http://[fe80::1]:80"),
+        ] {
+            assert_eq!(origin(addr.parse().unwrap()), want);
+        }
+    }
 
     /// docs/openapi.json and the router describe the same operations.
     #[test]

@@ -53,6 +53,15 @@ async fn immutable_objects(store: &impl ObjectStore) {
             .unwrap();
         assert_eq!(out, want, "bytes {start}..{end}");
     }
+    // Concurrent puts of one new key: exactly one wrote it.
+    let raced = ObjectKey::xorb(&XorbHash::from_bytes([0x7e; 32]));
+    let puts = (0..8).map(|_| store.put(&raced, Bytes::from_static(b"same bytes")));
+    let created = futures_util::future::join_all(puts).await;
+    assert_eq!(
+        created.into_iter().filter(|r| *r.as_ref().unwrap()).count(),
+        1,
+        "concurrent puts of one key: one reports that it wrote it"
+    );
     let missing = ObjectKey::xorb(&XorbHash::from_bytes([0x01; 32]));
     assert!(store
         .read_range(&missing, ByteRange { start: 0, end: 1 })

@@ -72,16 +72,30 @@ impl FsStore {
         ObjectKey::from_listed(&key)
     }
 
-    /// Writes `bytes` to `dest` through a synced temp file and a rename.
-    fn write_atomic(&self, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` to `dest` through a synced temp file and a rename;
+    /// without `replace`, an existing `dest` is kept and the answer is
+    /// `false` (of concurrent writes of one new key, exactly one wins).
+    fn write_atomic(&self, dest: &Path, bytes: &[u8], replace: bool) -> io::Result<bool> {
         let dir = dest.parent().expect("object paths have a parent");
         std::fs::create_dir_all(dir)?;
         let mut tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))?;
         tmp.write_all(bytes)?;
         tmp.as_file().sync_all()?;
-        tmp.persist(dest).map_err(|e| e.error)?;
+        let persisted = if replace {
+            tmp.persist(dest).map(drop)
+        } else {
+            tmp.persist_noclobber(dest).map(drop)
+        };
+        match persisted {
+            Ok(()) => {}
+            Err(e) if !replace && e.error.kind() == io::ErrorKind::AlreadyExists => {
+                return Ok(false)
+            }
+            Err(e) => return Err(e.error),
+        }
         // The rename is durable only once the directory entry is.
-        sync_dir(dir)
+        sync_dir(dir)?;
+        Ok(true)
     }
 
     fn put_blocking(&self, key: &ObjectKey, bytes: &[u8]) -> io::Result<bool> {
@@ -89,8 +103,7 @@ impl FsStore {
         if dest.exists() {
             return Ok(false);
         }
-        self.write_atomic(&dest, bytes)?;
-        Ok(true)
+        self.write_atomic(&dest, bytes, false)
     }
 
     fn ref_lock(&self, key: &ObjectKey) -> std::sync::MutexGuard<'_, ()> {
@@ -123,7 +136,7 @@ impl FsStore {
         let _locked = self.ref_lock(key);
         let path = self.path(key);
         Self::compare(&path, expect)?;
-        self.write_atomic(&path, bytes)?;
+        self.write_atomic(&path, bytes, true)?;
         Ok(RefVersion::of(bytes))
     }
 

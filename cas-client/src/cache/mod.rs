@@ -4,17 +4,25 @@
 //! Layout under the root: `xorbs/<2 hex>/<xorb hex>/<first>-<end>` holds the
 //! frames of chunks `first..end` of that xorb; `.../lock.<first>-<end>`
 //! serialises fetches of that range across processes (so two fetches of
-//! the same file move its bytes once) and is removed once the entry exists; `tmp/` holds entries being written. Entries are immutable
-//! and appear by atomic rename, so a reader sees a whole entry or none.
+//! the same file move its bytes once) and is removed once the entry exists
+//! ([`lock`]); `tmp/` holds entries being written ([`writer`]). Entries are
+//! immutable and appear by atomic rename, so a reader sees a whole entry or
+//! none.
 //! Entries are not trusted: every read is verified against the range hashes
 //! of a reconstruction like bytes from the network, and a bad entry is
 //! deleted and fetched again.
 //!
-//! `chunks/<endpoint id>.log` records where chunks live on one server (as
+//! `chunks/<endpoint id>.log` ([`locations`]) records where chunks live on one server (as
 //! learned from fetches and uploads), so an upload can skip asking about
 //! chunks this machine has already seen. Records are hints: the server
 //! checks every recipe it is sent, so a stale or forged record makes a
 //! commit fail (and the upload retry without hints), never corrupts data.
+//!
+//! A cache that cannot be written (disk full, quota, read-only, no
+//! permission, ...) never fails an operation: the first write that fails
+//! turns writing off for the process with one warning ([`Writable`]), and
+//! everything goes on from the network; entries already there are still
+//! read.
 //!
 //! Sharing among users: when the root directory is setgid, directories are
 //! created `rwxrwsr-x` and entries `rw-rw-r--`, so every member of the group
@@ -22,20 +30,68 @@
 //! not writable, which `flock` allows.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use cas_protocol::messages::ChunkLocation;
-use cas_protocol::{ChunkHash, ChunkRange, XorbHash};
+use cas_protocol::{ChunkRange, XorbHash};
 
 use crate::error::{Error, Result};
 
+mod locations;
+mod lock;
+mod writer;
+
+pub use locations::LocationLog;
+pub use writer::EntryWriter;
+
 /// Default size cap: 20 GiB.
 pub const DEFAULT_CACHE_SIZE: u64 = 20 << 30;
+
+/// Mode of files in a shared cache, set explicitly after creation (the
+/// creator's umask would narrow it).
+const SHARED_FILE: u32 = 0o664;
+/// Mode of new files in a private cache (narrowed by the umask as usual).
+const PRIVATE_FILE: u32 = 0o644;
+
+/// Gives a file of a shared cache the shared mode. Another user may own
+/// it (and have shared it already): failing is fine.
+fn share(file: &File) {
+    if file
+        .metadata()
+        .is_ok_and(|m| m.permissions().mode() & 0o7777 != SHARED_FILE)
+    {
+        let _ = file.set_permissions(fs::Permissions::from_mode(SHARED_FILE));
+    }
+}
+
+/// Whether the cache may still be written, shared by everything that
+/// writes it (entries, locks, the location log, eviction).
+#[derive(Debug)]
+struct Writable {
+    root: PathBuf,
+    on: AtomicBool,
+}
+
+impl Writable {
+    /// Turns writing off after `e`, warning the first time only.
+    fn failed(&self, e: &Error) {
+        if self.on.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "cannot write to the cache in {} ({e}); continuing without caching",
+                self.root.display()
+            );
+        }
+    }
+
+    fn get(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+}
 
 /// Temp files older than this belong to a dead process.
 const STALE_TMP: Duration = Duration::from_secs(3600);
@@ -50,6 +106,7 @@ pub struct ChunkCache {
     /// thousands of entries). Exact names are always checked on disk
     /// first, so ranges another process adds are still found.
     listings: Arc<Mutex<HashMap<XorbHash, Vec<ChunkRange>>>>,
+    writable: Arc<Writable>,
 }
 
 fn entry_name(r: ChunkRange) -> String {
@@ -61,24 +118,6 @@ fn entry_name(r: ChunkRange) -> String {
 pub struct CacheEntry {
     pub path: PathBuf,
     pub chunks: ChunkRange,
-}
-
-/// Holds the fetch lock (an `flock`) of one xorb range until dropped.
-#[derive(Debug)]
-pub struct RangeLock {
-    _file: File,
-    path: PathBuf,
-}
-
-impl RangeLock {
-    /// Releases the lock and deletes its file once the entry it guarded
-    /// is in place, so lock files do not pile up. A process that opened
-    /// the file before the unlink still gets its lock, then finds the
-    /// entry; one that races the unlink can at worst fetch the range
-    /// again, never see a partial entry.
-    pub fn release(self) {
-        let _ = fs::remove_file(&self.path);
-    }
 }
 
 impl ChunkCache {
@@ -95,6 +134,8 @@ impl ChunkCache {
     }
 
     /// Opens (creating if needed) a cache at `root` capped at `cap` bytes.
+    /// An existing root whose layout cannot be created opens for reading
+    /// only (see [`is_writable`](Self::is_writable)).
     pub fn open(root: &Path, cap: u64) -> Result<Self> {
         fs::create_dir_all(root).map_err(Error::io(root))?;
         let mode = fs::metadata(root)
@@ -106,11 +147,29 @@ impl ChunkCache {
             cap,
             shared: mode & 0o2000 != 0,
             listings: Arc::default(),
+            writable: Arc::new(Writable {
+                root: root.to_owned(),
+                on: AtomicBool::new(true),
+            }),
         };
-        cache.mkdir(&root.join("xorbs"))?;
-        cache.mkdir(&root.join("tmp"))?;
-        cache.mkdir(&root.join("chunks"))?;
+        for d in ["xorbs", "tmp", "chunks"] {
+            if let Err(e) = cache.mkdir(&root.join(d)) {
+                cache.write_failed(&e);
+                break;
+            }
+        }
         Ok(cache)
+    }
+
+    /// Whether this process still writes to the cache: false once a write
+    /// failed.
+    pub fn is_writable(&self) -> bool {
+        self.writable.get()
+    }
+
+    /// Stops writing to the cache after `e` (warning the first time).
+    pub(crate) fn write_failed(&self, e: &Error) {
+        self.writable.failed(e);
     }
 
     pub fn root(&self) -> &Path {
@@ -132,6 +191,15 @@ impl ChunkCache {
             }
         }
         Ok(())
+    }
+
+    /// Mode of new files.
+    fn file_mode(&self) -> u32 {
+        if self.shared {
+            SHARED_FILE
+        } else {
+            PRIVATE_FILE
+        }
     }
 
     fn xorb_dir(&self, xorb: &XorbHash) -> PathBuf {
@@ -181,55 +249,6 @@ impl ChunkCache {
             let _ = f.set_modified(SystemTime::now());
         }
         Some(best)
-    }
-
-    /// Waits for the cross-process fetch lock of `chunks` of `xorb`.
-    pub fn lock(&self, xorb: &XorbHash, chunks: ChunkRange) -> Result<RangeLock> {
-        let dir = self.xorb_dir(xorb);
-        self.mkdir(&dir)?;
-        let path = dir.join(format!("lock.{}-{}", chunks.start, chunks.end));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(if self.shared { 0o664 } else { 0o644 })
-            .open(&path)
-            .or_else(|e| match e.kind() {
-                io::ErrorKind::PermissionDenied => File::open(&path),
-                _ => Err(e),
-            })
-            .map_err(Error::io(&path))?;
-        if self.shared {
-            let _ = file.set_permissions(fs::Permissions::from_mode(0o664));
-        }
-        file.lock().map_err(Error::io(&path))?;
-        Ok(RangeLock { _file: file, path })
-    }
-
-    /// Starts a new entry for `chunks` of `xorb`, written to a temp file.
-    pub fn writer(&self, xorb: &XorbHash, chunks: ChunkRange) -> Result<EntryWriter> {
-        let tmp_dir = self.root.join("tmp");
-        let tmp = tempfile_in(&tmp_dir)?;
-        let dir = self.xorb_dir(xorb);
-        Ok(EntryWriter {
-            file: Some(tmp.1),
-            tmp: tmp.0,
-            dest: dir.join(entry_name(chunks)),
-            dir,
-            xorb: *xorb,
-            chunks,
-            mode: if self.shared { 0o664 } else { 0o644 },
-        })
-    }
-
-    /// The chunk location log of the server at `endpoint`.
-    pub fn locations(&self, endpoint: &str) -> LocationLog {
-        let id = blake3::hash(endpoint.trim_end_matches('/').as_bytes()).to_hex();
-        LocationLog {
-            path: self.root.join("chunks").join(format!("{}.log", &id[..32])),
-            mode: if self.shared { 0o664 } else { 0o644 },
-        }
     }
 
     /// Drops an entry that failed verification.
@@ -312,82 +331,6 @@ impl ChunkCache {
     }
 }
 
-/// Largest location log; a writer that finds it larger starts it over.
-const MAX_LOG: u64 = 32 << 20;
-const RECORD: usize = 72;
-
-/// Append-only records `chunk hash, xorb hash, index (u32 LE), check` where
-/// check is the first 4 bytes of the BLAKE3 of the rest. Each append is one
-/// `write` with `O_APPEND`, so concurrent writers do not interleave records;
-/// reading stops at the first record that fails its check.
-#[derive(Debug, Clone)]
-pub struct LocationLog {
-    path: PathBuf,
-    mode: u32,
-}
-
-impl LocationLog {
-    pub fn load(&self) -> HashMap<ChunkHash, ChunkLocation> {
-        let mut map = HashMap::new();
-        let mut bytes = Vec::new();
-        let read = File::open(&self.path).and_then(|f| f.take(MAX_LOG).read_to_end(&mut bytes));
-        if read.is_err() {
-            return map;
-        }
-        for r in bytes.chunks_exact(RECORD) {
-            if blake3::hash(&r[..68]).as_bytes()[..4] != r[68..] {
-                break;
-            }
-            let part = |a: usize| -> [u8; 32] { r[a..a + 32].try_into().expect("32 bytes") };
-            map.insert(
-                ChunkHash::from_bytes(part(0)),
-                ChunkLocation {
-                    xorb: XorbHash::from_bytes(part(32)),
-                    index: u32::from_le_bytes(r[64..68].try_into().expect("4 bytes")),
-                },
-            );
-        }
-        map
-    }
-
-    /// Appends records; failures only cost future dedup, so they are logged
-    /// and otherwise ignored.
-    pub fn record(&self, entries: &[(ChunkHash, ChunkLocation)]) {
-        if entries.is_empty() {
-            return;
-        }
-        let mut buf = Vec::with_capacity(entries.len() * RECORD);
-        for (c, l) in entries {
-            let start = buf.len();
-            buf.extend_from_slice(c.as_bytes());
-            buf.extend_from_slice(l.xorb.as_bytes());
-            buf.extend_from_slice(&l.index.to_le_bytes());
-            let check = blake3::hash(&buf[start..]);
-            buf.extend_from_slice(&check.as_bytes()[..4]);
-        }
-        if fs::metadata(&self.path).is_ok_and(|m| m.len() > MAX_LOG) {
-            self.forget();
-        }
-        let written = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(self.mode)
-            .open(&self.path)
-            .and_then(|mut f| f.write_all(&buf));
-        if let Err(e) = written {
-            tracing::warn!(
-                "cannot record chunk locations in {}: {e}",
-                self.path.display()
-            );
-        }
-    }
-
-    /// Starts over, e.g. after the server refused a recipe built from it.
-    pub fn forget(&self) {
-        let _ = fs::remove_file(&self.path);
-    }
-}
-
 fn read_dir_or_empty(dir: &Path) -> Result<Vec<fs::DirEntry>> {
     match fs::read_dir(dir) {
         Ok(rd) => Ok(rd.filter_map(|e| e.ok()).collect()),
@@ -396,78 +339,20 @@ fn read_dir_or_empty(dir: &Path) -> Result<Vec<fs::DirEntry>> {
     }
 }
 
-/// A uniquely named new file in `dir`.
-fn tempfile_in(dir: &Path) -> Result<(PathBuf, File)> {
-    loop {
-        let path = dir.join(format!(".{:016x}", rand::random::<u64>()));
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(f) => return Ok((path, f)),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(Error::io(dir)(e)),
-        }
-    }
-}
-
-/// An entry being written; it appears under its name only on
-/// [`commit`](EntryWriter::commit), and the temp file goes away on drop.
-#[derive(Debug)]
-pub struct EntryWriter {
-    file: Option<File>,
-    tmp: PathBuf,
-    dest: PathBuf,
-    dir: PathBuf,
-    xorb: XorbHash,
-    chunks: ChunkRange,
-    mode: u32,
-}
-
-impl EntryWriter {
-    pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let file = self.file.as_mut().expect("not committed");
-        file.write_all(bytes).map_err(Error::io(&self.tmp))
-    }
-
-    /// Publishes the entry. Not fsynced: a cache entry lost in a crash is
-    /// refetched, and a torn one fails verification and is replaced.
-    pub fn commit(mut self, cache: &ChunkCache) -> Result<()> {
-        let file = self.file.take().expect("not committed");
-        file.set_permissions(fs::Permissions::from_mode(self.mode))
-            .map_err(Error::io(&self.tmp))?;
-        drop(file);
-        cache.mkdir(&self.dir)?;
-        fs::rename(&self.tmp, &self.dest).map_err(Error::io(&self.dest))?;
-        if let Some(v) = cache
-            .listings
-            .lock()
-            .expect("not poisoned")
-            .get_mut(&self.xorb)
-        {
-            v.push(self.chunks);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for EntryWriter {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use cas_protocol::messages::ChunkLocation;
+    use cas_protocol::ChunkHash;
 
-    fn xorb(n: u8) -> XorbHash {
+    pub fn xorb(n: u8) -> XorbHash {
         XorbHash::from_bytes([n; 32])
     }
 
     fn put(c: &ChunkCache, x: &XorbHash, start: u32, end: u32, bytes: &[u8]) {
         let mut w = c.writer(x, ChunkRange { start, end }).unwrap();
-        w.write(bytes).unwrap();
-        w.commit(c).unwrap();
+        w.write(bytes);
+        w.commit();
     }
 
     #[test]
@@ -497,10 +382,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
         let mut w = c.writer(&xorb(1), ChunkRange { start: 0, end: 1 }).unwrap();
-        w.write(b"partial").unwrap();
+        w.write(b"partial");
         drop(w);
         assert_eq!(c.lookup(&xorb(1), ChunkRange { start: 0, end: 1 }), None);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// A write that fails turns writing off; what is cached is still read.
+    #[test]
+    fn a_failed_write_turns_writing_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
+        put(&c, &xorb(1), 0, 1, b"kept");
+        // A file where temp files go: creating one fails (ENOTDIR).
+        fs::remove_dir(dir.path().join("tmp")).unwrap();
+        fs::write(dir.path().join("tmp"), b"").unwrap();
+        assert!(c.is_writable());
+        assert!(c
+            .writer(&xorb(2), ChunkRange { start: 0, end: 1 })
+            .is_none());
+        assert!(!c.is_writable());
+        assert!(c
+            .clone()
+            .writer(&xorb(3), ChunkRange { start: 0, end: 1 })
+            .is_none());
+        let e = c.lookup(&xorb(1), ChunkRange { start: 0, end: 1 }).unwrap();
+        assert_eq!(fs::read(e.path).unwrap(), b"kept");
+        // A root whose layout cannot be made opens read-only.
+        let ro = tempfile::tempdir().unwrap();
+        fs::write(ro.path().join("xorbs"), b"").unwrap();
+        assert!(!ChunkCache::open(ro.path(), 1 << 20).unwrap().is_writable());
     }
 
     #[test]
@@ -545,49 +456,16 @@ mod tests {
         assert_eq!(mode(&e.path.parent().unwrap().join("lock.0-1")), 0o664);
         lock.release();
         assert!(!e.path.parent().unwrap().join("lock.0-1").exists());
-    }
-
-    #[test]
-    fn location_log_round_trips_and_stops_at_damage() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
-        let log = c.locations("http://a:1/");
-        assert_eq!(log.path, c.locations("http://a:1").path);
-        assert_ne!(log.path, c.locations("http://b:1").path);
-        let loc = |n: u8| {
-            (
-                ChunkHash::from_bytes([n; 32]),
-                ChunkLocation {
-                    xorb: xorb(n + 100),
-                    index: u32::from(n),
-                },
-            )
+        // A log created under umask 077 (so 0600) is shared by the next
+        // record; the e2e test runs the client under that umask.
+        let log = c.locations("http://h:1");
+        File::create(&log.path).unwrap();
+        fs::set_permissions(&log.path, fs::Permissions::from_mode(0o600)).unwrap();
+        let loc = ChunkLocation {
+            xorb: xorb(1),
+            index: 0,
         };
-        log.record(&[loc(1), loc(2)]);
-        log.record(&[loc(3)]);
-        let m = log.load();
-        assert_eq!(m.len(), 3);
-        assert_eq!(m[&loc(2).0], loc(2).1);
-        // Damage record 2: records 2 and 3 are dropped, record 1 kept.
-        let mut raw = fs::read(&log.path).unwrap();
-        raw[RECORD + 40] ^= 1;
-        fs::write(&log.path, &raw).unwrap();
-        assert_eq!(log.load().len(), 1);
-        log.forget();
-        assert!(log.load().is_empty());
-    }
-
-    #[test]
-    fn lock_excludes_a_second_holder() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = ChunkCache::open(dir.path(), 1 << 20).unwrap();
-        let r = ChunkRange { start: 2, end: 9 };
-        let held = c.lock(&xorb(3), r).unwrap();
-        assert!(c.lookup(&xorb(3), r).is_none(), "a lock is not an entry");
-        let path = c.xorb_dir(&xorb(3)).join("lock.2-9");
-        let other = File::open(&path).unwrap();
-        assert!(other.try_lock().is_err());
-        drop(held);
-        assert!(other.try_lock().is_ok());
+        log.record(&[(ChunkHash::from_bytes([1; 32]), loc)]);
+        assert_eq!(mode(&log.path), 0o664);
     }
 }

@@ -1,0 +1,509 @@
+//! The environment the tests of the client binary share: a server with a
+//! scratch directory, the client command with a clean environment, bounds
+//! on its memory and time, tree snapshots, and a proxy that stalls a
+//! transfer at a known point.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{bin, json_of, show, Metrics, ServerProcess};
+
+/// A server on its own data directory plus a scratch directory for inputs,
+/// outputs and caches.
+pub struct Env {
+    pub server: ServerProcess,
+    /// Scratch space (traversable by every user, for the tests that drop
+    /// privileges).
+    pub root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let data = root.join("server");
+        std::fs::create_dir(&data).unwrap();
+        let server = ServerProcess::start(&data);
+        Self {
+            server,
+            root,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.server.url
+    }
+
+    /// A fresh, empty directory under the scratch space.
+    pub fn dir(&self, name: &str) -> PathBuf {
+        let d = self.root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// `cas-client SUB` against this server, with `cache` as its cache
+    /// (`None`: `--no-cache`).
+    pub fn cas(&self, sub: &str, cache: Option<&Path>) -> Command {
+        cas_as(None, self.url(), cache, sub, &self.root)
+    }
+
+    /// Uploads `path` and returns the `--json` report.
+    pub fn upload(&self, path: &Path) -> Value {
+        let mut c = self.cas("upload", None);
+        c.arg("--json").arg(path);
+        json_of(ok(c))
+    }
+
+    /// Writes `data` to `name` in the scratch space and uploads it;
+    /// returns the path and the file hash.
+    pub fn upload_bytes(&self, name: &str, data: &[u8]) -> (PathBuf, String) {
+        let path = self.root.join(name);
+        std::fs::write(&path, data).unwrap();
+        let hash = self.upload(&path)["roots"][0]["hash"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (path, hash)
+    }
+
+    /// Fetches `hash` to `dest` and returns the `--json` report.
+    pub fn fetch(&self, hash: &str, dest: &Path, cache: Option<&Path>) -> Value {
+        let mut c = self.cas("fetch", cache);
+        c.args(["--json", hash, "-o"]).arg(dest);
+        json_of(ok(c))
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics::fetch(self.url())
+    }
+
+    /// Paths of the xorbs the server stores.
+    pub fn stored_xorbs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let top = self.server.data_dir.join("objects/xorbs");
+        for prefix in std::fs::read_dir(&top).unwrap() {
+            for x in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+                out.push(x.unwrap().path());
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// `cas-client SUB`, as `user` (uid, gid) when given. The environment is
+/// cleared of the client's variables so the caller's shell cannot leak in.
+pub fn cas_as(
+    user: Option<(u32, u32)>,
+    endpoint: &str,
+    cache: Option<&Path>,
+    sub: &str,
+    cwd: &Path,
+) -> Command {
+    let client = bin("cas-client");
+    let mut c = match user {
+        None => client,
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid",
+                &uid.to_string(),
+                "--regid",
+                &gid.to_string(),
+                "--clear-groups",
+            ])
+            .arg(client.get_program());
+            c
+        }
+    };
+    for k in [
+        "CAS_TOKEN",
+        "CAS_CACHE_SIZE",
+        "CAS_CONNECTIONS",
+        "CAS_UPLOADS",
+        "CAS_LOG",
+        "XDG_CACHE_HOME",
+    ] {
+        c.env_remove(k);
+    }
+    c.current_dir(cwd)
+        .env("CAS_ENDPOINT", endpoint)
+        .env("CAS_RETRIES", "2")
+        .arg(sub);
+    match cache {
+        Some(d) => {
+            c.env("CAS_CACHE_DIR", d);
+        }
+        None => {
+            // Never the caller's own cache, even if --no-cache were ignored.
+            c.env("CAS_CACHE_DIR", cwd.join("no-cache-here"))
+                .arg("--no-cache");
+        }
+    }
+    c
+}
+
+/// Runs `c`, which must succeed; returns its stdout. Unlike
+/// [`crate::ok`], the command is killed (and the test fails) past
+/// [`MAX_RSS`] or [`MAX_TIME`].
+pub fn ok(c: Command) -> Vec<u8> {
+    output_within(c, MAX_RSS, MAX_TIME).stdout
+}
+
+/// Resident memory a client may use: every test moves tens of MB at most,
+/// and the client is meant to work in bounded memory whatever the input.
+const MAX_RSS: u64 = 2 << 30;
+
+/// Time any one client command may take: none moves more than tens of MB.
+const MAX_TIME: Duration = Duration::from_secs(60);
+
+/// Resident set size of a running process, in bytes.
+fn rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Runs `c` to completion, which must succeed, killing it (and failing)
+/// if its resident memory passes `max_rss` bytes (a runaway client must
+/// not take the machine down with it) or it runs longer than `max_time`.
+fn output_within(mut c: Command, max_rss: u64, max_time: Duration) -> Output {
+    let started = Instant::now();
+    let mut child = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        let now = rss(child.id()).unwrap_or(0);
+        if now > max_rss {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{c:?} used {} MiB of memory and was killed", now >> 20);
+        }
+        if started.elapsed() > max_time {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("{c:?} still ran after {max_time:?} and was killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    assert!(out.status.success(), "{c:?} failed: {}", show(&out));
+    out
+}
+
+/// Whether this process runs as root (permission bits do not bind it).
+pub fn is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uids = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .expect("Uid line");
+    // real, effective, saved, filesystem
+    uids.split_whitespace().nth(1) == Some("0")
+}
+
+pub fn have_setpriv() -> bool {
+    Command::new("setpriv")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whom to run the client as so that permission bits bind it: `Some(None)`
+/// as ourselves when not root, `Some(Some(nobody))` through setpriv when
+/// root, `None` (with a note) when root without setpriv.
+pub fn bound_by_permissions() -> Option<Option<(u32, u32)>> {
+    if !is_root() {
+        Some(None)
+    } else if have_setpriv() {
+        Some(Some((65534, 65534)))
+    } else {
+        eprintln!("note: root without setpriv (util-linux): permission check skipped");
+        None
+    }
+}
+
+pub fn write_mode(path: &Path, data: &[u8], mode: u32) {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, data).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Every regular file under `dir`: relative path -> (bytes, mode bits).
+pub fn snapshot(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (Vec<u8>, u32)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            if meta.is_dir() {
+                walk(root, &e.path(), out);
+            } else {
+                assert!(meta.is_file(), "{} is not a file", e.path().display());
+                let rel = e
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                let mode = meta.permissions().mode() & 0o777;
+                out.insert(rel, (std::fs::read(e.path()).unwrap(), mode));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// `got` holds exactly the files of `want`, byte for byte and mode for mode
+/// (without printing megabytes on a mismatch).
+pub fn assert_same_tree(want: &Path, got: &Path) {
+    let (w, g) = (snapshot(want), snapshot(got));
+    assert_eq!(
+        w.keys().collect::<Vec<_>>(),
+        g.keys().collect::<Vec<_>>(),
+        "file lists of {} and {}",
+        want.display(),
+        got.display()
+    );
+    for (path, (bytes, mode)) in &w {
+        let (gbytes, gmode) = &g[path];
+        assert!(
+            bytes == gbytes,
+            "{path}: {} bytes expected, got {} different ones",
+            bytes.len(),
+            gbytes.len()
+        );
+        assert_eq!(mode, gmode, "{path}: mode {mode:o} expected, got {gmode:o}");
+    }
+}
+
+pub fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The first file under `dir` (hidden directories included) whose name
+/// ends with `journal`: where a fetch records its progress.
+pub fn find_journal(dir: &Path) -> Option<PathBuf> {
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if e.file_name().to_string_lossy().ends_with("journal") {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// What a [`Gate`] does at the moment.
+#[derive(Default)]
+struct GateState {
+    /// Answer bytes relayed so far, all connections together.
+    passed: u64,
+    /// A connection reached the budget and waits.
+    stalled: bool,
+    /// A request holding the pattern arrived and waits.
+    held: bool,
+    /// Everything flows from now on.
+    open: bool,
+    /// The gate is gone: waiting connections close.
+    stop: bool,
+}
+
+/// A TCP proxy in front of a server that stops a transfer at a known
+/// point: answers flow until `budget` bytes have passed, and requests
+/// flow until one contains `hold` (say `POST /v1/dedup`); then it holds
+/// every connection that reaches that point until [`release`](Gate::release)
+/// (everything flows again) or until it is dropped (they close).
+///
+/// The server names xorb URLs after the address clients connect to, never
+/// after their `Host` header, so starting a gate restarts the server with
+/// `--public-url` naming the gate (as a proxy in front of it would be
+/// configured), and [`close`](Gate::close) restarts it without.
+pub struct Gate {
+    pub url: String,
+    addr: SocketAddr,
+    state: Arc<(Mutex<GateState>, Condvar)>,
+}
+
+impl Gate {
+    /// A gate that stalls answers after `budget` bytes.
+    pub fn start(server: &mut ServerProcess, budget: u64) -> Self {
+        Self::new(server, budget, None)
+    }
+
+    /// A gate that holds the first request containing `pattern`.
+    pub fn holding(server: &mut ServerProcess, pattern: &str) -> Self {
+        Self::new(server, u64::MAX, Some(pattern.as_bytes().to_vec()))
+    }
+
+    /// Removes the gate and restarts the server without it, so that xorb
+    /// URLs name the server itself again.
+    pub fn close(self, server: &mut ServerProcess) {
+        drop(self);
+        server.restart_with(&[]);
+    }
+
+    fn new(server: &mut ServerProcess, budget: u64, hold: Option<Vec<u8>>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        server.restart_with(&["--public-url", &format!("http://{addr}")]);
+        let target = server.url.strip_prefix("http://").unwrap().to_owned();
+        let state: Arc<(Mutex<GateState>, Condvar)> = Arc::default();
+        let s = state.clone();
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                if s.0.lock().unwrap().stop {
+                    break;
+                }
+                let (Ok(down), Ok(up)) = (down, TcpStream::connect(&target)) else {
+                    continue;
+                };
+                let (from_client, to_server) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let (s1, s2, hold) = (s.clone(), s.clone(), hold.clone());
+                std::thread::spawn(move || {
+                    Self::relay(from_client, to_server, &s1, |st, buf| {
+                        let hit = hold
+                            .as_ref()
+                            .is_some_and(|p| buf.windows(p.len()).any(|w| w == &p[..]));
+                        if hit && !st.open {
+                            st.held = true;
+                            return 0;
+                        }
+                        buf.len()
+                    })
+                });
+                std::thread::spawn(move || {
+                    Self::relay(up, down, &s2, |st, buf| {
+                        if st.open {
+                            return buf.len();
+                        }
+                        let allowed = budget.saturating_sub(st.passed).min(buf.len() as u64);
+                        st.passed += allowed;
+                        if (allowed as usize) < buf.len() {
+                            st.stalled = true;
+                        }
+                        allowed as usize
+                    })
+                });
+            }
+        });
+        Self {
+            url: format!("http://{addr}"),
+            addr,
+            state,
+        }
+    }
+
+    /// Copies `from` to `to`; `admit` says how much of each read may pass
+    /// now. The rest waits until the gate opens, or is dropped with the
+    /// connection when the gate stops.
+    fn relay(
+        mut from: TcpStream,
+        mut to: TcpStream,
+        state: &(Mutex<GateState>, Condvar),
+        mut admit: impl FnMut(&mut GateState, &[u8]) -> usize,
+    ) {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let allowed = admit(&mut state.0.lock().unwrap(), &buf[..n]);
+            if to.write_all(&buf[..allowed]).is_err() {
+                break;
+            }
+            if allowed < n {
+                state.1.notify_all();
+                let st = state
+                    .1
+                    .wait_while(state.0.lock().unwrap(), |s| !s.open && !s.stop)
+                    .unwrap();
+                if st.stop || to.write_all(&buf[allowed..n]).is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+    }
+
+    /// Answer bytes relayed so far.
+    pub fn passed(&self) -> u64 {
+        self.state.0.lock().unwrap().passed
+    }
+
+    /// Whether a connection waits at the budget or the held request.
+    pub fn stalled(&self) -> bool {
+        let st = self.state.0.lock().unwrap();
+        st.stalled || st.held
+    }
+
+    /// Waits until a connection waits at the gate; false after `timeout`.
+    pub fn wait_stalled(&self, timeout: Duration) -> bool {
+        let (m, cv) = &*self.state;
+        let (st, _) = cv
+            .wait_timeout_while(m.lock().unwrap(), timeout, |s| !s.stalled && !s.held)
+            .unwrap();
+        st.stalled || st.held
+    }
+
+    /// Lets everything through from now on.
+    pub fn release(&self) {
+        self.state.0.lock().unwrap().open = true;
+        self.state.1.notify_all();
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.state.0.lock().unwrap().stop = true;
+        self.state.1.notify_all();
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
