@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use cas_protocol::chunking::chunk_and_hash_parallel;
 use cas_protocol::{ChunkInfo, FileHash, FileHasher, Kind, Sha256, Sha256Hasher};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -17,6 +18,13 @@ use crate::progress::{Progress, Stage};
 
 /// Bytes read per step; memory per stream is about twice this.
 const SEGMENT: usize = 16 << 20;
+/// Segments shorter than this are chunked and digested on the calling
+/// thread: handing half of a small file's work to another thread costs
+/// more (a wake-up, a context switch) than it saves.
+const SPLIT: usize = 1 << 20;
+/// Spent segment buffers kept for reuse; a full-size one is only taken
+/// back once every piece cut from it has been dropped.
+const SPARE_BUFFERS: usize = 4;
 
 /// What hashing a file yields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -24,37 +32,94 @@ pub struct FileDigest {
     pub path: PathBuf,
     pub size: u64,
     pub file_hash: FileHash,
-    pub sha256: Sha256,
+    /// `None` when not asked for ([`HashOptions::sha256`] off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Sha256>,
     pub chunks: usize,
 }
 
+/// What `hash_files` computes besides the chunks and the file hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashOptions {
+    /// The file's SHA-256 as well (a second pass over every byte, on a core
+    /// of its own while the chunking runs).
+    pub sha256: bool,
+}
+
+impl Default for HashOptions {
+    fn default() -> Self {
+        Self { sha256: true }
+    }
+}
+
+/// Segment buffers of one reader: a segment's allocation is reused once
+/// the pieces handed out from it are gone, so a large file is read into a
+/// few buffers whose pages are already mapped instead of a fresh 16 MiB
+/// allocation (and 4096 page faults) per segment.
+#[derive(Default)]
+pub(crate) struct Buffers {
+    spent: Vec<Bytes>,
+}
+
+impl Buffers {
+    /// An empty buffer of at least `cap` bytes.
+    fn take(&mut self, cap: usize) -> Vec<u8> {
+        if cap >= SEGMENT / 2 {
+            while let Some(i) = self.spent.iter().position(Bytes::is_unique) {
+                if let Ok(b) = self.spent.swap_remove(i).try_into_mut() {
+                    let mut v = Vec::from(b);
+                    if v.capacity() >= cap {
+                        v.clear();
+                        return v;
+                    }
+                }
+            }
+        }
+        Vec::with_capacity(cap)
+    }
+
+    /// Keeps a full-size segment buffer for [`Buffers::take`].
+    fn give(&mut self, data: Bytes) {
+        if data.len() >= SEGMENT / 2 {
+            if self.spent.len() == SPARE_BUFFERS {
+                self.spent.remove(0);
+            }
+            self.spent.push(data);
+        }
+    }
+}
+
 /// Reads `src` to the end in segments. Each segment is chunked on all
-/// cores while SHA-256 runs over its new bytes; all chunks but the last
-/// (whose end may not be a cut point yet) go to `on_piece` with their
-/// bytes, and the last is carried into the next segment.
+/// cores while SHA-256 (when asked for) runs over its new bytes; all
+/// chunks but the last (whose end may not be a cut point yet) go to
+/// `on_piece` with their bytes, and the last is carried into the next
+/// segment.
 ///
 /// `size_hint` (the expected length) sizes the buffers: pieces keep their
 /// segment's allocation alive until they are packed, so a small file must
 /// not sit in a 16 MiB buffer. `kind` selects the hash (a tree listing
 /// hashes apart from a file with the same bytes).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn digest_stream(
     path: &Path,
     src: &mut dyn Read,
     size_hint: u64,
     kind: Kind,
+    options: HashOptions,
+    buffers: &mut Buffers,
     progress: &dyn Progress,
     on_piece: &mut dyn FnMut(Bytes, Vec<ChunkInfo>) -> Result<()>,
 ) -> Result<FileDigest> {
     let mut carry: Vec<u8> = Vec::new();
-    let mut sha = Sha256Hasher::new();
+    let mut sha = options.sha256.then(Sha256Hasher::new);
     let mut file_hash = FileHasher::new(kind);
     let (mut size, mut count) = (0u64, 0usize);
     loop {
-        let mut buf = std::mem::take(&mut carry);
-        let start = buf.len();
         let left = size_hint.saturating_sub(size).min(SEGMENT as u64) as usize;
         // One byte more than expected, so reaching the end needs no regrowth.
-        buf.reserve_exact(left + 1);
+        let mut buf = buffers.take(carry.len() + left + 1);
+        buf.extend_from_slice(&carry);
+        let start = buf.len();
         src.take(SEGMENT as u64)
             .read_to_end(&mut buf)
             .map_err(Error::io(path))?;
@@ -65,10 +130,17 @@ pub(crate) fn digest_stream(
         let eof = filled < start + SEGMENT;
         size += (filled - start) as u64;
         progress.advance(Stage::Hash, (filled - start) as u64);
-        let (mut chunks, ()) = rayon::join(
-            || chunk_and_hash_parallel(&buf),
-            || sha.update(&buf[start..]),
-        );
+        let new = &buf[start..];
+        let mut chunks = match &mut sha {
+            Some(sha) if buf.len() >= SPLIT => {
+                rayon::join(|| chunk_and_hash_parallel(&buf), || sha.update(new)).0
+            }
+            Some(sha) => {
+                sha.update(new);
+                chunk_and_hash_parallel(&buf)
+            }
+            None => chunk_and_hash_parallel(&buf),
+        };
         let data = Bytes::from(buf);
         let cut = if eof {
             data.len()
@@ -76,18 +148,20 @@ pub(crate) fn digest_stream(
             let last = chunks.pop().expect("a segment holds several chunks");
             data.len() - last.len as usize
         };
-        carry = data[cut..].to_vec();
+        carry.clear();
+        carry.extend_from_slice(&data[cut..]);
         chunks.iter().for_each(|c| file_hash.push(c));
         count += chunks.len();
         if !chunks.is_empty() {
             on_piece(data.slice(..cut), chunks)?;
         }
+        buffers.give(data);
         if eof {
             return Ok(FileDigest {
                 path: path.to_owned(),
                 size,
                 file_hash: file_hash.finish(),
-                sha256: sha.finalize(),
+                sha256: sha.map(Sha256Hasher::finalize),
                 chunks: count,
             });
         }
@@ -103,6 +177,29 @@ pub fn hash_file(path: &Path, progress: &dyn Progress) -> Result<FileDigest> {
 /// As [`hash_file`], hashing the file as a `kind` (a tree's listing has a
 /// hash of its own).
 pub(crate) fn hash_file_as(path: &Path, kind: Kind, progress: &dyn Progress) -> Result<FileDigest> {
+    hash_with(path, kind, HashOptions::default(), progress)
+}
+
+/// Chunks and hashes files, several at once (one per core, and a large
+/// file's chunking split over idle cores); results in the order of
+/// `paths`, one per path.
+pub fn hash_files(
+    paths: &[PathBuf],
+    options: HashOptions,
+    progress: &dyn Progress,
+) -> Vec<Result<FileDigest>> {
+    paths
+        .par_iter()
+        .map(|p| hash_with(p, Kind::File, options, progress))
+        .collect()
+}
+
+fn hash_with(
+    path: &Path,
+    kind: Kind,
+    options: HashOptions,
+    progress: &dyn Progress,
+) -> Result<FileDigest> {
     let mut file = File::open(path).map_err(Error::io(path))?;
     let meta = file.metadata().map_err(Error::io(path))?;
     if !meta.is_file() {
@@ -111,9 +208,16 @@ pub(crate) fn hash_file_as(path: &Path, kind: Kind, progress: &dyn Progress) -> 
             reason: "not a regular file".into(),
         });
     }
-    digest_stream(path, &mut file, meta.len(), kind, progress, &mut |_, _| {
-        Ok(())
-    })
+    digest_stream(
+        path,
+        &mut file,
+        meta.len(),
+        kind,
+        options,
+        &mut Buffers::default(),
+        progress,
+        &mut |_, _| Ok(()),
+    )
 }
 
 #[cfg(test)]
@@ -135,6 +239,8 @@ mod tests {
             &mut &data[..],
             0,
             Kind::File,
+            HashOptions::default(),
+            &mut Buffers::default(),
             &NoProgress,
             &mut |b, c| {
                 pieces.push((b, c));
@@ -148,7 +254,7 @@ mod tests {
         let joined: Vec<u8> = pieces.iter().flat_map(|p| p.0.to_vec()).collect();
         assert_eq!(joined, data);
         assert_eq!(d.file_hash, FileHash::from_chunks(&expected));
-        assert_eq!(d.sha256, Sha256::of(&data));
+        assert_eq!(d.sha256, Some(Sha256::of(&data)));
         assert_eq!((d.size, d.chunks), (data.len() as u64, expected.len()));
     }
 }

@@ -35,7 +35,7 @@ use cas_protocol::{ByteRange, FileHash, Kind, Message};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 pub use cache::{ChunkCache, DEFAULT_CACHE_SIZE};
-pub use digest::{hash_file, FileDigest};
+pub use digest::{hash_file, hash_files, FileDigest, HashOptions};
 pub use error::{Error, Result};
 pub use fetch::Transfer;
 pub use progress::{NoProgress, Progress, Stage};

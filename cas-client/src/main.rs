@@ -196,6 +196,9 @@ enum Command {
         /// Print one JSON object per file instead.
         #[arg(long)]
         json: bool,
+        /// Skip SHA-256 (printed as `-`): chunks and file hash only.
+        #[arg(long)]
+        no_sha256: bool,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -597,6 +600,7 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Hash {
             json: as_json,
+            no_sha256,
             paths,
         } => {
             let bars = Bars::default();
@@ -606,14 +610,16 @@ async fn run(command: Command) -> Result<()> {
                 .map(|m| m.len())
                 .sum();
             bars.start(Stage::Hash, Some(total));
+            let options = cas_client::HashOptions { sha256: !no_sha256 };
+            let digests = cas_client::hash_files(&paths, options, &bars);
             let mut failed = false;
-            for path in paths {
-                match cas_client::hash_file(&path, &bars) {
+            for d in digests {
+                match d {
                     Ok(d) if as_json => out!("{}", json(&d)),
                     Ok(d) => out!(
                         "{}  {}  {}  {}",
                         d.file_hash,
-                        d.sha256,
+                        d.sha256.map_or("-".into(), |s| s.to_string()),
                         d.size,
                         d.path.display()
                     ),

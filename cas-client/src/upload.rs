@@ -34,7 +34,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::LocationLog;
-use crate::digest::digest_stream;
+use crate::digest::{digest_stream, Buffers, HashOptions};
 use crate::error::{Error, Result};
 use crate::progress::{Progress, Stage};
 use crate::remote::Remote;
@@ -336,12 +336,21 @@ fn chunk_source(
     src: &mut dyn Read,
     expected: u64,
     kind: Kind,
+    buffers: &mut Buffers,
     progress: &dyn Progress,
     emit: &mut dyn FnMut(Item) -> Result<()>,
 ) -> Result<Item> {
-    let d = digest_stream(path, src, expected, kind, progress, &mut |data, chunks| {
-        emit(Item::Piece { file, data, chunks })
-    })?;
+    let sha256 = HashOptions { sha256: true };
+    let d = digest_stream(
+        path,
+        src,
+        expected,
+        kind,
+        sha256,
+        buffers,
+        progress,
+        &mut |data, chunks| emit(Item::Piece { file, data, chunks }),
+    )?;
     if d.size != expected {
         return Err(changed(
             path,
@@ -352,7 +361,7 @@ fn chunk_source(
         file,
         end: FileEnd {
             hash: d.file_hash,
-            sha256: d.sha256,
+            sha256: d.sha256.expect("SHA-256 was asked for"),
             size: d.size,
             kind,
         },
@@ -373,12 +382,22 @@ fn changed(path: &Path, how: String) -> Error {
 fn read_input(
     i: usize,
     input: &Input,
+    buffers: &mut Buffers,
     progress: &dyn Progress,
     emit: &mut dyn FnMut(Item) -> Result<()>,
 ) -> Result<()> {
     let path = &input.path;
     let mut f = File::open(path).map_err(Error::io(path))?;
-    let end = chunk_source(i, path, &mut f, input.size, Kind::File, progress, emit)?;
+    let end = chunk_source(
+        i,
+        path,
+        &mut f,
+        input.size,
+        Kind::File,
+        buffers,
+        progress,
+        emit,
+    )?;
     let open = f.metadata().map_err(Error::io(path))?;
     let named = fs::metadata(path).map_err(Error::io(path))?;
     if Stamp::of(&open) != input.stamp || Stamp::of(&named) != input.stamp {
@@ -397,6 +416,7 @@ fn chunker(
     tx: &std::sync::mpsc::SyncSender<Result<Batch>>,
 ) -> Result<()> {
     let mut batch = Batch::default();
+    let mut buffers = Buffers::default();
     let mut hashes: Vec<Option<FileHash>> = vec![None; scan.inputs.len()];
     let send = |batch: &mut Batch| {
         tx.send(Ok(std::mem::take(batch)))
@@ -421,7 +441,7 @@ fn chunker(
         Ok(())
     };
     for (i, input) in scan.inputs.iter().enumerate() {
-        read_input(i, input, progress, &mut |item| {
+        read_input(i, input, &mut buffers, progress, &mut |item| {
             emit(item, &mut batch, &mut hashes)
         })?;
     }
@@ -445,6 +465,7 @@ fn chunker(
                 &mut &bytes[..],
                 bytes.len() as u64,
                 Kind::Tree,
+                &mut buffers,
                 progress,
                 &mut |item| emit(item, &mut batch, &mut hashes),
             )?;
@@ -895,14 +916,27 @@ mod tests {
         f.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
         let s = scan(std::slice::from_ref(&path), Layout::PerPath).unwrap();
         let mut items = 0;
-        read_input(0, &s.inputs[0], &NoProgress, &mut |_| {
-            items += 1;
-            Ok(())
-        })
+        read_input(
+            0,
+            &s.inputs[0],
+            &mut Buffers::default(),
+            &NoProgress,
+            &mut |_| {
+                items += 1;
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(items, 2, "one piece and the end");
         fs::write(&path, b"version two").unwrap();
-        let err = read_input(0, &s.inputs[0], &NoProgress, &mut |_| Ok(())).unwrap_err();
+        let err = read_input(
+            0,
+            &s.inputs[0],
+            &mut Buffers::default(),
+            &NoProgress,
+            &mut |_| Ok(()),
+        )
+        .unwrap_err();
         let msg = err.to_string();
         assert!(
             msg.contains(&*path.to_string_lossy()) && msg.contains("changed while being read"),

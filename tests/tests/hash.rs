@@ -83,3 +83,63 @@ fn hash_reports_each_bad_path_and_fails() {
     );
     assert!(stderr.contains("not a regular file"), "{stderr}");
 }
+
+/// `--no-sha256` hashes chunks only: same file hashes, no SHA-256 in the
+/// JSON, `-` in its column; many files (hashed several at a time) are
+/// printed in the order given.
+#[test]
+fn hash_without_sha256_keeps_file_hashes_and_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..60u64 {
+        // Mostly small files, a few over the size that splits work.
+        let len = if i % 20 == 7 {
+            3_000_000
+        } else {
+            100 + i as usize * 997
+        };
+        let data = cas_bench::random_bytes(i, len);
+        let path = dir.path().join(format!("f{i:02}"));
+        std::fs::write(&path, &data).unwrap();
+        expected.push(FileHash::from_chunks(&chunk_and_hash(&data)).to_string());
+        paths.push(path);
+    }
+    paths.reverse();
+    expected.reverse();
+
+    let out = bin("cas-client")
+        .args(["hash", "--no-sha256", "--json"])
+        .args(&paths)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), paths.len());
+    for ((v, path), want) in lines.iter().zip(&paths).zip(&expected) {
+        assert_eq!(v["path"], path.to_str().unwrap());
+        assert_eq!(v["file_hash"], want.as_str());
+        assert!(v.get("sha256").is_none(), "{v}");
+    }
+
+    let out = bin("cas-client")
+        .args(["hash", "--no-sha256"])
+        .args(&paths)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for ((line, path), want) in text.lines().zip(&paths).zip(&expected) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(fields[0], want.as_str());
+        assert_eq!(fields[1], "-");
+        assert_eq!(fields[3], path.to_str().unwrap());
+    }
+}
