@@ -10,6 +10,27 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
+/// CPU time of the calling thread, so a measurement on a machine
+/// shared with other work counts only this thread's cycles.
+pub struct CpuClock(u64);
+
+impl CpuClock {
+    pub fn start() -> Self {
+        Self(thread_cpu_ns())
+    }
+
+    /// CPU seconds of this thread since [`CpuClock::start`].
+    pub fn seconds(&self) -> f64 {
+        thread_cpu_ns().saturating_sub(self.0) as f64 / 1e9
+    }
+}
+
+/// CLOCK_THREAD_CPUTIME_ID in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
 /// Incompressible bytes.
 pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];

@@ -770,13 +770,15 @@ mod tests {
                 ],
                 1..20,
             ),
-            policy in 0usize..5,
+            policy in 0usize..7,
         ) {
             let c = [
                 Compression::Raw,
                 Compression::Fixed(Scheme::Zstd),
                 Compression::Fixed(Scheme::ByteGrouped2Zstd),
                 Compression::Fixed(Scheme::ByteGrouped4Zstd),
+                Compression::Fixed(Scheme::BytePlanes2),
+                Compression::Fixed(Scheme::BytePlanes4),
                 Compression::Auto,
             ][policy];
             let x = build(&chunks, c);

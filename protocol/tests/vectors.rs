@@ -45,6 +45,47 @@ const ZSTD_FRAME_HEX: &str = "28b52ffd60000f4d00001061620100fbcf7758";
 const BG2_FRAME_HEX: &str = "28b52ffd602c00e40000a800010200010200010200010200010200010200010201003da69309dd0000a83c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c01007d0a98";
 const BG4_FRAME_HEX: &str = "28b52ffd604300dc0000a00001020304000102030400010203040001020304010072d26402d40000a000010001000100010001000100010001000100010100220126d40000a080808080808080808080808080808080808080800100220126ed0000b83c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c0102030100220126";
 
+/// Byte-plane payloads, produced once by this implementation's writer:
+/// 300 words `[noise, 0x3c + i % 2]` (noise plane raw, the other a zstd
+/// frame), and 80 words `[noise, noise, 0x80, 0x3c]` plus tail `01 02 03`
+/// (two raw planes, two frames).
+const PLANES2_HEX: &str = "2c0100002500000048f5a7a166df09fd66ca9aaea7bfe638837a35d982786aa1b35c9342d094d411431e56262153794f9a0b17db0c55c12b7197e4f4d9d0a01067f26fda0c5aa61f9ffef033482848428b035a4d57f608052fa2268b09a3bec753e8af0bf5facaec9ef374211dcf28ab576918ec946db4e270b3171a5ef34d47cfe037aab15ee7cdae73bb6890fe67a786ec6c3059ac7b508f21f9d3d0270c68773ceb0dd50ab504caced80b26b4e2c5e1ae7831e29c8672e0a866ae0f3875b40c8730d2f39eee05959de625c29f3240a03b57d3f5a02cbc11bac2c6fc791c0e692e177e0731475b866307d72369110ba2e1aa32698904aa80fa00325558299b28d2feeab1b571964a22eb1ae91a1ef9e66b33bdbaf22c8a74489db38bb7562f183a263881877305d32acdd7735fe885779fdc7f28b52ffd602c00dd0000a03c3d3c3d3c3d3c3d3c3d3c3d3c3d3c3d3c3d3c3d01002a4e9d4c";
+const PLANES4_HEX: &str = "500000005000000024000000240000000fa7f4cb3f5210aea5998638c938dd9f9c5300610c7e67d43998aeacf0a66441462d0f013ed68be9a6a6844cd55bc2590b3161ed796713c835c23b74a6e11ed314e7549d4498176c57ebce062912cf927578872a1ae944149af70d5ac1213c754f5b443c8b34f2f99cd5601f2a83eb5cd21555b066022709699362ddae35a06b9500946ac90c4a67c3de86ec8e46afd9410699307764e7e269bd249ef64147ea28b52ffd2050dd0000a8808080808080808080808080808080808080808080010021012628b52ffd2050dd0000a83c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c3c0100210126010203";
+
+fn planes2_chunk() -> Vec<u8> {
+    let noise = xof("byte planes 2", 300);
+    (0..300)
+        .flat_map(|i| [noise[i], 0x3c + (i % 2) as u8])
+        .collect()
+}
+
+fn planes4_chunk() -> Vec<u8> {
+    let noise = xof("byte planes 4", 160);
+    (0..80)
+        .flat_map(|i| [noise[2 * i], noise[2 * i + 1], 0x80, 0x3c])
+        .chain([1, 2, 3])
+        .collect()
+}
+
+/// A xorb of chunks given as (bytes, scheme, payload hex).
+fn pinned_xorb(chunks: &[(Vec<u8>, Scheme, &str)]) -> cas_protocol::xorb::BuiltXorb {
+    let mut b = XorbBuilder::new();
+    for (data, scheme, hex_payload) in chunks {
+        b.try_push(EncodedChunk {
+            info: ChunkInfo {
+                hash: ChunkHash::of(data),
+                len: data.len() as u32,
+            },
+            scheme: *scheme,
+            payload: hex::decode(hex_payload).unwrap(),
+        })
+        .unwrap();
+    }
+    let x = b.finish().unwrap();
+    XorbView::parse(&x.bytes).unwrap().verify(x.hash).unwrap();
+    x
+}
+
 fn bg2_chunk() -> Vec<u8> {
     (0..150u32).flat_map(|i| [(i % 3) as u8, 0x3c]).collect()
 }
@@ -177,6 +218,24 @@ fn vectors() -> String {
     writeln!(w, "- xorb hash = {}", x.hash).unwrap();
     writeln!(w, "- xorb bytes ({}) =", x.bytes.len()).unwrap();
     hex_block(w, &x.bytes);
+
+    let p = pinned_xorb(&[
+        (planes2_chunk(), Scheme::BytePlanes2, PLANES2_HEX),
+        (planes4_chunk(), Scheme::BytePlanes4, PLANES4_HEX),
+    ]);
+    writeln!(
+        w,
+        "\nByte planes: with `noise2` the first 300 bytes of BLAKE3 XOF output of \
+         \"byte planes 2\" and `noise4` the first 160 of \"byte planes 4\", the chunks \
+         300 words `[noise2[i], 0x3c + i % 2]` as the byte-planes-2 payload (plane 0 raw, \
+         plane 1 a zstd frame) `{PLANES2_HEX}` and 80 words \
+         `[noise4[2i], noise4[2i + 1], 0x80, 0x3c]` with the tail bytes `01 02 03` as the \
+         byte-planes-4 payload (planes 0 and 1 raw, 2 and 3 zstd frames) `{PLANES4_HEX}`:\n"
+    )
+    .unwrap();
+    writeln!(w, "- xorb hash = {}", p.hash).unwrap();
+    writeln!(w, "- xorb bytes ({}) =", p.bytes.len()).unwrap();
+    hex_block(w, &p.bytes);
 
     writeln!(w, "\n### Messages (binary form)\n").unwrap();
     let xh = x.hash;
@@ -327,4 +386,47 @@ fn vector_frames_decode() {
     )
     .unwrap();
     assert_eq!(out, bg4_chunk());
+    // Byte planes: the header's lengths, raw planes as they are, and each
+    // frame decoding to its plane.
+    for (data, scheme, hex_payload, raw) in [
+        (
+            planes2_chunk(),
+            Scheme::BytePlanes2,
+            PLANES2_HEX,
+            &[true, false][..],
+        ),
+        (
+            planes4_chunk(),
+            Scheme::BytePlanes4,
+            PLANES4_HEX,
+            &[true, true, false, false],
+        ),
+    ] {
+        let payload = hex::decode(hex_payload).unwrap();
+        let w = raw.len();
+        let m = data.len() / w;
+        let mut grouped = Vec::new();
+        cas_protocol::compression::group(&data, w, &mut grouped);
+        let mut pos = 4 * w;
+        for (j, &is_raw) in raw.iter().enumerate() {
+            let n = u32::from_le_bytes(payload[4 * j..4 * j + 4].try_into().unwrap()) as usize;
+            let plane = &grouped[j * m..(j + 1) * m];
+            let stored = &payload[pos..pos + n];
+            if is_raw {
+                assert_eq!(stored, plane, "plane {j}");
+            } else {
+                assert!(n < m);
+                assert_eq!(
+                    zstd::bulk::decompress(stored, m).unwrap(),
+                    plane,
+                    "plane {j}"
+                );
+            }
+            pos += n;
+        }
+        assert_eq!(&payload[pos..], &data[m * w..]);
+        let mut out = vec![0; data.len()];
+        cas_protocol::compression::decompress(scheme, &payload, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
 }

@@ -18,9 +18,9 @@ fn main() {
         }
     }
     b.try_push(EncodedChunk::encode(b"raw tail", Compression::Raw).unwrap()).unwrap();
-    // Word-structured chunks in both byte-grouped schemes.
+    // Word-structured chunks in the byte-grouped and byte-plane schemes.
     let words: Vec<u8> = (0..3000u32).flat_map(|i| [(i * 7) as u8, (i % 3) as u8, 0x80, 0x3c]).collect();
-    for scheme in [Scheme::ByteGrouped2Zstd, Scheme::ByteGrouped4Zstd] {
+    for scheme in [Scheme::ByteGrouped2Zstd, Scheme::ByteGrouped4Zstd, Scheme::BytePlanes2, Scheme::BytePlanes4] {
         b.try_push(EncodedChunk::encode(&words[..9001], Compression::Fixed(scheme)).unwrap()).unwrap();
     }
     let xorb = b.finish().unwrap();
