@@ -557,7 +557,34 @@ struct Planner {
     hints: HashMap<ChunkHash, ChunkLocation>,
     log: Option<LocationLog>,
     builder: XorbBuilder,
+    spare: Spare,
     out: Plan,
+}
+
+/// Buffers of xorbs the server has taken, for the next xorbs to be built
+/// in: at most one per upload slot, so they hold no more memory than the
+/// xorbs in flight did.
+#[derive(Clone, Default)]
+struct Spare(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Spare {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .expect("not poisoned")
+            .pop()
+            .unwrap_or_default()
+    }
+
+    /// Keeps the buffer of a sent xorb, if nothing else holds it.
+    fn give(&self, sent: Bytes, most: usize) {
+        if let Ok(b) = sent.try_into_mut() {
+            let mut spare = self.0.lock().expect("not poisoned");
+            if spare.len() < most {
+                spare.push(Vec::from(b));
+            }
+        }
+    }
 }
 
 impl Planner {
@@ -654,16 +681,17 @@ impl Planner {
         Ok(())
     }
 
-    /// Finishes the current xorb and hands it to the uploader once an
-    /// upload slot is free.
+    /// Finishes the current xorb once an upload slot is free (into the
+    /// buffer of a xorb already sent, when there is one) and hands it to
+    /// the uploader.
     fn ship(&mut self) -> Result<()> {
-        let builder = std::mem::take(&mut self.builder);
-        let xorb = builder.finish().expect("non-empty");
-        self.out.built.push(XorbChunkTable::from(&xorb));
         let permit = self
             .rt
             .block_on(self.slots.clone().acquire_owned())
             .map_err(|_| Error::Cancelled)?;
+        let builder = std::mem::take(&mut self.builder);
+        let xorb = builder.finish_into(self.spare.take()).expect("non-empty");
+        self.out.built.push(XorbChunkTable::from(&xorb));
         self.tx
             .blocking_send(Outgoing { xorb, permit })
             .map_err(|_| Error::Cancelled)
@@ -703,6 +731,7 @@ pub(crate) async fn upload(
         })
     };
     let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+    let spare = Spare::default();
     let (xorb_tx, mut xorb_rx) = mpsc::channel::<Outgoing>(1);
     let planner_thread = {
         let mut planner = Planner {
@@ -714,6 +743,7 @@ pub(crate) async fn upload(
             hints,
             log: log.clone(),
             builder: XorbBuilder::new(),
+            spare: spare.clone(),
             out: Plan::default(),
         };
         std::thread::spawn(move || -> Result<Plan> {
@@ -740,10 +770,14 @@ pub(crate) async fn upload(
     while let Some(out) = xorb_rx.recv().await {
         let remote = remote.clone();
         let log = log.clone();
+        let spare = spare.clone();
+        let most = concurrency.max(1);
         puts.spawn(async move {
             let len = out.xorb.bytes.len() as u64;
             let (hash, chunks) = (out.xorb.hash, out.xorb.chunks);
-            remote.put_xorb(hash, Bytes::from(out.xorb.bytes)).await?;
+            let bytes = Bytes::from(out.xorb.bytes);
+            remote.put_xorb(hash, bytes.clone()).await?;
+            spare.give(bytes, most);
             drop(out.permit);
             if let Some(log) = log {
                 let located: Vec<_> = (0u32..)
