@@ -330,6 +330,7 @@ struct Batch {
 
 /// Chunks and hashes one source, handing its pieces to the planner;
 /// returns the [`Item::End`] that completes it.
+#[allow(clippy::too_many_arguments)]
 fn chunk_source(
     file: usize,
     path: &Path,

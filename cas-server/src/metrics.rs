@@ -17,6 +17,7 @@ pub struct Metrics {
     pub dedup_queried: AtomicU64,
     pub dedup_hits: AtomicU64,
     pub xorbs_rejected: AtomicU64,
+    pub xorb_chunks_verified: AtomicU64,
     pub xorbs: AtomicU64,
     pub stored_bytes: AtomicU64,
     pub files: AtomicU64,
@@ -59,7 +60,7 @@ impl Metrics {
             )
             .unwrap();
         }
-        let scalars: [(&str, &str, &str, &AtomicU64); 10] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 11] = [
             (
                 "cas_bytes_in_total",
                 "counter",
@@ -95,6 +96,12 @@ impl Metrics {
                 "counter",
                 "Xorb uploads that failed verification.",
                 &self.xorbs_rejected,
+            ),
+            (
+                "cas_xorb_chunks_verified_total",
+                "counter",
+                "Chunks of uploaded xorbs decompressed and re-hashed, counted as they arrive.",
+                &self.xorb_chunks_verified,
             ),
             ("cas_xorbs", "gauge", "Xorbs stored.", &self.xorbs),
             (

@@ -388,6 +388,140 @@ impl<'a> XorbView<'a> {
     }
 }
 
+/// Verifies a xorb as its bytes arrive, in pieces of any size: the header
+/// once it is complete, then each frame as soon as its last byte is in
+/// (decompressed and re-hashed against the index), so a receiver's
+/// verification overlaps the transfer instead of following it. Accepts
+/// exactly the xorbs that [`XorbView::parse`] and [`XorbView::verify`]
+/// accept (the first fault it reports may differ: it meets a damaged
+/// chunk before a truncation the whole-xorb parser checks first), keeping
+/// at most one header or one frame of its input.
+pub struct StreamVerifier {
+    expected: XorbHash,
+    /// Bytes of the header, or of a frame split across pieces.
+    partial: Vec<u8>,
+    entries: Option<Vec<IndexEntry>>,
+    next: usize,
+    /// Bytes taken so far.
+    offset: u64,
+    out: Vec<u8>,
+}
+
+impl StreamVerifier {
+    pub fn new(expected: XorbHash) -> Self {
+        Self {
+            expected,
+            partial: Vec::new(),
+            entries: None,
+            next: 0,
+            offset: 0,
+            out: Vec::with_capacity(MAX_CHUNK),
+        }
+    }
+
+    /// Takes the next bytes of the xorb; verifies every frame they complete.
+    pub fn push(&mut self, mut data: &[u8]) -> Result<(), XorbError> {
+        self.offset += data.len() as u64;
+        while !data.is_empty() {
+            let Some(entries) = &self.entries else {
+                // The header: 16 bytes say how long the rest of it is.
+                let need = if self.partial.len() < HEADER_FIXED_LEN {
+                    HEADER_FIXED_LEN
+                } else {
+                    let count = u32::from_le_bytes(self.partial[12..16].try_into().expect("4"));
+                    check_chunk_count(count as usize)?;
+                    header_len(count as usize)
+                };
+                let take = (need - self.partial.len()).min(data.len());
+                self.partial.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.partial.len() == need {
+                    match parse_header(&self.partial) {
+                        Ok(entries) => {
+                            self.entries = Some(entries);
+                            self.partial.clear();
+                        }
+                        Err(XorbError::Truncated { .. }) if need == HEADER_FIXED_LEN => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                continue;
+            };
+            let Some(entry) = entries.get(self.next) else {
+                return Err(XorbError::TrailingBytes {
+                    extra: data.len() as u64,
+                });
+            };
+            let len = entry.frame_len() as usize;
+            if self.partial.is_empty() && data.len() >= len {
+                let (frame, rest) = data.split_at(len);
+                self.check_frame(frame)?;
+                data = rest;
+            } else {
+                let take = (len - self.partial.len()).min(data.len());
+                self.partial.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.partial.len() < len {
+                    break;
+                }
+                let frame = std::mem::take(&mut self.partial);
+                let r = self.check_frame(&frame);
+                self.partial = frame;
+                self.partial.clear();
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the whole frame `bytes` of chunk `next` against its index
+    /// entry (header, then content hash).
+    fn check_frame(&mut self, bytes: &[u8]) -> Result<(), XorbError> {
+        let i = self.next;
+        let entry = self.entries.as_ref().expect("header parsed")[i];
+        let f = Frames::new(bytes, i)
+            .next()
+            .expect("a frame is never empty")?;
+        if f.len != entry.info.len || f.payload.len() != entry.stored_len as usize {
+            return Err(XorbError::FrameMismatch { index: i });
+        }
+        self.out.clear();
+        f.decode_verified(i, entry.info.hash, &mut self.out)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Chunks verified so far.
+    pub fn verified(&self) -> usize {
+        self.next
+    }
+
+    /// Ends the input: every frame must have arrived and the index must
+    /// hash to the expected xorb hash. Returns the verified index.
+    pub fn finish(self) -> Result<Vec<IndexEntry>, XorbError> {
+        let truncated = |need: u64| XorbError::Truncated {
+            offset: self.offset,
+            need,
+            have: 0,
+        };
+        let Some(entries) = self.entries else {
+            return Err(truncated(1));
+        };
+        if self.next < entries.len() {
+            let left = FrameOffsets::new(&entries).end() - self.offset;
+            return Err(truncated(left));
+        }
+        let actual = XorbHash::from_chunks(entries.iter().map(|e| &e.info));
+        if actual != self.expected {
+            return Err(XorbError::XorbHashMismatch {
+                expected: self.expected,
+                actual,
+            });
+        }
+        Ok(entries)
+    }
+}
+
 fn header_len(chunks: usize) -> usize {
     HEADER_FIXED_LEN + chunks * INDEX_ENTRY_LEN
 }
@@ -773,6 +907,50 @@ mod tests {
         );
     }
 
+    /// Fed in pieces of any sizes, the streaming verifier accepts exactly
+    /// what parse + verify accept, damaged inputs included.
+    fn agrees(bytes: &[u8], expected: XorbHash, cuts: &[usize]) -> Result<(), String> {
+        let whole =
+            XorbView::parse(bytes).and_then(|v| v.verify(expected).map(|()| v.entries().to_vec()));
+        let mut v = StreamVerifier::new(expected);
+        let mut pos = 0;
+        let mut streamed = Ok(());
+        for &c in cuts.iter().chain([&bytes.len()]) {
+            let c = c.clamp(pos, bytes.len());
+            streamed = v.push(&bytes[pos..c]);
+            pos = c;
+            if streamed.is_err() {
+                break;
+            }
+        }
+        let streamed = streamed.and_then(|()| v.finish());
+        match (&whole, &streamed) {
+            (Ok(a), Ok(b)) if a == b => Ok(()),
+            // A damaged chunk in a truncated xorb: the stream meets the
+            // damage first, the whole-xorb parser the truncation.
+            (Err(_), Err(_)) => Ok(()),
+            _ => Err(format!("whole {whole:?}, streamed {streamed:?}")),
+        }
+    }
+
+    #[test]
+    fn stream_verifier_on_fixed_damage() {
+        let x = build(&sample_chunks(), Compression::default());
+        let cuts = [3, 17, 100, 500, 1200, 80_000];
+        agrees(&x.bytes, x.hash, &cuts).unwrap();
+        agrees(&x.bytes, XorbHash::from_bytes([1; 32]), &cuts).unwrap();
+        agrees(&x.bytes[..x.bytes.len() - 1], x.hash, &cuts).unwrap();
+        agrees(&x.bytes[..10], x.hash, &cuts).unwrap();
+        agrees(&[], x.hash, &[]).unwrap();
+        let mut extra = x.bytes.clone();
+        extra.extend_from_slice(b"more");
+        agrees(&extra, x.hash, &cuts).unwrap();
+        let mut flipped = x.bytes.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        agrees(&flipped, x.hash, &cuts).unwrap();
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -804,6 +982,24 @@ mod tests {
                 v.frame(i).unwrap().decode_into(i, &mut all).unwrap();
             }
             prop_assert_eq!(all, chunks.concat());
+        }
+
+        #[test]
+        fn stream_verifier_agrees_with_parse_and_verify(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>(),
+            pieces in proptest::collection::vec(0usize..90_000, 0..12),
+        ) {
+            let x = build(&sample_chunks(), Compression::default());
+            let mut bad = x.bytes.clone();
+            for (i, b) in flips {
+                let i = i.index(bad.len());
+                bad[i] ^= b;
+            }
+            bad.truncate(cut.index(bad.len() + 1).max(bad.len() * 3 / 4));
+            let mut cuts = pieces;
+            cuts.sort_unstable();
+            prop_assert_eq!(agrees(&bad, x.hash, &cuts), Ok(()));
         }
 
         #[test]

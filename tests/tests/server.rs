@@ -607,3 +607,76 @@ fn defaults_and_env_twins() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// A xorb's chunks are verified while its body arrives: with half of a
+/// body sent, chunks of that half are already checked (and nothing is
+/// stored); the rest completes the upload. A body damaged early is
+/// refused once it has been read to its end, and stores nothing.
+#[test]
+fn xorb_chunks_are_verified_while_the_body_arrives() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path());
+    let base = &server.url;
+    let data = cas_bench::random_bytes(7, 6 << 20);
+    let pieces: Vec<&[u8]> = data.chunks(60_000).collect();
+    let x = one_xorb(&pieces);
+    let verified = "cas_xorb_chunks_verified_total";
+    assert_eq!(metric(base, verified), 0);
+
+    let addr = base.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "PUT /v1/xorbs/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        x.hash,
+        x.bytes.len()
+    )
+    .unwrap();
+    let half = x.bytes.len() / 2;
+    s.write_all(&x.bytes[..half]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric(base, verified) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no chunk verified before the body ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let early = metric(base, verified);
+    assert!(
+        early < pieces.len() as u64,
+        "{early} of {} chunks",
+        pieces.len()
+    );
+    assert_eq!(metric(base, "cas_xorbs"), 0);
+    s.write_all(&x.bytes[half..]).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
+    assert_eq!(metric(base, verified), pieces.len() as u64);
+    assert_eq!(metric(base, "cas_xorbs"), 1);
+
+    // Chunk 3 damaged: verification stops there, the upload is refused.
+    let y = one_xorb(&pieces[..40]);
+    let mut bad = y.bytes.clone();
+    let view = XorbView::parse(&y.bytes).unwrap();
+    let at = view
+        .byte_range(ChunkRange { start: 3, end: 4 })
+        .unwrap()
+        .end as usize
+        - 1;
+    bad[at] ^= 1;
+    let before = metric(base, verified);
+    let (status, _) = raw(
+        base,
+        "PUT",
+        &format!("/v1/xorbs/{}", y.hash),
+        &format!("Content-Length: {}", bad.len()),
+        &bad,
+    );
+    assert_eq!(status, 400);
+    assert_eq!(metric(base, verified) - before, 3);
+    assert_eq!(metric(base, "cas_xorbs_rejected_total"), 1);
+    assert_eq!(metric(base, "cas_xorbs"), 1);
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cas_protocol::messages::{DedupAnswer, DedupQuery};
 use cas_protocol::shard::{FileRecipe, Shard};
-use cas_protocol::xorb::XorbView;
+use cas_protocol::xorb::{IndexEntry, XorbView};
 use cas_protocol::{ChunkInfo, Encoding, Message, Sha256, XorbHash};
 
 use super::{blocking, Core, CoreError, Records, ShardCommit, XorbUpload};
@@ -23,26 +23,44 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// it is damaged: then the verified upload replaces the object (a
     /// repair).
     pub async fn put_xorb(&self, hash: XorbHash, body: Bytes) -> Result<XorbUpload, CoreError> {
+        if let Some(up) = self.stored_xorb(hash).await? {
+            return Ok(up);
+        }
+        let verify_body = body.clone();
+        let entries = blocking(move || {
+            let view = XorbView::parse(&verify_body)?;
+            view.verify(hash)?;
+            Ok(view.entries().to_vec())
+        })
+        .await?;
+        self.store_verified_xorb(hash, body, entries).await
+    }
+
+    /// The answer to an upload of a xorb that is stored and not damaged
+    /// (nothing to read, verify or write), or `None`.
+    pub async fn stored_xorb(&self, hash: XorbHash) -> Result<Option<XorbUpload>, CoreError> {
         let (known, damaged) = self
             .with_index(move |i| Ok((i.xorb(&hash)?, i.is_damaged(&hash)?)))
             .await?;
-        if let (Some(r), false) = (&known, damaged) {
-            return Ok(XorbUpload {
-                xorb: hash,
-                created: false,
-                chunks: r.entries.len(),
-                bytes: r.object_len(),
-            });
-        }
-        let verify_body = body.clone();
-        let record = blocking(move || {
-            let view = XorbView::parse(&verify_body)?;
-            view.verify(hash)?;
-            Ok(XorbRecord {
-                entries: view.entries().to_vec(),
-            })
-        })
-        .await?;
+        Ok(known.filter(|_| !damaged).map(|r| XorbUpload {
+            xorb: hash,
+            created: false,
+            chunks: r.entries.len(),
+            bytes: r.object_len(),
+        }))
+    }
+
+    /// Stores and indexes a xorb whose every chunk and whose hash the
+    /// caller has verified (a [`cas_protocol::xorb::StreamVerifier`] as it
+    /// arrived, or [`Core::put_xorb`]); `entries` is its verified index.
+    pub(crate) async fn store_verified_xorb(
+        &self,
+        hash: XorbHash,
+        body: Bytes,
+        entries: Vec<IndexEntry>,
+    ) -> Result<XorbUpload, CoreError> {
+        let damaged = self.with_index(move |i| Ok(i.is_damaged(&hash)?)).await?;
+        let record = XorbRecord { entries };
         let bytes = body.len() as u64;
         let key = ObjectKey::xorb(&hash);
         if damaged {

@@ -216,6 +216,11 @@ pub(crate) async fn start_body(
 }
 
 impl Started {
+    /// The body's declared length (Content-Length), if any.
+    pub(crate) fn declared(&self) -> Option<usize> {
+        self.declared
+    }
+
     /// Reads the rest into one buffer, reserving its bytes from the budget
     /// first: the declared length up front, or as the buffer grows when
     /// the length is not declared. Waits for budget at most the budget's
@@ -278,6 +283,88 @@ impl Started {
         })
     }
 }
+
+impl Started {
+    /// Reads the rest like [`Started::finish`], but hands the body to
+    /// `sink` in pieces of about [`PIECE`] bytes as it arrives, so their
+    /// checks overlap the transfer; [`Streamed::join`] then makes the
+    /// pieces one buffer again. Only for bodies with a declared length
+    /// (`None` otherwise: use `finish`): the budget holds the declared
+    /// length, and the progress rule applies, as in `finish`. A sink that
+    /// stops taking pieces (a check failed) does not stop the read: the
+    /// body is read to its end either way, as `finish` does.
+    pub(crate) async fn finish_streaming(
+        mut self,
+        budget: &Budget,
+        metrics: &Metrics,
+        sink: std::sync::mpsc::Sender<BytesMut>,
+    ) -> Result<Option<Streamed>, ApiError> {
+        let Some(declared) = self.declared else {
+            return Ok(None);
+        };
+        let mut reservation = budget.empty();
+        reservation
+            .grow(declared)
+            .await
+            .map_err(|e| busy(e.to_string()))?;
+        self.progress.restart();
+        let mut buf = BytesMut::with_capacity(declared);
+        let mut sent = 0usize;
+        let mut next = self.first.take();
+        while let Some(data) = next {
+            if sent + buf.len() + data.len() > declared {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "request body longer than its Content-Length",
+                ));
+            }
+            buf.extend_from_slice(&data);
+            if buf.len() >= PIECE {
+                sent += buf.len();
+                let _ = sink.send(buf.split());
+            }
+            next = self.progress.frame(&mut self.body).await?;
+        }
+        if sent + buf.len() != declared {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "request body ended before its Content-Length",
+            ));
+        }
+        if !buf.is_empty() {
+            let _ = sink.send(buf.split());
+        }
+        Metrics::add(&metrics.bytes_in, declared as u64);
+        Ok(Some(Streamed {
+            _reservation: reservation,
+        }))
+    }
+}
+
+/// A body read by [`Started::finish_streaming`], holding its budget until
+/// its pieces are joined.
+pub(crate) struct Streamed {
+    _reservation: Reservation,
+}
+
+impl Streamed {
+    /// The pieces of the body, in order, as one buffer: they were cut from
+    /// one allocation, so joining them copies nothing.
+    pub(crate) fn join(self, pieces: Vec<BytesMut>) -> Buffered {
+        let mut pieces = pieces.into_iter();
+        let mut whole = pieces.next().unwrap_or_default();
+        pieces.for_each(|p| whole.unsplit(p));
+        Buffered {
+            bytes: whole.freeze(),
+            _reservation: self._reservation,
+        }
+    }
+}
+
+/// Bytes per piece handed on by [`Started::finish_streaming`].
+pub(crate) const PIECE: usize = 1 << 20;
 
 /// First reservation of a body of undeclared length.
 const MIN_GROWTH: usize = 64 * 1024;

@@ -6,9 +6,10 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use cas_protocol::messages::{DedupQuery, MAX_DEDUP_BATCH};
 use cas_protocol::shard::MAX_SHARD_BYTES;
-use cas_protocol::xorb::MAX_XORB_SERIALIZED;
+use cas_protocol::xorb::{StreamVerifier, XorbError, MAX_XORB_SERIALIZED};
 use cas_protocol::{ByteRange, Encoding, FileHash, Message, XorbHash};
 use futures_util::TryStreamExt;
 use http_body_util::{BodyExt, StreamBody};
@@ -18,6 +19,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use super::body::{
     body_encoding, busy, drain, etag_matches, header_contains, range_header, read_body, start_body,
+    Started,
 };
 use super::error::ApiError;
 use super::{empty, full, json, repos, App, Body, BINARY, JSON};
@@ -366,9 +368,7 @@ async fn receive_xorb<O: ObjectStore, I: Index>(
         .await
         .map_err(|_| busy(format!("every xorb upload slot stayed busy for {wait:?}")))?
         .expect("semaphore is never closed");
-    let body = started.finish(&app.budget, &app.metrics).await?;
-    let result = app.core.put_xorb(hash, body.bytes.clone()).await;
-    drop(body);
+    let result = receive_verified(app, hash, started).await?;
     let metrics = &app.metrics;
     match &result {
         // `created` is true for exactly one of concurrent uploads of a
@@ -381,6 +381,63 @@ async fn receive_xorb<O: ObjectStore, I: Index>(
         _ => {}
     }
     Ok(result?)
+}
+
+/// Reads a xorb upload and stores it; the outer error is the body's (too
+/// long, too slow, cut short), the inner one the core's. A stored, sound
+/// xorb is not verified again (its body is read and dropped); otherwise a
+/// body of declared length is verified piece by piece on a blocking thread
+/// while it arrives, so little verification is left when its last byte is
+/// in.
+async fn receive_verified<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: XorbHash,
+    started: Started,
+) -> Result<Result<XorbUpload, CoreError>, ApiError> {
+    match app.core.stored_xorb(hash).await {
+        Ok(None) => {}
+        known => {
+            started.finish(&app.budget, &app.metrics).await?;
+            return Ok(known.map(|up| up.expect("matched")));
+        }
+    }
+    if started.declared().is_none() {
+        let body = started.finish(&app.budget, &app.metrics).await?;
+        return Ok(app.core.put_xorb(hash, body.bytes.clone()).await);
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<BytesMut>();
+    let metrics = app.metrics.clone();
+    let checker = tokio::task::spawn_blocking(move || {
+        let mut verifier = StreamVerifier::new(hash);
+        let mut pieces = Vec::new();
+        for piece in rx {
+            let before = verifier.verified();
+            let pushed = verifier.push(&piece);
+            let counted = &metrics.xorb_chunks_verified;
+            Metrics::add(counted, (verifier.verified() - before) as u64);
+            pushed?;
+            pieces.push(piece);
+        }
+        Ok::<_, XorbError>((pieces, verifier.finish()?))
+    });
+    let read = started
+        .finish_streaming(&app.budget, &app.metrics, tx)
+        .await;
+    // The sender is gone, so the checker ends once it has seen every piece.
+    let checked = checker
+        .await
+        .map_err(|e| CoreError::Io(std::io::Error::other(e)));
+    let streamed = read?.expect("the length is declared");
+    let (pieces, entries) = match checked {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => return Ok(Err(e.into())),
+        Err(e) => return Ok(Err(e)),
+    };
+    let body = streamed.join(pieces);
+    Ok(app
+        .core
+        .store_verified_xorb(hash, body.bytes.clone(), entries)
+        .await)
 }
 
 async fn get_xorb<O: ObjectStore, I: Index>(
