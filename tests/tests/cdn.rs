@@ -716,18 +716,39 @@ fn hub_downloads_share_the_cache_and_see_a_moved_branch_at_once() {
     let c2 = commit("v2", &v2);
     assert_ne!(c1, c2);
     assert!(download("c") == v2, "the moved branch is seen at once");
-    // The cached answer echoes this request's commit, not the first one's.
+    let third = cdn.metrics();
+
+    // The branch moves back to v1's bytes in a new commit: the content is
+    // cached (filled under commit c1), and the client must still learn
+    // the commit its own request resolved to, not the first reader's.
+    let c3 = commit("v3", &v1);
+    let path = hf.ok(
+        "hf_hub_download",
+        serde_json::json!({"repo": "org/model", "filename": "model.safetensors",
+                           "cache_dir": cdn.dir("d")}),
+    );
+    let path = path.as_str().unwrap();
+    assert!(std::fs::read(path).unwrap() == v1);
+    assert!(
+        path.contains(&format!("/snapshots/{c3}/")),
+        "{path}: filed under the commit main names now"
+    );
+    assert_eq!(
+        content(&cdn.metrics()),
+        content(&third),
+        "v1's bytes came from the cache"
+    );
     let r = agent()
         .get(format!(
-            "{}/org/model/resolve/{c1}/model.safetensors",
+            "{}/org/model/resolve/{c3}/model.safetensors",
             cdn.cdn()
         ))
         .header("Authorization", format!("Bearer {read}"))
         .header("Range", "bytes=0-9")
         .call()
         .unwrap();
-    assert_eq!(header(&r, "x-repo-commit"), c1);
     assert_eq!(header(&r, "x-cache-status"), "HIT");
+    assert_eq!(header(&r, "x-repo-commit"), c3);
     assert_eq!(body(r).1, v1[..10].to_vec());
 }
 
