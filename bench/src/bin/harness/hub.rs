@@ -34,8 +34,8 @@ pub fn nginx_locations(env: &Env, model_dir: &Path) -> String {
     let d = static_dir(env);
     format!(
         "location = /api/models/{REPO}/revision/main {{ default_type application/json; alias {d}/info.json; }}\n\
-         location ^~ /api/models/{REPO}/tree/ {{ default_type application/json; alias {d}/tree.json; }}\n\
-         location ~ ^/{REPO}/resolve/(?<c>[0-9a-f]{{40}})/(?<p>.+)$ {{ alias {m}/$p; add_header X-Repo-Commit $c always; }}\n",
+         location ^~ /api/models/{REPO}/tree/ {{ default_type application/json; root {d}; rewrite ^ /tree.json break; }}\n\
+         location ~ \"^/{REPO}/resolve/(?<c>[0-9a-f]{{40}})/(?<p>.+)$\" {{ alias {m}/$p; add_header X-Repo-Commit $c always; }}\n",
         d = d.display(),
         m = model_dir.display(),
     )
