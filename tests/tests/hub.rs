@@ -787,7 +787,8 @@ fn plain_http_tools_download_resolve_urls() {
         .arg(&dest)
         .arg(&url));
     assert!(std::fs::read(&dest).unwrap() == *want, "wget -c");
-    // aria2c with 8 connections, each a range.
+    // aria2c with 8 connections, each a range (its speed capped, so the
+    // first connection cannot finish the file before the others start).
     let before = Metrics::fetch(hub.url());
     run(Command::new("aria2c")
         .args([
@@ -795,6 +796,7 @@ fn plain_http_tools_download_resolve_urls() {
             "-x8",
             "-s8",
             "-k1M",
+            "--max-overall-download-limit=4M",
             "--allow-overwrite=true",
             "--auto-file-renaming=false",
             "-d",
