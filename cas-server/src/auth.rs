@@ -8,8 +8,10 @@
 //! may limit a token to repositories (`"repos": ["org/*", ...]`): the
 //! [`Grant`] a request gets says which. Xorb
 //! GETs need no token: xorb URLs are capabilities (see docs/SECURITY.md),
-//! which is what lets a CDN cache them. Without a key the server serves
-//! loopback clients only.
+//! which is what lets a CDN cache them. So are the URLs of a file's bytes
+//! that the Hub API redirects to: they carry a MAC of the file hash
+//! ([`SigningKey::url_mac`]). Without a key the server serves loopback
+//! clients only.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -231,6 +233,34 @@ impl SigningKey {
         m
     }
 
+    /// The MAC that makes a URL a capability: `purpose` names what the URL
+    /// grants (e.g. `content`: one file's bytes) and `subject` the thing
+    /// granted (e.g. a file hash), so a MAC for one purpose never passes for
+    /// another. HMAC-SHA256 truncated to [`URL_MAC_BYTES`], written as hex.
+    /// Deterministic: every reader of one file gets the same URL, so a
+    /// cache in front keeps one copy. The message cannot be mistaken for a
+    /// token's (which starts `cas1.`).
+    pub fn url_mac(&self, purpose: &str, subject: &str) -> String {
+        let tag = self.mac(&url_mac_message(purpose, subject)).finalize();
+        hex::encode(&tag.into_bytes()[..URL_MAC_BYTES])
+    }
+
+    /// Whether `mac` is [`url_mac`](Self::url_mac) of `purpose` and
+    /// `subject` (lowercase hex only: one URL per capability, so one cache
+    /// entry), compared in constant time.
+    pub fn verify_url_mac(&self, purpose: &str, subject: &str, mac: &str) -> bool {
+        if !mac.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return false;
+        }
+        match hex::decode(mac) {
+            Ok(tag) if tag.len() == URL_MAC_BYTES => self
+                .mac(&url_mac_message(purpose, subject))
+                .verify_truncated_left(&tag)
+                .is_ok(),
+            _ => false,
+        }
+    }
+
     pub fn sign(&self, claims: &Claims) -> String {
         let body = format!(
             "{PREFIX}.{}",
@@ -266,6 +296,13 @@ impl SigningKey {
     }
 }
 
+/// Bytes of a URL capability's MAC: 128 bits, past any guessing.
+pub const URL_MAC_BYTES: usize = 16;
+
+fn url_mac_message(purpose: &str, subject: &str) -> String {
+    format!("url:{purpose}:{subject}")
+}
+
 /// The server's access policy.
 #[derive(Debug, Clone)]
 pub enum Access {
@@ -277,16 +314,29 @@ pub enum Access {
 /// Why a request is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
-    /// 401: no token, a bad one or an expired one.
+    /// 401: no bearer token.
+    #[error("a bearer token is required")]
+    NoToken,
+    /// 401: a bad token or an expired one.
     #[error("{0}")]
     Unauthenticated(String),
-    /// 403: a valid token without the scope, or a remote peer of a
-    /// server without a key.
+    /// 403: a valid token without the scope the route needs.
+    #[error("token lacks the {0} scope")]
+    MissingScope(Scope),
+    /// 403: a remote peer of a server without a key.
     #[error("{0}")]
     Forbidden(String),
 }
 
 impl Access {
+    /// The signing key, if the server has one.
+    pub fn key(&self) -> Option<&SigningKey> {
+        match self {
+            Access::LoopbackOnly => None,
+            Access::Tokens(key) => Some(key),
+        }
+    }
+
     /// Checks one request: `needs` is the scope its route requires (`None`
     /// for open routes), `authorization` its `Authorization` header. An
     /// allowed request gets the token's [`Grant`] (everything on open
@@ -313,12 +363,12 @@ impl Access {
         let token = authorization
             .and_then(|h| std::str::from_utf8(h).ok())
             .and_then(bearer_token)
-            .ok_or_else(|| Denied::Unauthenticated("a bearer token is required".into()))?;
+            .ok_or(Denied::NoToken)?;
         let claims = key
             .verify(token.trim(), now)
             .map_err(|e| Denied::Unauthenticated(e.to_string()))?;
         if !claims.scopes.contains(&scope) {
-            return Err(Denied::Forbidden(format!("token lacks the {scope} scope")));
+            return Err(Denied::MissingScope(scope));
         }
         Ok(Grant {
             repos: claims.repos,
@@ -397,10 +447,10 @@ mod tests {
             check(remote, Some(Scope::Write), Some(&write)),
             Ok(Grant::all())
         );
-        assert!(matches!(
+        assert_eq!(
             check(remote, Some(Scope::Read), Some(&write)),
-            Err(Denied::Forbidden(_))
-        ));
+            Err(Denied::MissingScope(Scope::Read))
+        );
         assert_eq!(
             check(remote, Some(Scope::Write), Some(&both)),
             Ok(Grant::all())
@@ -419,20 +469,16 @@ mod tests {
                 Some(Scope::Read),
                 Some(&read.replacen("Bearer ", "Bearer", 1))
             ),
-            Err(Denied::Unauthenticated(_))
+            Err(Denied::NoToken)
         ));
         assert_eq!(check(remote, None, None), Ok(Grant::all()), "open routes");
-        assert!(
-            matches!(check(remote, Some(Scope::Write), Some(&read)), Err(Denied::Forbidden(m)) if m.contains("write"))
-        );
-        assert!(matches!(
-            check(local, Some(Scope::Read), None),
-            Err(Denied::Unauthenticated(_))
-        ));
-        assert!(matches!(
+        let lacks = check(remote, Some(Scope::Write), Some(&read)).unwrap_err();
+        assert_eq!(lacks.to_string(), "token lacks the write scope");
+        assert_eq!(check(local, Some(Scope::Read), None), Err(Denied::NoToken));
+        assert_eq!(
             check(remote, Some(Scope::Read), Some("Basic abc")),
-            Err(Denied::Unauthenticated(_))
-        ));
+            Err(Denied::NoToken)
+        );
         let expired = bearer(&[Scope::Read], 10);
         assert!(
             matches!(check(remote, Some(Scope::Read), Some(&expired)), Err(Denied::Unauthenticated(m)) if m.contains("expired at 1970-01-01T00:00:10Z"))
@@ -502,6 +548,27 @@ mod tests {
             access.check(remote, Some(Scope::Read), Some(t.as_bytes()), 50),
             Ok(Grant::all())
         );
+    }
+
+    #[test]
+    fn url_macs_bind_purpose_subject_and_key() {
+        let key = SigningKey::generate();
+        let mac = key.url_mac("content", "abc");
+        assert_eq!(mac.len(), 2 * URL_MAC_BYTES);
+        assert_eq!(key.url_mac("content", "abc"), mac, "deterministic");
+        assert!(key.verify_url_mac("content", "abc", &mac));
+        assert!(!key.verify_url_mac("content", "abd", &mac));
+        assert!(!key.verify_url_mac("xorb", "abc", &mac));
+        assert!(!SigningKey::generate().verify_url_mac("content", "abc", &mac));
+        for bad in [
+            "",
+            "zz",
+            &mac[..30],
+            &format!("{mac}00"),
+            &mac.to_uppercase(),
+        ] {
+            assert!(!key.verify_url_mac("content", "abc", bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub bytes_out: AtomicU64,
     /// Bytes of xorb objects served: what a cache in front saves the origin.
     pub xorb_bytes_out: AtomicU64,
+    /// Bytes of files served by content URLs (the Hub API's downloads).
+    pub content_bytes_out: AtomicU64,
     pub dedup_queried: AtomicU64,
     pub dedup_hits: AtomicU64,
     pub xorbs_rejected: AtomicU64,
@@ -60,7 +62,7 @@ impl Metrics {
             )
             .unwrap();
         }
-        let scalars: [(&str, &str, &str, &AtomicU64); 11] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 12] = [
             (
                 "cas_bytes_in_total",
                 "counter",
@@ -78,6 +80,12 @@ impl Metrics {
                 "counter",
                 "Xorb bytes served by GET.",
                 &self.xorb_bytes_out,
+            ),
+            (
+                "cas_content_bytes_out_total",
+                "counter",
+                "File bytes served by content URLs (Hub API downloads), verified as they streamed.",
+                &self.content_bytes_out,
             ),
             (
                 "cas_dedup_queried_chunks_total",

@@ -44,6 +44,14 @@ pub struct Tree {
 
 impl_message!(Tree, "tree", b"CTRE", MAX_TREE_BYTES);
 
+/// A node of a tree listing ([`Tree::list`]): a file, or a directory
+/// (named by its path; directories are implied by the files' paths).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node<'a> {
+    File(&'a TreeEntry),
+    Dir(&'a str),
+}
+
 /// Why a path may not appear in a tree.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -94,6 +102,85 @@ impl Tree {
     pub fn new(mut entries: Vec<TreeEntry>) -> Self {
         entries.sort_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
         Self { entries }
+    }
+
+    /// The entry at `path`, found by binary search (entries are sorted).
+    pub fn get(&self, path: &str) -> Option<&TreeEntry> {
+        self.entries
+            .binary_search_by(|e| e.path.as_bytes().cmp(path.as_bytes()))
+            .ok()
+            .map(|i| &self.entries[i])
+    }
+
+    /// The entries under directory `dir` (`""`: all of them). Paths with a
+    /// common prefix sort together, so they are one contiguous run.
+    pub fn under(&self, dir: &str) -> &[TreeEntry] {
+        if dir.is_empty() {
+            return &self.entries;
+        }
+        let prefix = format!("{dir}/");
+        let start = self
+            .entries
+            .partition_point(|e| e.path.as_bytes() < prefix.as_bytes());
+        let len = self.entries[start..].partition_point(|e| e.path.starts_with(&prefix));
+        &self.entries[start..start + len]
+    }
+
+    /// One page of the listing of directory `dir` (`""`: the root): its
+    /// files and directories, and with `recursive` everything below them,
+    /// each directory before its contents. The page starts at entry
+    /// `cursor` of [`under(dir)`](Self::under) and ends after the entry
+    /// that brings it to at least `limit` nodes; the next page's cursor
+    /// comes back with it (`None` after the last page).
+    pub fn list(
+        &self,
+        dir: &str,
+        recursive: bool,
+        cursor: usize,
+        limit: usize,
+    ) -> (Vec<Node<'_>>, Option<usize>) {
+        let run = self.under(dir);
+        let base = if dir.is_empty() { 0 } else { dir.len() + 1 };
+        let mut out = Vec::new();
+        let mut i = cursor;
+        while i < run.len() && out.len() < limit.max(1) {
+            let path = run[i].path.as_str();
+            let rest = &path[base..];
+            if !recursive {
+                match rest.find('/') {
+                    None => {
+                        out.push(Node::File(&run[i]));
+                        i += 1;
+                    }
+                    Some(k) => {
+                        // One node for the subdirectory, then past all of it.
+                        let sub = &path[..base + k];
+                        out.push(Node::Dir(sub));
+                        i += self.under(sub).len();
+                    }
+                }
+                continue;
+            }
+            // The directories this entry opens: those not shared with the
+            // entry before it (a directory's entries are contiguous).
+            let before = if i > 0 {
+                Some(run[i - 1].path.as_str())
+            } else {
+                None
+            };
+            for (k, _) in rest.match_indices('/') {
+                let sub = &path[..base + k];
+                let shared = before.is_some_and(|b| {
+                    b.len() > sub.len() && b.starts_with(sub) && b.as_bytes()[sub.len()] == b'/'
+                });
+                if !shared {
+                    out.push(Node::Dir(sub));
+                }
+            }
+            out.push(Node::File(&run[i]));
+            i += 1;
+        }
+        (out, (i < run.len()).then_some(i))
     }
 
     fn check(&self) -> Result<(), String> {
@@ -202,6 +289,60 @@ mod tests {
         assert!(Tree::from_json(Tree::new(vec![suid]).to_json().as_bytes()).is_err());
         let abs = Tree::new(vec![entry("/x")]);
         assert!(Tree::from_json(abs.to_json().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn lookups_and_listings() {
+        let t = Tree::new(
+            ["a-b/x", "a.txt", "a/c", "a/d/e", "a/d/f", "b", "z/y/x"]
+                .map(entry)
+                .to_vec(),
+        );
+        assert_eq!(t.get("a/d/e").unwrap().path, "a/d/e");
+        assert!(t.get("a/d").is_none() && t.get("a").is_none() && t.get("").is_none());
+        let paths = |es: &[TreeEntry]| es.iter().map(|e| e.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(t.under("a")), ["a/c", "a/d/e", "a/d/f"]);
+        assert_eq!(paths(t.under("a/d")), ["a/d/e", "a/d/f"]);
+        assert!(t.under("a/c").is_empty() && t.under("q").is_empty());
+        assert_eq!(t.under("").len(), 7);
+        let show = |nodes: Vec<Node<'_>>| {
+            nodes
+                .iter()
+                .map(|n| match n {
+                    Node::File(e) => e.path.clone(),
+                    Node::Dir(d) => format!("{d}/"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let (top, next) = t.list("", false, 0, 100);
+        assert_eq!(show(top), ["a-b/", "a.txt", "a/", "b", "z/"]);
+        assert_eq!(next, None);
+        let (all, _) = t.list("", true, 0, 100);
+        let want = [
+            "a-b/", "a-b/x", "a.txt", "a/", "a/c", "a/d/", "a/d/e", "a/d/f", "b", "z/", "z/y/",
+            "z/y/x",
+        ];
+        assert_eq!(show(all), want);
+        assert_eq!(show(t.list("a", false, 0, 100).0), ["a/c", "a/d/"]);
+        assert_eq!(
+            show(t.list("a", true, 0, 100).0),
+            ["a/c", "a/d/", "a/d/e", "a/d/f"]
+        );
+        // Pages of every size concatenate to the whole listing, each
+        // directory once.
+        for limit in 1..=13 {
+            for recursive in [false, true] {
+                let mut got = Vec::new();
+                let mut cursor = Some(0);
+                while let Some(c) = cursor {
+                    let (page, next) = t.list("", recursive, c, limit);
+                    assert!(!page.is_empty());
+                    got.extend(show(page));
+                    cursor = next;
+                }
+                assert_eq!(got, show(t.list("", recursive, 0, 100).0), "{limit}");
+            }
+        }
     }
 
     proptest! {

@@ -4,6 +4,7 @@
 //! straight from docs/API.md and docs/PROTOCOL.md.
 
 pub mod client;
+pub mod hub;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -424,6 +425,15 @@ impl Metrics {
 
     pub fn xorb_bytes_out(&self) -> u64 {
         self.get("cas_xorb_bytes_out_total")
+    }
+
+    /// Requests to `route` answered with `status`.
+    pub fn answered(&self, route: &str, status: u16) -> u64 {
+        let name = format!("cas_requests_total{{route=\"{route}\",status=\"{status}\"}} ");
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(&name)?.parse().ok())
+            .unwrap_or(0)
     }
 
     /// Requests to `route`, any status.

@@ -8,8 +8,9 @@
 //! none of its xorb bytes); ranges come from the cache as 206 with the
 //! origin's bytes; a corrupted cache entry is caught by the client and never
 //! written; uploads and the rest of the API pass through uncached; with a
-//! signing key, tokens reach the origin through the proxy. And
-//! docs/DEPLOYMENT.md shows the tested file verbatim.
+//! signing key, tokens reach the origin through the proxy; Hub API
+//! downloads share the cache by content and see a moved branch at once.
+//! And docs/DEPLOYMENT.md shows the tested file verbatim.
 //!
 //! Needs nginx (`scripts/setup-debian` installs it); without it every test
 //! here fails with that instruction instead of passing vacuously.
@@ -23,6 +24,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cas_e2e::client::cas_as;
+use cas_e2e::hub::Hf;
 use cas_e2e::{agent, assert_same_bytes, bin, body, fails, json_of, ok, Metrics, ServerProcess};
 use serde_json::Value;
 
@@ -653,6 +655,101 @@ fn tokens_pass_through_the_proxy_to_the_origin() {
         assert_eq!(header(&r, "x-cache-status"), "HIT", "{auth:?}");
         assert_eq!(body(r).0, 206, "{auth:?}");
     }
+}
+
+/// The Hub API through the proxy: `hf_hub_download` of a branch gets a
+/// redirect from the origin (never cached) to the file's content URL,
+/// which the proxy caches. A second download with an empty client cache
+/// takes no file byte from the origin; after the branch moves to a new
+/// commit, the next download gets the new bytes at once.
+#[test]
+fn hub_downloads_share_the_cache_and_see_a_moved_branch_at_once() {
+    let cdn = Cdn::with_key();
+    let write = cdn.token("write");
+    let read = cdn.token("read");
+    let commit = |name: &str, data: &[u8]| {
+        let dir = cdn.dir(name);
+        std::fs::write(dir.join("model.safetensors"), data).unwrap();
+        let mut c = cdn.cas(cdn.origin(), None, "upload");
+        c.args(["--json", "--repo", "org/model"])
+            .arg(&dir)
+            .env("CAS_TOKEN", &write);
+        json_of(ok(c))["commit"]["id"].as_str().unwrap().to_owned()
+    };
+    let v1 = model_bytes(6);
+    let c1 = commit("v1", &v1);
+    let hf = Hf::new(cdn.cdn(), Some(&read), &cdn.root.join("hf-home"));
+    let download = |cache: &str| {
+        let path = hf.ok(
+            "hf_hub_download",
+            serde_json::json!({"repo": "org/model", "filename": "model.safetensors",
+                               "cache_dir": cdn.dir(cache)}),
+        );
+        std::fs::read(path.as_str().unwrap()).unwrap()
+    };
+    let content = |m: &Metrics| m.get("cas_content_bytes_out_total");
+
+    let before = cdn.metrics();
+    assert!(download("a") == v1);
+    let first = cdn.metrics();
+    assert!(
+        content(&first) > content(&before),
+        "the first download filled the cache"
+    );
+    assert!(
+        content(&first) - content(&before) <= v1.len() as u64,
+        "each slice once"
+    );
+    assert!(download("b") == v1);
+    let second = cdn.metrics();
+    assert_eq!(
+        content(&second),
+        content(&first),
+        "no file byte from the origin"
+    );
+    assert!(
+        second.requests("hf_resolve") > first.requests("hf_resolve"),
+        "the resolve itself reached the origin (never cached)"
+    );
+
+    let v2 = model_bytes(7);
+    let c2 = commit("v2", &v2);
+    assert_ne!(c1, c2);
+    assert!(download("c") == v2, "the moved branch is seen at once");
+    let third = cdn.metrics();
+
+    // The branch moves back to v1's bytes in a new commit: the content is
+    // cached (filled under commit c1), and the client must still learn
+    // the commit its own request resolved to, not the first reader's.
+    let c3 = commit("v3", &v1);
+    let path = hf.ok(
+        "hf_hub_download",
+        serde_json::json!({"repo": "org/model", "filename": "model.safetensors",
+                           "cache_dir": cdn.dir("d")}),
+    );
+    let path = path.as_str().unwrap();
+    assert!(std::fs::read(path).unwrap() == v1);
+    assert!(
+        path.contains(&format!("/snapshots/{c3}/")),
+        "{path}: filed under the commit main names now"
+    );
+    assert_eq!(
+        content(&cdn.metrics()),
+        content(&third),
+        "v1's bytes came from the cache"
+    );
+    let r = agent()
+        .get(format!(
+            "{}/org/model/resolve/{c3}/model.safetensors",
+            cdn.cdn()
+        ))
+        .header("Authorization", format!("Bearer {read}"))
+        .header("Range", "bytes=0-9")
+        .call()
+        .unwrap();
+    assert_eq!(header(&r, "x-cache-status"), "HIT");
+    assert_eq!(header(&r, "x-repo-commit"), c3);
+    assert_eq!(body(r).1, v1[..10].to_vec());
 }
 
 /// docs/DEPLOYMENT.md shows operators the configuration these tests run,

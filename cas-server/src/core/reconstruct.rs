@@ -37,17 +37,32 @@ impl RangeRequest {
     }
 }
 
+fn info_of(recipe: &FileRecipe) -> FileInfo {
+    FileInfo {
+        hash: recipe.hash,
+        kind: recipe.kind,
+        size: recipe.size,
+        sha256: recipe.sha256,
+        chunks: recipe.terms.iter().map(|t| u64::from(t.chunks.len())).sum(),
+        terms: recipe.terms.len(),
+    }
+}
+
 impl<O: ObjectStore, I: Index> Core<O, I> {
     pub async fn file_info(&self, hash: FileHash) -> Result<FileInfo, CoreError> {
-        let recipe = self.recipe(hash).await?;
-        Ok(FileInfo {
-            hash,
-            kind: recipe.kind,
-            size: recipe.size,
-            sha256: recipe.sha256,
-            chunks: recipe.terms.iter().map(|t| u64::from(t.chunks.len())).sum(),
-            terms: recipe.terms.len(),
+        Ok(info_of(&*self.recipe(hash).await?))
+    }
+
+    /// The info of many stored files (a page of a listing), read in one
+    /// blocking pass over the index; in order.
+    pub async fn files_info(&self, hashes: Vec<FileHash>) -> Result<Vec<FileInfo>, CoreError> {
+        self.with_index(move |i| {
+            hashes
+                .into_iter()
+                .map(|h| load_recipe(i, h).map(|r| info_of(&r)))
+                .collect()
         })
+        .await
     }
 
     /// The terms and xorb byte ranges that rebuild `range` of a file (the

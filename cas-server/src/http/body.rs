@@ -1,20 +1,25 @@
-//! Request bodies (bounded in size and time) and the `Range`, `ETag` and
-//! content-type headers the API reads.
+//! Request bodies (bounded in size and time), the `Range`, `ETag` and
+//! content-type headers the API reads, and the head and streamed body of
+//! answers with immutable objects (xorbs, file contents).
 
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cas_protocol::shard::MAX_SHARD_BYTES;
-use cas_protocol::Encoding;
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use cas_protocol::{ByteRange, Encoding};
+use futures_util::{Stream, TryStreamExt};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::{Request, StatusCode};
+use hyper::http::response;
+use hyper::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
 use super::budget::{Budget, BudgetTimeout, Reservation};
 use super::error::ApiError;
-use super::JSON;
+use super::{empty, Body, BINARY, JSON};
 use crate::core::RangeRequest;
 use crate::metrics::Metrics;
 
@@ -405,7 +410,7 @@ pub(crate) async fn drain(req: Request<Incoming>) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(30), read_all).await;
 }
 
-pub(crate) fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
+fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
@@ -413,6 +418,83 @@ pub(crate) fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().trim_start_matches("W/"))
         .any(|t| t == "*" || t == etag)
+}
+
+/// `Cache-Control` of content-addressed answers: their bytes never change.
+pub(crate) const CACHE_IMMUTABLE: &str = "public, max-age=31536000, immutable";
+
+/// How to answer a GET or HEAD of an immutable object.
+pub(crate) enum ObjectHead {
+    /// `If-None-Match` matched: this 304 is the whole answer.
+    NotModified(Response<Body>),
+    /// Send `range` of the object; the builder holds the status (200 or
+    /// 206) and every header but the caller's own.
+    Send(response::Builder, ByteRange),
+}
+
+/// The head of the answer to a GET or HEAD of an immutable object of
+/// `size` bytes named by the strong `etag` (quoted): a strong `ETag`,
+/// `Cache-Control: immutable`, `Accept-Ranges`, and then 304 for a
+/// matching `If-None-Match`, 206 with `Content-Range` for one `Range`
+/// (416 outside the object), else 200; `Content-Length` of what follows.
+pub(crate) fn object_head(
+    headers: &HeaderMap,
+    size: u64,
+    etag: &str,
+    what: &str,
+) -> Result<ObjectHead, ApiError> {
+    let mut builder = Response::builder()
+        .header(header::ETAG, etag)
+        .header(header::CACHE_CONTROL, CACHE_IMMUTABLE)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if etag_matches(headers, etag) {
+        return Ok(ObjectHead::NotModified(
+            builder
+                .status(StatusCode::NOT_MODIFIED)
+                .body(empty())
+                .expect("valid response"),
+        ));
+    }
+    let (status, range) = match range_header(headers)? {
+        None => (
+            StatusCode::OK,
+            ByteRange {
+                start: 0,
+                end: size,
+            },
+        ),
+        Some(r) => {
+            let range = r.resolve(size).ok_or_else(|| {
+                ApiError::unsatisfiable(size, format!("range outside a {what} of {size} bytes"))
+            })?;
+            let cr = format!("bytes {}-{}/{size}", range.start, range.end - 1);
+            builder = builder.header(header::CONTENT_RANGE, cr);
+            (StatusCode::PARTIAL_CONTENT, range)
+        }
+    };
+    Ok(ObjectHead::Send(
+        builder
+            .status(status)
+            .header(header::CONTENT_TYPE, BINARY)
+            .header(header::CONTENT_LENGTH, range.len()),
+        range,
+    ))
+}
+
+/// A streamed response body whose bytes count in `bytes_out` and in
+/// `counter` as they go.
+pub(crate) fn counted_stream(
+    stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    metrics: Arc<Metrics>,
+    counter: fn(&Metrics) -> &AtomicU64,
+) -> Body {
+    let frames = stream.map_ok(move |chunk| {
+        let n = chunk.len() as u64;
+        Metrics::add(&metrics.bytes_out, n);
+        Metrics::add(counter(&metrics), n);
+        Frame::data(chunk)
+    });
+    BodyExt::boxed_unsync(StreamBody::new(frames))
 }
 
 #[cfg(test)]

@@ -44,6 +44,10 @@ impl ApiError {
         err
     }
 
+    pub(crate) fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(crate) fn into_response(self) -> Response<Body> {
         #[derive(Serialize)]
         struct E<'a> {
@@ -63,14 +67,17 @@ impl ApiError {
 
 impl From<Denied> for ApiError {
     fn from(d: Denied) -> Self {
+        let message = d.to_string();
         match d {
-            Denied::Unauthenticated(m) => {
-                let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+            Denied::NoToken | Denied::Unauthenticated(_) => {
+                let mut e = Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message);
                 e.headers
                     .push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
                 e
             }
-            Denied::Forbidden(m) => Self::new(StatusCode::FORBIDDEN, "forbidden", m),
+            Denied::MissingScope(_) | Denied::Forbidden(_) => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+            }
         }
     }
 }

@@ -1,8 +1,11 @@
 //! Thin hyper handlers over the storage core: parse the request, bound the
-//! body, call the core, map its answer or error to HTTP.
+//! body, call the core, map its answer or error to HTTP. Two frontends
+//! share the port, chosen by path ([`handle`]):
 //!
 //! - [`v1`]: the CAS API (routes, handlers); errors are JSON
 //!   `{"error": "<stable code>", "message": "..."}` ([`error`]);
+//! - [`hf`]: the Hugging Face Hub–compatible API (`/api/...` and
+//!   `.../resolve/...`), with the Hub's error headers;
 //! - [`repos`]: its repository routes and the access check of tokens
 //!   limited to repositories;
 //! - [`body`]: request bodies (bounded in size, time and memory), `Range`
@@ -13,18 +16,22 @@ pub mod body;
 pub mod budget;
 pub mod conn;
 pub mod error;
+pub mod hf;
 pub mod repos;
 pub mod v1;
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
-use hyper::{Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -33,7 +40,7 @@ use tokio_util::task::TaskTracker;
 
 use self::budget::Budget;
 use self::conn::{Connections, Guarded, RequestGuard, Timeouts};
-use crate::auth::Access;
+use crate::auth::{Access, Denied, Grant, Scope};
 use crate::core::Core;
 use crate::index::Index;
 use crate::metrics::Metrics;
@@ -196,6 +203,68 @@ pub(crate) fn json(status: StatusCode, value: &impl Serialize) -> Response<Body>
     full(status, JSON, serde_json::to_vec(value).expect("json"))
 }
 
+/// Serves one request from `peer` that reached this server at `local`:
+/// the Hub API's paths go to [`hf`], everything else to [`v1`]. Never
+/// fails (errors are answers); counts the answer in the metrics.
+pub async fn handle<O: ObjectStore, I: Index>(
+    app: Arc<App<O, I>>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let (label, mut response) = match hf::route(&method, &path) {
+        Some(routed) => hf::handle(&app, routed, req, peer, local).await,
+        None => v1::handle(&app, req, peer, local).await,
+    };
+    if method == Method::HEAD {
+        *response.body_mut() = empty();
+    }
+    app.metrics.request(label, response.status().as_u16());
+    tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
+    Ok(response)
+}
+
+/// The access check of one request whose route needs `scope`.
+pub(crate) fn check_access<O, I>(
+    app: &App<O, I>,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    scope: Option<Scope>,
+) -> Result<Grant, Denied> {
+    let authorization = req.headers().get(header::AUTHORIZATION);
+    app.access.check(
+        peer,
+        scope,
+        authorization.map(HeaderValue::as_bytes),
+        crate::auth::now(),
+    )
+}
+
+/// The base URL of read URLs (xorbs, file contents) handed to a client
+/// that reached this server at `local`: `--public-url`, else that
+/// address — never the `Host` header, so a client cannot point the URLs
+/// elsewhere.
+pub(crate) fn read_base<O, I>(app: &App<O, I>, local: SocketAddr) -> String {
+    match &app.public_url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => origin(local),
+    }
+}
+
+/// `http://ADDR` for a local address (an IPv4 client of a dual-stack
+/// socket as IPv4; no IPv6 scope, which URLs cannot carry as is).
+fn origin(local: SocketAddr) -> String {
+    match local {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => format!("http://{v4}:{}", a.port()),
+            None => format!("http://[{}]:{}", a.ip(), a.port()),
+        },
+        SocketAddr::V4(a) => format!("http://{a}"),
+    }
+}
+
 /// Accepts connections on `listener` and serves them until `shutdown`
 /// completes, then lets open requests finish (for at most 10 seconds).
 pub async fn serve<O: ObjectStore, I: Index>(
@@ -254,7 +323,7 @@ pub async fn serve<O: ObjectStore, I: Index>(
                     let r = body::busy("connection closed to make room".into());
                     return Ok::<_, std::convert::Infallible>(r.into_response());
                 };
-                let r = v1::handle(app, req, peer, local).await?;
+                let r = handle(app, req, peer, local).await?;
                 Ok(r.map(|body| {
                     Held {
                         body,
@@ -299,4 +368,21 @@ pub async fn serve<O: ObjectStore, I: Index>(
         tracing::warn!("connections still open after 10 s; closing them");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_of_local_addresses() {
+        for (addr, want) in [
+            ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+            ("[::1]:9", "http://[::1]:9"),
+            ("[::ffff:10.1.2.3]:80", "http://10.1.2.3:80"),
+            ("[fe80::1%2]:80", "http://[fe80::1]:80"),
+        ] {
+            assert_eq!(origin(addr.parse().unwrap()), want);
+        }
+    }
 }

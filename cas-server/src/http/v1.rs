@@ -2,24 +2,23 @@
 //! reconstruction and file info, and repositories ([`super::repos`])
 //! (docs/API.md, docs/openapi.json).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 use cas_protocol::messages::{DedupQuery, MAX_DEDUP_BATCH};
+use cas_protocol::repo::CommitId;
 use cas_protocol::shard::MAX_SHARD_BYTES;
 use cas_protocol::xorb::{StreamVerifier, XorbError, MAX_XORB_SERIALIZED};
-use cas_protocol::{ByteRange, Encoding, FileHash, Message, XorbHash};
+use cas_protocol::{Encoding, FileHash, Message, XorbHash};
 use futures_util::TryStreamExt;
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::header::{self, HeaderValue};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::body::{
-    body_encoding, busy, drain, etag_matches, header_contains, range_header, read_body, start_body,
-    Started,
+    body_encoding, busy, counted_stream, drain, header_contains, object_head, range_header,
+    read_body, start_body, ObjectHead, Started,
 };
 use super::error::ApiError;
 use super::{empty, full, json, repos, App, Body, BINARY, JSON};
@@ -31,7 +30,11 @@ use crate::store::ObjectStore;
 
 /// Largest dedup query body (binary or JSON).
 const MAX_DEDUP_BODY: usize = 64 + MAX_DEDUP_BATCH * 70;
-const CACHE_IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// The purpose of content URL MACs ([`crate::auth::SigningKey::url_mac`]).
+const CONTENT_MAC: &str = "content";
+/// The commit a content URL was handed out for, echoed by its answers
+/// (huggingface_hub reads it after following a redirect on one origin).
+pub(crate) const X_REPO_COMMIT: HeaderName = HeaderName::from_static("x-repo-commit");
 
 fn message_response<M: Message>(encoding: Encoding, m: &M) -> Response<Body> {
     let content_type = match encoding {
@@ -73,10 +76,14 @@ pub enum Route {
     RepoLog,
     RepoCommit,
     RepoTag,
+    ContentGet,
+    ContentHead,
+    SignedContentGet,
+    SignedContentHead,
 }
 
 impl Route {
-    pub const ALL: [Route; 17] = [
+    pub const ALL: [Route; 21] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -94,6 +101,10 @@ impl Route {
         Route::RepoLog,
         Route::RepoCommit,
         Route::RepoTag,
+        Route::ContentGet,
+        Route::ContentHead,
+        Route::SignedContentGet,
+        Route::SignedContentHead,
     ];
 
     pub fn name(self) -> &'static str {
@@ -115,6 +126,10 @@ impl Route {
             Route::RepoLog => "repo_log",
             Route::RepoCommit => "repo_commit",
             Route::RepoTag => "repo_tag",
+            Route::ContentGet => "content_get",
+            Route::ContentHead => "content_head",
+            Route::SignedContentGet => "signed_content_get",
+            Route::SignedContentHead => "signed_content_head",
         }
     }
 }
@@ -129,7 +144,7 @@ pub enum NoRoute {
 
 impl Route {
     /// The token scope a route needs (when the server checks tokens).
-    /// Xorb reads need none: their URLs are capabilities.
+    /// Xorb and content reads need none: their URLs are capabilities.
     pub fn scope(self) -> Option<Scope> {
         match self {
             Route::Dedup
@@ -146,7 +161,14 @@ impl Route {
             | Route::RepoInfo
             | Route::RepoRevision
             | Route::RepoLog => Some(Scope::Read),
-            Route::Healthz | Route::Metrics | Route::XorbGet | Route::XorbHead => None,
+            Route::Healthz
+            | Route::Metrics
+            | Route::XorbGet
+            | Route::XorbHead
+            | Route::ContentGet
+            | Route::ContentHead
+            | Route::SignedContentGet
+            | Route::SignedContentHead => None,
         }
     }
 }
@@ -171,6 +193,20 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
         ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], vec![*h]),
         ["v1", "files", h] => (&[(Method::GET, Route::File)], vec![*h]),
         ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], vec![*h]),
+        ["v1", "content", h] => (
+            &[
+                (Method::GET, Route::ContentGet),
+                (Method::HEAD, Route::ContentHead),
+            ],
+            vec![*h],
+        ),
+        ["v1", "content", h, m] => (
+            &[
+                (Method::GET, Route::SignedContentGet),
+                (Method::HEAD, Route::SignedContentHead),
+            ],
+            vec![*h, *m],
+        ),
         ["v1", "repos"] => (&[(Method::GET, Route::RepoList)], vec![]),
         ["v1", "repos", t, o, n] => (
             &[
@@ -202,31 +238,25 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
         })
 }
 
-/// Routes one request from `peer` that reached this server at `local`;
-/// never fails (errors become JSON responses).
-pub async fn handle<O: ObjectStore, I: Index>(
-    app: Arc<App<O, I>>,
+/// Serves one request of this API from `peer` that reached this server at
+/// `local`; returns the metrics label of its route and the answer (errors
+/// become JSON answers).
+pub(crate) async fn handle<O: ObjectStore, I: Index>(
+    app: &Arc<App<O, I>>,
     req: Request<Incoming>,
     peer: SocketAddr,
     local: SocketAddr,
-) -> Result<Response<Body>, Infallible> {
+) -> (&'static str, Response<Body>) {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let (label, result) = match route(&method, &path) {
         Ok((r, params)) => {
-            let authorization = req.headers().get(header::AUTHORIZATION);
-            let allowed = app.access.check(
-                peer,
-                r.scope(),
-                authorization.map(HeaderValue::as_bytes),
-                crate::auth::now(),
-            );
-            let result = match allowed {
+            let result = match super::check_access(app, &req, peer, r.scope()) {
                 Err(denied) => {
                     drain(req).await;
                     Err(denied.into())
                 }
-                Ok(grant) => dispatch(&app, r, &params, &grant, req, local).await,
+                Ok(grant) => dispatch(app, r, &params, &grant, req, local).await,
             };
             (r.name(), result)
         }
@@ -256,13 +286,7 @@ pub async fn handle<O: ObjectStore, I: Index>(
             )),
         ),
     };
-    let mut response = result.unwrap_or_else(ApiError::into_response);
-    if method == Method::HEAD {
-        *response.body_mut() = empty();
-    }
-    app.metrics.request(label, response.status().as_u16());
-    tracing::debug!(%method, %path, status = response.status().as_u16(), "request");
-    Ok(response)
+    (label, result.unwrap_or_else(ApiError::into_response))
 }
 
 /// Serves one allowed request.
@@ -302,6 +326,10 @@ async fn dispatch<O: ObjectStore, I: Index>(
         | Route::RepoLog
         | Route::RepoCommit
         | Route::RepoTag => repos::handle(app, r, params, grant, req).await,
+        Route::ContentGet | Route::ContentHead => get_content(app, h, None, &req).await,
+        Route::SignedContentGet | Route::SignedContentHead => {
+            get_content(app, h, params.get(1).copied(), &req).await
+        }
     }
 }
 
@@ -454,51 +482,98 @@ async fn get_xorb<O: ObjectStore, I: Index>(
         )
     })?;
     let etag = format!("\"{hash}\"");
-    let mut builder = Response::builder()
-        .header(header::ETAG, &etag)
-        .header(header::CACHE_CONTROL, CACHE_IMMUTABLE)
-        .header(header::ACCEPT_RANGES, "bytes");
-    if etag_matches(req.headers(), &etag) {
-        return Ok(builder
-            .status(StatusCode::NOT_MODIFIED)
-            .body(empty())
-            .expect("valid response"));
-    }
-    let (status, range) = match range_header(req.headers())? {
-        None => (
-            StatusCode::OK,
-            ByteRange {
-                start: 0,
-                end: size,
-            },
-        ),
-        Some(r) => {
-            let range = r.resolve(size).ok_or_else(|| {
-                ApiError::unsatisfiable(size, format!("range outside a xorb of {size} bytes"))
-            })?;
-            let cr = format!("bytes {}-{}/{size}", range.start, range.end - 1);
-            builder = builder.header(header::CONTENT_RANGE, cr);
-            (StatusCode::PARTIAL_CONTENT, range)
-        }
+    let (builder, range) = match object_head(req.headers(), size, &etag, "xorb")? {
+        ObjectHead::NotModified(r) => return Ok(r),
+        ObjectHead::Send(b, range) => (b, range),
     };
-    builder = builder
-        .status(status)
-        .header(header::CONTENT_TYPE, BINARY)
-        .header(header::CONTENT_LENGTH, range.len());
     if req.method() == Method::HEAD {
         return Ok(builder.body(empty()).expect("valid response"));
     }
     let reader = app.core.read_xorb(hash, range).await?;
-    let metrics = app.metrics.clone();
-    let stream =
-        tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024).map_ok(move |chunk| {
-            let n = chunk.len() as u64;
-            Metrics::add(&metrics.bytes_out, n);
-            Metrics::add(&metrics.xorb_bytes_out, n);
-            Frame::data(chunk)
-        });
+    let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
     Ok(builder
-        .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+        .body(counted_stream(stream, app.metrics.clone(), |m| {
+            &m.xorb_bytes_out
+        }))
+        .expect("valid response"))
+}
+
+/// The URL of a stored file's bytes under `base`: with a signing key a
+/// capability (`/v1/content/<hash>/<MAC of the hash>`: unforgeable, and
+/// the same for every reader, so caches share it), else `/v1/content/<hash>`
+/// (a server without a key serves loopback clients only). `commit` is
+/// echoed as `X-Repo-Commit` by the answer.
+pub(crate) fn content_url<O, I>(
+    app: &App<O, I>,
+    base: &str,
+    file: &FileHash,
+    commit: &CommitId,
+) -> String {
+    let hex = file.to_string();
+    match app.access.key() {
+        Some(key) => format!(
+            "{base}/v1/content/{hex}/{}?commit={commit}",
+            key.url_mac(CONTENT_MAC, &hex)
+        ),
+        None => format!("{base}/v1/content/{hex}?commit={commit}"),
+    }
+}
+
+/// A stored file's bytes, verified chunk by chunk as they stream (a chunk
+/// that fails ends the body early: the client sees a short answer, never
+/// wrong bytes). `mac` must be the file's content MAC on a server with a
+/// key and absent on one without; anything else is a 404 that says
+/// nothing more and is never cached.
+async fn get_content<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: &str,
+    mac: Option<&str>,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let not_found = || {
+        let mut e = ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such content");
+        e.headers
+            .push((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
+        e
+    };
+    let file: FileHash = parse_hash(hash).map_err(|_| not_found())?;
+    let allowed = match (app.access.key(), mac) {
+        (Some(key), Some(mac)) => key.verify_url_mac(CONTENT_MAC, hash, mac),
+        (None, None) => true,
+        _ => false,
+    };
+    if !allowed {
+        return Err(not_found());
+    }
+    let recipe = match app.core.recipe(file).await {
+        Ok(r) => r,
+        Err(CoreError::NotFound(_)) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
+    let etag = format!("\"{}\"", recipe.sha256);
+    let (mut builder, range) = match object_head(req.headers(), recipe.size, &etag, "file")? {
+        ObjectHead::NotModified(r) => return Ok(r),
+        ObjectHead::Send(b, range) => (b, range),
+    };
+    let commit = req
+        .uri()
+        .query()
+        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "commit"))
+        .and_then(|(_, v)| v.parse::<CommitId>().ok());
+    if let Some(c) = commit {
+        builder = builder.header(X_REPO_COMMIT, c.to_hex());
+    }
+    if req.method() == Method::HEAD {
+        return Ok(builder.body(empty()).expect("valid response"));
+    }
+    let stream = app.core.file_stream(recipe, range).map_err(move |e| {
+        tracing::warn!(%file, error = %e, "content stream ended early");
+        std::io::Error::other(e.to_string())
+    });
+    Ok(builder
+        .body(counted_stream(stream, app.metrics.clone(), |m| {
+            &m.content_bytes_out
+        }))
         .expect("valid response"))
 }
 
@@ -529,12 +604,7 @@ async fn reconstruct<O: ObjectStore, I: Index>(
 ) -> Result<Response<Body>, ApiError> {
     let hash: FileHash = parse_hash(hash)?;
     let range = range_header(req.headers())?;
-    let base = match &app.public_url {
-        Some(u) => u.trim_end_matches('/').to_owned(),
-        // The address this connection reached, not its Host header: a
-        // client must not be able to point the URLs elsewhere.
-        None => origin(local),
-    };
+    let base = super::read_base(app, local);
     let r = app
         .core
         .reconstruct(hash, range, move |x| format!("{base}/v1/xorbs/{x}"))
@@ -552,18 +622,6 @@ async fn reconstruct<O: ObjectStore, I: Index>(
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
-}
-
-/// `http://ADDR` for a local address (an IPv4 client of a dual-stack
-/// socket as IPv4; no IPv6 scope, which URLs cannot carry as is).
-fn origin(local: SocketAddr) -> String {
-    match local {
-        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-            Some(v4) => format!("http://{v4}:{}", a.port()),
-            None => format!("http://[{}]:{}", a.ip(), a.port()),
-        },
-        SocketAddr::V4(a) => format!("http://{a}"),
-    }
 }
 
 async fn file_info<O: ObjectStore, I: Index>(
@@ -594,18 +652,6 @@ async fn check_xorb<O: ObjectStore, I: Index>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn origins_of_local_addresses() {
-        for (addr, want) in [
-            ("127.0.0.1:8080", "http://127.0.0.1:8080"),
-            ("[::1]:9", "http://[::1]:9"),
-            ("[::ffff:10.1.2.3]:80", "http://10.1.2.3:80"),
-            ("[fe80::1%2]:80", "http://[fe80::1]:80"),
-        ] {
-            assert_eq!(origin(addr.parse().unwrap()), want);
-        }
-    }
-
     /// docs/openapi.json and the router describe the same operations.
     #[test]
     fn openapi_matches_router() {
@@ -619,7 +665,8 @@ mod tests {
                 .replace("{org}", "org")
                 .replace("{name}", "name")
                 .replace("{rev}", "main")
-                .replace("{tag}", "v1");
+                .replace("{tag}", "v1")
+                .replace("{mac}", &"0".repeat(32));
             for (method, op) in ops.as_object().expect("operations") {
                 if method == "parameters" {
                     continue;

@@ -1,5 +1,7 @@
-//! Revisions: a branch, else a tag, else a full commit id, else a unique
-//! prefix of a commit reachable from the repository's refs; and logs.
+//! Revisions: a branch, else a tag (also in git's full forms
+//! `refs/heads/NAME` and `refs/tags/NAME`), else a full commit id, else a
+//! unique prefix of a commit reachable from the repository's refs; and
+//! logs.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -17,18 +19,35 @@ const MAX_WALK: usize = 100_000;
 /// Most commits in one page of a log.
 pub const MAX_LOG_PAGE: usize = 1000;
 
+/// The refs a revision may name, in the order they are tried: the name as
+/// a branch, then as a tag; then git's full forms (`refs/heads/main` is
+/// branch `main`, `refs/tags/v1` tag `v1`), which the Hub's clients send.
+fn ref_candidates(rev: &str) -> Vec<(RefKind, RefName)> {
+    let mut out = Vec::new();
+    if let Ok(name) = RefName::new(rev) {
+        out.extend([(RefKind::Branch, name.clone()), (RefKind::Tag, name)]);
+    }
+    for (prefix, kind) in [
+        ("refs/heads/", RefKind::Branch),
+        ("refs/tags/", RefKind::Tag),
+    ] {
+        if let Some(name) = rev.strip_prefix(prefix).and_then(|n| RefName::new(n).ok()) {
+            out.push((kind, name));
+        }
+    }
+    out
+}
+
 impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Resolves a revision of a repository: a branch, else a tag, else a
     /// full commit id, else a unique prefix (at least 4 hex digits) of a
     /// commit reachable from the repository's refs.
     pub async fn resolve(&self, repo: &RepoId, rev: &str) -> Result<CommitInfo, CoreError> {
         self.repo_info(repo).await?;
-        if let Ok(name) = RefName::new(rev) {
-            for kind in [RefKind::Branch, RefKind::Tag] {
-                let key = ObjectKey::git_ref(repo, kind, &name);
-                if let Some((id, _)) = self.head(&key).await? {
-                    return self.commit_info(id).await;
-                }
+        for (kind, name) in ref_candidates(rev) {
+            let key = ObjectKey::git_ref(repo, kind, &name);
+            if let Some((id, _)) = self.head(&key).await? {
+                return self.commit_info(id).await;
             }
         }
         let not_found = || CoreError::RevisionNotFound {
@@ -129,5 +148,35 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             .last()
             .and_then(|c| c.commit.parents.first().copied());
         Ok(LogPage { commits, next })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revisions_name_refs_as_is_then_in_full_form() {
+        let names = |rev: &str| {
+            ref_candidates(rev)
+                .into_iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("main"), ["branch main", "tag main"]);
+        assert_eq!(
+            names("refs/heads/main"),
+            [
+                "branch refs/heads/main",
+                "tag refs/heads/main",
+                "branch main"
+            ]
+        );
+        assert_eq!(
+            names("refs/tags/v1"),
+            ["branch refs/tags/v1", "tag refs/tags/v1", "tag v1"]
+        );
+        assert_eq!(names("refs/pr/1"), ["branch refs/pr/1", "tag refs/pr/1"]);
+        assert!(names("a..b").is_empty() && names("refs/heads/").is_empty());
     }
 }

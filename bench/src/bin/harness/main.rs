@@ -6,7 +6,9 @@
 //! `cas-client upload`, `fetch` with a cold cache and with the previous
 //! version cached, against curl PUT, curl GET, `aria2c -x 16 -s 16` +
 //! `sha256sum` and `sha256sum` alone; and `cas-client hash` against
-//! `hf_xet.hash_files`. Writes a Markdown table into docs/BENCHMARKS.md
+//! `hf_xet.hash_files`; on the model's v1, the Hugging Face–compatible API
+//! against `cas-client fetch` and a static nginx Hub ([`hub`]). Writes a
+//! Markdown table into docs/BENCHMARKS.md
 //! (between harness markers) and JSON into docs/benchmarks.json.
 //!
 //! `--shaped` runs the same comparisons with server and nginx in one network
@@ -15,6 +17,8 @@
 //!
 //! Run: `scripts/setup-bench && cargo build --release --workspace &&
 //! target/release/harness` (see docs/BENCHMARKS.md).
+
+mod hub;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -215,7 +219,9 @@ fn start_server(env: &Env, data: &Path) -> Result<(Guard, String)> {
     Ok((guard, base))
 }
 
-fn start_nginx(env: &Env, root: &Path, port: u16) -> Result<(Guard, String)> {
+/// nginx serving `root` under `/files/`, a PUT sink under `/put/`, and
+/// the `extra` server-level locations.
+fn start_nginx(env: &Env, root: &Path, port: u16, extra: &str) -> Result<(Guard, String)> {
     let dir = env.tmp.join("nginx");
     fs::create_dir_all(dir.join("logs"))?;
     fs::create_dir_all(dir.join("put"))?;
@@ -226,7 +232,7 @@ fn start_nginx(env: &Env, root: &Path, port: u16) -> Result<(Guard, String)> {
          uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  types {{ }}\n  default_type application/octet-stream;\n\
          server {{\n    listen {h}:{port};\n    location /files/ {{ alias {r}/; }}\n\
          location /put/ {{ root {d}; dav_methods PUT DELETE; create_full_put_path on;\n\
-         client_max_body_size 0; client_body_buffer_size 1m; }}\n  }}\n}}\n",
+         client_max_body_size 0; client_body_buffer_size 1m; }}\n{extra}  }}\n}}\n",
         d = dir.display(),
         h = env.host,
         r = root.display(),
@@ -442,7 +448,11 @@ fn run_workload(env: &Env, w: &Workload, root: &Path, shaped: bool) -> Result<Va
     let data = work.join("server");
     let (server, endpoint) = start_server(env, &data)?;
     let port = if shaped { 18080 } else { free_port(&env.host)? };
-    let (_nginx, nginx) = start_nginx(env, root, port)?;
+    let extra = match w.name {
+        "model" => hub::nginx_locations(env, &w.versions[0]),
+        _ => String::new(),
+    };
+    let (_nginx, nginx) = start_nginx(env, root, port, &extra)?;
     let out = work.join("out");
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
     let mut versions = Vec::new();
@@ -588,6 +598,9 @@ fn run_workload(env: &Env, w: &Workload, root: &Path, shaped: bool) -> Result<Va
             m["fetch_cached_prev_cache_bytes"] = wj["cache_bytes"].clone();
             m["ratios"]["fetch_cached_prev_vs_aria2c_sha256sum"] = json!(r.seconds / aria_total);
             m["ratios"]["fetch_cached_prev_vs_curl"] = json!(r.seconds / curl.seconds);
+        }
+        if w.name == "model" && v == 1 {
+            m["hub"] = hub::compare(env, &endpoint, &nginx, dir, &work)?;
         }
         eprintln!(
             "harness: {} v{v}: upload {:.2} s (curl PUT {:.2}), fetch cold {:.2} s{} (curl {:.2}, aria2c+sha256sum {:.2}), sha256sum {:.2}",
@@ -870,6 +883,14 @@ fn markdown(r: &Value) -> String {
                 u(&h["cas_client_hash"]["peak_rss_kib"]) / 1024,
                 u(&h["hf_xet_hash_files"]["peak_rss_kib"]) / 1024,
             ));
+        }
+    }
+    for wl in r["workloads"].as_array().into_iter().flatten() {
+        for v in wl["versions"].as_array().into_iter().flatten() {
+            if !v["hub"].is_null() {
+                w(&mut s, String::new());
+                s.push_str(&hub::markdown(&v["hub"]));
+            }
         }
     }
     s
