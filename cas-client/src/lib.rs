@@ -18,6 +18,7 @@ mod cache;
 mod digest;
 mod error;
 mod fetch;
+mod lifecycle;
 mod progress;
 mod reader;
 mod remote;
@@ -141,8 +142,14 @@ impl Client {
 
     /// Uploads files and directories (each directory as a tree) and commits
     /// them; the report's `roots` name each path's hash.
+    /// Each root is also made a root on the server, which keeps it from
+    /// garbage collection until [`Client::remove_root`].
     pub async fn upload(&self, paths: &[PathBuf]) -> Result<UploadReport> {
-        self.upload_as(paths, Layout::PerPath).await
+        let report = self.upload_as(paths, Layout::PerPath).await?;
+        for root in &report.roots {
+            self.fetcher.remote.put_root(root.hash).await?;
+        }
+        Ok(report)
     }
 
     /// Uploads as [`upload`](Self::upload), with the paths forming roots

@@ -12,7 +12,7 @@ use cas_client::{
     Client, ClientConfig, FetchOptions, FetchReport, Progress, RepoTarget, RetryPolicy, Stage,
     UploadReport,
 };
-use cas_protocol::repo::{utc, CommitId, CommitInfo, RefName, RepoType};
+use cas_protocol::repo::{utc, CommitId, CommitInfo, RefName, RepoId, RepoType};
 use cas_protocol::{ByteRange, FileHash};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressStyle};
@@ -175,7 +175,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Tag a revision (default main) of a repository.
+    /// Tag a revision (default main) of a repository, or delete a tag.
     Tag {
         #[command(flatten)]
         remote: Remote,
@@ -185,10 +185,39 @@ enum Command {
         /// A branch, tag, commit id or unique prefix.
         #[arg(default_value = "main")]
         rev: String,
+        /// Delete the tag instead (what it named is freed by garbage
+        /// collection unless something else references it).
+        #[arg(long, short)]
+        delete: bool,
         #[command(flatten)]
         kind: RepoTypeArg,
         #[arg(long)]
         json: bool,
+    },
+    /// Manage branches.
+    Branch {
+        #[command(subcommand)]
+        command: BranchCommand,
+    },
+    /// Delete a repository: its branches, tags and record (garbage
+    /// collection frees what only it referenced).
+    Delete {
+        #[command(flatten)]
+        remote: Remote,
+        /// ORG/NAME.
+        spec: String,
+        #[command(flatten)]
+        kind: RepoTypeArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the roots of files or trees uploaded without --repo (garbage
+    /// collection frees what only they referenced).
+    Rm {
+        #[command(flatten)]
+        remote: Remote,
+        #[arg(required = true)]
+        hashes: Vec<FileHash>,
     },
     /// Chunk and hash files locally (no server): prints file hash, SHA-256,
     /// size and path, one line per file.
@@ -202,6 +231,31 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum BranchCommand {
+    /// Delete a branch.
+    Delete {
+        #[command(flatten)]
+        remote: Remote,
+        /// ORG/NAME.
+        spec: String,
+        branch: String,
+        #[command(flatten)]
+        kind: RepoTypeArg,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A repository named `ORG/NAME` (no revision) for `what`.
+fn repo_only(spec: &str, kind: &RepoTypeArg, what: &str) -> Result<RepoId> {
+    let (repo, at) = parse_spec(spec, kind.repo_type)?;
+    if at.is_some() {
+        bail!("{what} takes ORG/NAME, not ORG/NAME@REV");
+    }
+    Ok(repo)
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -545,19 +599,71 @@ async fn run(command: Command) -> Result<()> {
             spec,
             tag,
             rev,
+            delete,
             kind,
             json: as_json,
         } => {
-            let (repo, at) = parse_spec(&spec, kind.repo_type)?;
-            if at.is_some() {
-                bail!("tag takes ORG/NAME TAG [REV], not ORG/NAME@REV");
-            }
+            let repo = repo_only(&spec, &kind, "tag")?;
             let tag = RefName::new(&tag)?;
+            if delete {
+                let entry = remote.client()?.delete_tag(&repo, &tag).await?;
+                if as_json {
+                    out!("{}", json(&entry));
+                } else {
+                    out!("{}  deleted tag  {repo}@{}", entry.commit, entry.name);
+                }
+                return Ok(());
+            }
             let entry = remote.client()?.tag(&repo, &tag, &rev).await?;
             if as_json {
                 out!("{}", json(&entry));
             } else {
                 out!("{}  tag  {repo}@{}", entry.commit, entry.name);
+            }
+        }
+        Command::Branch {
+            command:
+                BranchCommand::Delete {
+                    remote,
+                    spec,
+                    branch,
+                    kind,
+                    json: as_json,
+                },
+        } => {
+            let repo = repo_only(&spec, &kind, "branch delete")?;
+            let branch = RefName::new(&branch)?;
+            let entry = remote.client()?.delete_branch(&repo, &branch).await?;
+            if as_json {
+                out!("{}", json(&entry));
+            } else {
+                out!("{}  deleted branch  {repo}@{}", entry.commit, entry.name);
+            }
+        }
+        Command::Delete {
+            remote,
+            spec,
+            kind,
+            json: as_json,
+        } => {
+            let repo = repo_only(&spec, &kind, "delete")?;
+            let gone = remote.client()?.delete_repo(&repo).await?;
+            if as_json {
+                out!("{}", json(&gone));
+            } else {
+                for (what, refs) in [("branch", &gone.branches), ("tag", &gone.tags)] {
+                    for r in refs {
+                        out!("{}  deleted {what}  {repo}@{}", r.commit, r.name);
+                    }
+                }
+                out!("deleted repository {repo}");
+            }
+        }
+        Command::Rm { remote, hashes } => {
+            let client = remote.client()?;
+            for h in hashes {
+                client.remove_root(h).await?;
+                out!("{h}  root removed");
             }
         }
         Command::Cat {

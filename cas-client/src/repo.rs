@@ -67,18 +67,18 @@ pub struct RevisionFetch {
 }
 
 /// A path segment or query value, percent-encoded.
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
 impl Remote {
-    fn repo_url(&self, repo: &RepoId, tail: &str) -> String {
+    pub(crate) fn repo_url(&self, repo: &RepoId, tail: &str) -> String {
         format!("{}/v1/repos/{}{tail}", self.endpoint(), repo.url_path())
     }
 
     /// Sends a request built by `build` (with a JSON body, if any) and
     /// parses the JSON answer; retried when `idempotent`.
-    async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         what: &str,
         method: Method,
@@ -180,7 +180,7 @@ impl Remote {
 }
 
 impl Client {
-    fn remote(&self) -> &Remote {
+    pub(crate) fn remote(&self) -> &Remote {
         &self.fetcher.remote
     }
 

@@ -11,7 +11,7 @@ pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -136,6 +136,31 @@ pub enum StartError {
     },
 }
 
+/// Opens a data directory's stores: objects in `objects/`, the index in
+/// `index/`. The index first: its lock keeps a second process off the
+/// directory (a running server, or `gc` and `fsck` run offline) before
+/// the object store clears the temp files.
+pub fn open_data_dir(data_dir: &Path) -> Result<(FsStore, RocksIndex), StartError> {
+    let index_dir = data_dir.join("index");
+    let index = RocksIndex::open(&index_dir).map_err(|source| StartError::Index {
+        path: index_dir.clone(),
+        source,
+    })?;
+    let objects_dir = data_dir.join("objects");
+    let objects = FsStore::open(&objects_dir).map_err(|source| StartError::Objects {
+        path: objects_dir.clone(),
+        source,
+    })?;
+    Ok((objects, index))
+}
+
+/// The core over a data directory no server is running on (`gc`, `fsck`
+/// and `repair` offline).
+pub fn open_offline(data_dir: &Path) -> Result<Core<FsStore, RocksIndex>, StartError> {
+    let (objects, index) = open_data_dir(data_dir)?;
+    Ok(Core::new(objects, index))
+}
+
 /// A bound, ready server over the embedded default stores.
 pub struct Server {
     listener: TcpListener,
@@ -153,20 +178,9 @@ impl Server {
                 largest: Limits::LARGEST_BODY,
             });
         }
-        // The index first: its lock keeps a second server off this data
-        // dir before the object store clears the temp files.
-        let index_dir = config.data_dir.join("index");
-        let index = RocksIndex::open(&index_dir).map_err(|source| StartError::Index {
-            path: index_dir.clone(),
-            source,
-        })?;
-        let objects_dir = config.data_dir.join("objects");
-        let objects = FsStore::open(&objects_dir).map_err(|source| StartError::Objects {
-            path: objects_dir.clone(),
-            source,
-        })?;
+        let (objects, index) = open_data_dir(&config.data_dir)?;
         let totals = index.totals().map_err(|source| StartError::Index {
-            path: index_dir,
+            path: config.data_dir.join("index"),
             source,
         })?;
         let listener =

@@ -11,6 +11,8 @@ use cas_server::auth::{self, Claims, RepoPattern, Scope, SigningKey};
 use cas_server::Limits;
 use clap::{Parser, Subcommand};
 
+mod report;
+
 /// A verifying content-addressed chunk store server.
 ///
 /// With no arguments it serves on 127.0.0.1:8080 with its data in
@@ -25,7 +27,12 @@ struct Args {
     #[arg(long, env = "CAS_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Directory holding objects and index; created if missing.
-    #[arg(long, env = "CAS_DATA_DIR", default_value = "./cas-data")]
+    #[arg(
+        long,
+        env = "CAS_DATA_DIR",
+        default_value = "./cas-data",
+        global = true
+    )]
     data_dir: PathBuf,
     /// Base URL that reconstruction answers use for xorb reads, e.g. a CDN or
     /// caching proxy in front of this server. Default: the address the client
@@ -83,6 +90,39 @@ enum Command {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// Collect garbage: files and xorbs no branch, tag or root reaches.
+    /// A dead xorb is condemned first (it leaves dedup) and deleted by a
+    /// run after the grace period, if still unreferenced. Runs on the
+    /// --data-dir of a stopped server (see docs/OPERATIONS.md).
+    Gc {
+        /// Print the plan (what would be freed, by reason) and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the plan and the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// How long a condemned xorb waits before it is deleted.
+        #[arg(long, default_value_t = Span(cas_server::core::gc::DEFAULT_GRACE))]
+        grace: Span,
+    },
+    /// Check that index and objects agree (exit code 0 only when clean);
+    /// names damaged files and repositories.
+    Fsck {
+        /// Also read and verify every xorb's bytes.
+        #[arg(long)]
+        full: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark what fsck finds missing or corrupt damaged (out of dedup, so
+    /// the next upload of that content heals it) and list what is lost.
+    Repair {
+        /// Also read and verify every xorb's bytes.
+        #[arg(long)]
+        full: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -243,6 +283,9 @@ fn admin(command: Command, key_file: Option<&PathBuf>) -> anyhow::Result<()> {
             println!("{token}");
             eprintln!("valid until {}", auth::utc(exp));
         }
+        Command::Gc { .. } | Command::Fsck { .. } | Command::Repair { .. } => {
+            unreachable!("maintenance commands run in maintain()")
+        }
         Command::Key {
             command: KeyCommand::Create { path },
         } => create_key(&path).map_err(|e| match e.kind() {
@@ -273,9 +316,70 @@ fn create_key(path: &Path) -> std::io::Result<()> {
     written
 }
 
+/// Prints `value` as one line of JSON.
+fn print_json(value: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string(value).expect("json"));
+}
+
+/// `gc`, `fsck` and `repair` on a data directory no server runs on.
+async fn maintain(command: Command, data_dir: &Path) -> anyhow::Result<()> {
+    use cas_server::core::gc::{FsckOptions, GcOptions};
+    let core = cas_server::open_offline(data_dir)
+        .map_err(|e| anyhow!("{e} (is a server running on this data dir? stop it first)"))?;
+    match command {
+        Command::Gc {
+            dry_run,
+            json,
+            grace,
+        } => {
+            let plan = core
+                .gc_plan(&GcOptions::default().with_grace(grace.0))
+                .await?;
+            if !json {
+                report::gc_plan(&plan);
+            }
+            let report = if dry_run {
+                None
+            } else {
+                Some(plan.clone().execute(&core).await?)
+            };
+            if json {
+                print_json(&serde_json::json!({ "plan": plan, "report": report }));
+            } else if let Some(r) = &report {
+                report::gc_report(r);
+            }
+        }
+        Command::Fsck { full, json } => {
+            let report = core.fsck(&FsckOptions::default().with_full(full)).await?;
+            if json {
+                print_json(&report);
+            } else {
+                report::fsck(&report);
+            }
+            if !report.clean {
+                anyhow::bail!("fsck found {} problems", report.problems.len());
+            }
+        }
+        Command::Repair { full, json } => {
+            let report = core.repair(&FsckOptions::default().with_full(full)).await?;
+            if json {
+                print_json(&report);
+            } else {
+                report::repair(&report);
+            }
+        }
+        Command::Token { .. } | Command::Key { .. } => unreachable!("not maintenance"),
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
     let result = match args.command.take() {
+        Some(c @ (Command::Gc { .. } | Command::Fsck { .. } | Command::Repair { .. })) => {
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            runtime.block_on(maintain(c, &args.data_dir))
+        }
         Some(c) => admin(c, args.signing_key_file.as_ref()),
         None => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");

@@ -11,12 +11,17 @@
 //! - [`health`]: damaged xorbs (missing or corrupt objects), found on
 //!   read or on a client's report, leave dedup so the next upload of the
 //!   same content repairs them;
-//! - [`refs`]: repositories, branches, tags and commits; revisions.
+//! - [`refs`]: repositories, branches, tags and commits; revisions;
+//! - [`roots`]: files and trees uploaded without a repository, kept as
+//!   garbage collection roots;
+//! - [`gc`]: garbage collection (plan, then execute), fsck and repair.
 
+pub mod gc;
 mod health;
 mod ingest;
 mod reconstruct;
 pub mod refs;
+mod roots;
 mod stream;
 
 use std::collections::hash_map::Entry;

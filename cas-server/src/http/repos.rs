@@ -9,8 +9,8 @@
 //! (404), so such a token cannot probe for names.
 
 use cas_protocol::repo::{
-    commit::MAX_COMMIT_BYTES, CommitId, CommitRequest, RefName, RepoId, RepoList, RepoType,
-    TagRequest,
+    commit::MAX_COMMIT_BYTES, CommitId, CommitRequest, RefKind, RefName, RepoId, RepoList,
+    RepoType, TagRequest,
 };
 use cas_protocol::FileHash;
 use hyper::body::Incoming;
@@ -156,6 +156,19 @@ pub(crate) async fn handle<O: ObjectStore, I: Index>(
             let request: TagRequest = json_body(app, req, MAX_TAG_BODY).await?;
             let (entry, created) = core.create_tag(&repo, &tag, &request.revision).await?;
             Ok(json(created_or_ok(created), &entry))
+        }
+        Route::RepoDelete => Ok(json(StatusCode::OK, &core.delete_repo(&repo).await?)),
+        Route::BranchDelete | Route::TagDelete => {
+            let kind = if route == Route::BranchDelete {
+                RefKind::Branch
+            } else {
+                RefKind::Tag
+            };
+            let name = RefName::new(&segment(params[3])?).map_err(|e| bad_name(e.to_string()))?;
+            Ok(json(
+                StatusCode::OK,
+                &core.delete_ref(&repo, kind, &name).await?,
+            ))
         }
         _ => unreachable!("{route:?} is not a repository route"),
     }

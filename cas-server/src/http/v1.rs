@@ -80,10 +80,15 @@ pub enum Route {
     ContentHead,
     SignedContentGet,
     SignedContentHead,
+    RootPut,
+    RootDelete,
+    RepoDelete,
+    BranchDelete,
+    TagDelete,
 }
 
 impl Route {
-    pub const ALL: [Route; 21] = [
+    pub const ALL: [Route; 26] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -105,6 +110,11 @@ impl Route {
         Route::ContentHead,
         Route::SignedContentGet,
         Route::SignedContentHead,
+        Route::RootPut,
+        Route::RootDelete,
+        Route::RepoDelete,
+        Route::BranchDelete,
+        Route::TagDelete,
     ];
 
     pub fn name(self) -> &'static str {
@@ -130,6 +140,11 @@ impl Route {
             Route::ContentHead => "content_head",
             Route::SignedContentGet => "signed_content_get",
             Route::SignedContentHead => "signed_content_head",
+            Route::RootPut => "root_put",
+            Route::RootDelete => "root_delete",
+            Route::RepoDelete => "repo_delete",
+            Route::BranchDelete => "branch_delete",
+            Route::TagDelete => "tag_delete",
         }
     }
 }
@@ -152,7 +167,12 @@ impl Route {
             | Route::Shard
             | Route::RepoCreate
             | Route::RepoCommit
-            | Route::RepoTag => Some(Scope::Write),
+            | Route::RepoTag
+            | Route::RootPut
+            | Route::RootDelete
+            | Route::RepoDelete
+            | Route::BranchDelete
+            | Route::TagDelete => Some(Scope::Write),
             // A reader reports bytes that failed verification.
             Route::Reconstruction
             | Route::File
@@ -208,10 +228,18 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
             vec![*h, *m],
         ),
         ["v1", "repos"] => (&[(Method::GET, Route::RepoList)], vec![]),
+        ["v1", "roots", h] => (
+            &[
+                (Method::PUT, Route::RootPut),
+                (Method::DELETE, Route::RootDelete),
+            ],
+            vec![*h],
+        ),
         ["v1", "repos", t, o, n] => (
             &[
                 (Method::PUT, Route::RepoCreate),
                 (Method::GET, Route::RepoInfo),
+                (Method::DELETE, Route::RepoDelete),
             ],
             vec![*t, *o, *n],
         ),
@@ -224,9 +252,17 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
         ["v1", "repos", t, o, n, "commits", r] => {
             (&[(Method::GET, Route::RepoLog)], vec![*t, *o, *n, *r])
         }
-        ["v1", "repos", t, o, n, "tags", g] => {
-            (&[(Method::PUT, Route::RepoTag)], vec![*t, *o, *n, *g])
-        }
+        ["v1", "repos", t, o, n, "tags", g] => (
+            &[
+                (Method::PUT, Route::RepoTag),
+                (Method::DELETE, Route::TagDelete),
+            ],
+            vec![*t, *o, *n, *g],
+        ),
+        ["v1", "repos", t, o, n, "branches", b] => (
+            &[(Method::DELETE, Route::BranchDelete)],
+            vec![*t, *o, *n, *b],
+        ),
         _ => return Err(NoRoute::NotFound),
     };
     candidates
@@ -325,7 +361,24 @@ async fn dispatch<O: ObjectStore, I: Index>(
         | Route::RepoRevision
         | Route::RepoLog
         | Route::RepoCommit
-        | Route::RepoTag => repos::handle(app, r, params, grant, req).await,
+        | Route::RepoTag
+        | Route::RepoDelete
+        | Route::BranchDelete
+        | Route::TagDelete => repos::handle(app, r, params, grant, req).await,
+        Route::RootPut => {
+            let file: FileHash = parse_hash(h)?;
+            let (info, created) = app.core.put_root(file).await?;
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(json(status, &info))
+        }
+        Route::RootDelete => {
+            app.core.delete_root(parse_hash(h)?).await?;
+            Ok(full(StatusCode::NO_CONTENT, JSON, ""))
+        }
         Route::ContentGet | Route::ContentHead => get_content(app, h, None, &req).await,
         Route::SignedContentGet | Route::SignedContentHead => {
             get_content(app, h, params.get(1).copied(), &req).await
@@ -666,6 +719,7 @@ mod tests {
                 .replace("{name}", "name")
                 .replace("{rev}", "main")
                 .replace("{tag}", "v1")
+                .replace("{branch}", "dev")
                 .replace("{mac}", &"0".repeat(32));
             for (method, op) in ops.as_object().expect("operations") {
                 if method == "parameters" {

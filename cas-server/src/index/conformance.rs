@@ -6,7 +6,7 @@ use cas_protocol::shard::{FileRecipe, Term};
 use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder, XorbView};
 use cas_protocol::{ChunkHash, ChunkRange, FileHash, Kind, Sha256};
 
-use super::{Index, Totals, XorbRecord};
+use super::{Index, Totals, XorbRecord, XorbSummary};
 
 /// What [`run`] wrote, for [`check_written`] after a reopen.
 pub struct Written {
@@ -51,7 +51,41 @@ pub fn run(index: &impl Index) -> Written {
     };
     check_written(index, &written);
     damage(index, &written);
+    lifecycle(index, &written);
     written
+}
+
+/// Listings name what is recorded; a withdrawn xorb leaves dedup but
+/// stays recorded; removed files and xorbs are gone (with their chunk
+/// entries and damaged marks) and can be recorded again.
+fn lifecycle(index: &impl Index, w: &Written) {
+    let h = w.xorb.hash;
+    let summary = XorbSummary {
+        hash: h,
+        bytes: w.xorb.bytes.len() as u64,
+        chunks: 2,
+    };
+    assert_eq!(index.xorbs().unwrap(), vec![summary]);
+    assert_eq!(index.file_hashes().unwrap(), vec![w.recipe.hash]);
+    index.withdraw_xorb(&h).unwrap();
+    assert_eq!(index.chunk(&w.xorb.chunks[0].hash).unwrap(), None);
+    assert_eq!(index.xorb(&h).unwrap(), Some(w.record.clone()));
+    assert!(!index.is_damaged(&h).unwrap());
+    index.add_xorb(&h, &w.record).unwrap();
+    assert!(index.chunk(&w.xorb.chunks[0].hash).unwrap().is_some());
+
+    index.mark_damaged(&h).unwrap();
+    index.remove(&[w.recipe.hash], &[h]).unwrap();
+    assert_eq!(index.xorb(&h).unwrap(), None);
+    assert_eq!(index.file(&w.recipe.hash).unwrap(), None);
+    assert_eq!(index.chunk(&w.xorb.chunks[1].hash).unwrap(), None);
+    assert!(!index.is_damaged(&h).unwrap());
+    assert_eq!(index.xorbs().unwrap(), vec![]);
+    assert_eq!(index.file_hashes().unwrap(), vec![]);
+    assert_eq!(index.totals().unwrap(), Totals::default());
+    index.remove(&[w.recipe.hash], &[h]).unwrap();
+    index.add_xorb(&h, &w.record).unwrap();
+    index.add_files(std::slice::from_ref(&w.recipe)).unwrap();
 }
 
 /// A damaged xorb stays recorded but leaves dedup; storing it again heals

@@ -7,7 +7,7 @@ use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::FileRecipe;
 use cas_protocol::{ChunkHash, FileHash, XorbHash};
 
-use super::{Index, IndexError, Totals, XorbRecord};
+use super::{Index, IndexError, Totals, XorbRecord, XorbSummary};
 
 #[derive(Debug, Default)]
 pub struct MemIndex {
@@ -25,6 +25,24 @@ struct State {
 impl MemIndex {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("not poisoned")
+    }
+}
+
+impl State {
+    /// Removes the chunk entries that point at `hash`.
+    fn withdraw(&mut self, hash: &XorbHash) {
+        let Some(record) = self.xorbs.get(hash) else {
+            return;
+        };
+        for e in &record.entries {
+            if self
+                .chunks
+                .get(&e.info.hash)
+                .is_some_and(|l| l.xorb == *hash)
+            {
+                self.chunks.remove(&e.info.hash);
+            }
+        }
     }
 }
 
@@ -57,17 +75,10 @@ impl Index for MemIndex {
 
     fn mark_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError> {
         let mut s = self.state();
-        let Some(record) = s.xorbs.get(hash).cloned() else {
-            return Ok(false);
-        };
-        if !s.damaged.insert(*hash) {
+        if !s.xorbs.contains_key(hash) || !s.damaged.insert(*hash) {
             return Ok(false);
         }
-        for e in &record.entries {
-            if s.chunks.get(&e.info.hash).is_some_and(|l| l.xorb == *hash) {
-                s.chunks.remove(&e.info.hash);
-            }
-        }
+        s.withdraw(hash);
         Ok(true)
     }
 
@@ -90,6 +101,36 @@ impl Index for MemIndex {
             xorb_bytes: s.xorbs.values().map(XorbRecord::object_len).sum(),
             files: s.files.len() as u64,
         })
+    }
+
+    fn xorbs(&self) -> Result<Vec<XorbSummary>, IndexError> {
+        let s = self.state();
+        Ok(s.xorbs
+            .iter()
+            .map(|(h, r)| XorbSummary::of(*h, r))
+            .collect())
+    }
+
+    fn file_hashes(&self) -> Result<Vec<FileHash>, IndexError> {
+        Ok(self.state().files.keys().copied().collect())
+    }
+
+    fn withdraw_xorb(&self, hash: &XorbHash) -> Result<(), IndexError> {
+        self.state().withdraw(hash);
+        Ok(())
+    }
+
+    fn remove(&self, files: &[FileHash], xorbs: &[XorbHash]) -> Result<(), IndexError> {
+        let mut s = self.state();
+        for f in files {
+            s.files.remove(f);
+        }
+        for x in xorbs {
+            s.withdraw(x);
+            s.xorbs.remove(x);
+            s.damaged.remove(x);
+        }
+        Ok(())
     }
 }
 

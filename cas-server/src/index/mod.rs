@@ -51,6 +51,25 @@ impl XorbRecord {
     }
 }
 
+/// A recorded xorb in a listing ([`Index::xorbs`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XorbSummary {
+    pub hash: XorbHash,
+    /// Serialized length of the object.
+    pub bytes: u64,
+    pub chunks: u32,
+}
+
+impl XorbSummary {
+    pub(crate) fn of(hash: XorbHash, record: &XorbRecord) -> Self {
+        Self {
+            hash,
+            bytes: record.object_len(),
+            chunks: record.entries.len() as u32,
+        }
+    }
+}
+
 /// Totals for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
@@ -79,4 +98,15 @@ pub trait Index: Send + Sync + 'static {
     fn is_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError>;
     /// Counts, by a full scan (used once at start).
     fn totals(&self) -> Result<Totals, IndexError>;
+    /// Every recorded xorb, by a full scan (garbage collection, fsck).
+    fn xorbs(&self) -> Result<Vec<XorbSummary>, IndexError>;
+    /// Every recorded file's hash, by a full scan.
+    fn file_hashes(&self) -> Result<Vec<FileHash>, IndexError>;
+    /// Stops offering a recorded xorb's chunks for dedup (its record
+    /// stays; [`Index::add_xorb`] offers them again). Garbage collection
+    /// does this to a condemned xorb long before it deletes it.
+    fn withdraw_xorb(&self, hash: &XorbHash) -> Result<(), IndexError>;
+    /// Forgets files and xorbs (a xorb's record, damaged mark and the
+    /// chunk entries that point at it), all or none.
+    fn remove(&self, files: &[FileHash], xorbs: &[XorbHash]) -> Result<(), IndexError>;
 }

@@ -12,7 +12,7 @@ use cas_protocol::shard::{FileRecipe, Shard};
 use cas_protocol::xorb::parse_header;
 use cas_protocol::{ChunkHash, FileHash, Message, XorbHash};
 
-use super::{Index, IndexError, Totals, XorbRecord};
+use super::{Index, IndexError, Totals, XorbRecord, XorbSummary};
 
 /// RocksDB index; writes are synced (WAL fsync) before they return.
 pub struct RocksIndex {
@@ -47,6 +47,43 @@ impl RocksIndex {
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(true);
         Ok(self.db.write_opt(batch, &wo)?)
+    }
+
+    /// Adds to `batch` the deletion of the chunk entries that point at
+    /// `hash` (none if it is not recorded).
+    fn withdraw_into(
+        &self,
+        batch: &mut rocksdb::WriteBatch,
+        hash: &XorbHash,
+    ) -> Result<(), IndexError> {
+        let Some(record) = self.xorb(hash)? else {
+            return Ok(());
+        };
+        for e in &record.entries {
+            if self.chunk(&e.info.hash)?.is_some_and(|l| l.xorb == *hash) {
+                batch.delete(key(b'c', e.info.hash.as_bytes()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with every key (without its namespace byte) and value of
+    /// namespace `ns`, in key order.
+    fn scan(
+        &self,
+        ns: u8,
+        mut f: impl FnMut(&[u8; 32], &[u8]) -> Result<(), IndexError>,
+    ) -> Result<(), IndexError> {
+        let mode = rocksdb::IteratorMode::From(&[ns], rocksdb::Direction::Forward);
+        for item in self.db.iterator(mode) {
+            let (k, v) = item?;
+            if k.first() != Some(&ns) {
+                break;
+            }
+            let hash: &[u8; 32] = k[1..].try_into().map_err(|_| IndexError::CorruptChunk)?;
+            f(hash, &v)?;
+        }
+        Ok(())
     }
 }
 
@@ -95,18 +132,11 @@ impl Index for RocksIndex {
     }
 
     fn mark_damaged(&self, hash: &XorbHash) -> Result<bool, IndexError> {
-        if self.is_damaged(hash)? {
+        if self.is_damaged(hash)? || self.xorb(hash)?.is_none() {
             return Ok(false);
         }
-        let Some(record) = self.xorb(hash)? else {
-            return Ok(false);
-        };
         let mut batch = rocksdb::WriteBatch::default();
-        for e in &record.entries {
-            if self.chunk(&e.info.hash)?.is_some_and(|l| l.xorb == *hash) {
-                batch.delete(key(b'c', e.info.hash.as_bytes()));
-            }
-        }
+        self.withdraw_into(&mut batch, hash)?;
         batch.put(key(b'd', hash.as_bytes()), []);
         self.write(batch)?;
         Ok(true)
@@ -141,6 +171,46 @@ impl Index for RocksIndex {
             }
         }
         Ok(t)
+    }
+
+    fn xorbs(&self) -> Result<Vec<XorbSummary>, IndexError> {
+        let mut out = Vec::new();
+        self.scan(b'x', |h, v| {
+            let record = XorbRecord {
+                entries: parse_header(v)?,
+            };
+            out.push(XorbSummary::of(XorbHash::from_bytes(*h), &record));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn file_hashes(&self) -> Result<Vec<FileHash>, IndexError> {
+        let mut out = Vec::new();
+        self.scan(b'f', |h, _| {
+            out.push(FileHash::from_bytes(*h));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn withdraw_xorb(&self, hash: &XorbHash) -> Result<(), IndexError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        self.withdraw_into(&mut batch, hash)?;
+        self.write(batch)
+    }
+
+    fn remove(&self, files: &[FileHash], xorbs: &[XorbHash]) -> Result<(), IndexError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for f in files {
+            batch.delete(key(b'f', f.as_bytes()));
+        }
+        for x in xorbs {
+            self.withdraw_into(&mut batch, x)?;
+            batch.delete(key(b'x', x.as_bytes()));
+            batch.delete(key(b'd', x.as_bytes()));
+        }
+        self.write(batch)
     }
 }
 

@@ -26,7 +26,7 @@ use std::pin::Pin;
 
 use bytes::Bytes;
 use cas_protocol::repo::{CommitId, RefKind, RefName, RepoId, RepoType};
-use cas_protocol::{ByteRange, XorbHash};
+use cas_protocol::{ByteRange, FileHash, XorbHash};
 use tokio::io::AsyncRead;
 
 pub use fs::FsStore;
@@ -43,15 +43,24 @@ pub enum ObjectKind {
     Repo,
     /// A branch or tag head (mutable).
     Ref,
+    /// A file or tree uploaded without a repository: a garbage collection
+    /// root until it is removed.
+    Root,
+    /// A xorb garbage collection found unreferenced, with the time it was
+    /// condemned: deleted once the grace period is over, unless it is
+    /// referenced again.
+    Condemned,
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 5] = [
+    pub const ALL: [ObjectKind; 7] = [
         ObjectKind::Xorb,
         ObjectKind::Shard,
         ObjectKind::Commit,
         ObjectKind::Repo,
         ObjectKind::Ref,
+        ObjectKind::Root,
+        ObjectKind::Condemned,
     ];
 
     /// The first key segment.
@@ -62,13 +71,18 @@ impl ObjectKind {
             Self::Commit => "commits",
             Self::Repo => "repos",
             Self::Ref => "refs",
+            Self::Root => "roots",
+            Self::Condemned => "condemned",
         }
     }
 
     /// Named by one hex hash (the filesystem store fans these out by their
     /// first two digits).
     pub(crate) fn hashed(self) -> bool {
-        matches!(self, Self::Xorb | Self::Shard | Self::Commit)
+        matches!(
+            self,
+            Self::Xorb | Self::Shard | Self::Commit | Self::Root | Self::Condemned
+        )
     }
 
     pub(crate) fn from_dir(dir: &str) -> Option<Self> {
@@ -105,6 +119,24 @@ impl ObjectKey {
 
     pub fn commit(id: &CommitId) -> Self {
         Self::hashed(ObjectKind::Commit, id.as_bytes())
+    }
+
+    /// The root record of a file or tree uploaded without a repository.
+    pub fn root(file: &FileHash) -> Self {
+        Self::hashed(ObjectKind::Root, file.as_bytes())
+    }
+
+    /// The condemned mark of a xorb.
+    pub fn condemned(xorb: &XorbHash) -> Self {
+        Self::hashed(ObjectKind::Condemned, xorb.as_bytes())
+    }
+
+    /// The 32-byte hash a hash-named key carries.
+    pub fn hash_bytes(&self) -> Option<[u8; 32]> {
+        if !self.kind.hashed() {
+            return None;
+        }
+        hex::decode(self.last_segment()).ok()?.try_into().ok()
     }
 
     /// `repos/<type>/<org>/<name>`.

@@ -31,6 +31,15 @@ pub struct RepoDetails {
     pub tags: Vec<RefEntry>,
 }
 
+/// What deleting a repository removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoDeletion {
+    #[serde(flatten)]
+    pub repo: RepoId,
+    pub branches: Vec<RefEntry>,
+    pub tags: Vec<RefEntry>,
+}
+
 /// A commit with its id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitInfo {

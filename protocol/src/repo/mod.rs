@@ -21,7 +21,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use api::{
-    CommitInfo, CommitRequest, LogPage, RefEntry, RepoDetails, RepoInfo, RepoList, TagRequest,
+    CommitInfo, CommitRequest, LogPage, RefEntry, RepoDeletion, RepoDetails, RepoInfo, RepoList,
+    TagRequest,
 };
 pub use commit::{is_commit_prefix, utc, Commit, CommitId};
 

@@ -18,12 +18,15 @@
 //! - `cache`: commits and parsed trees, kept in memory (both immutable);
 //! - `commits`: storing and reading commits, committing to a branch,
 //!   tagging;
+//! - `delete`: deleting branches, tags and whole repositories (what they
+//!   named is garbage collection's to free);
 //! - `resolve`: revisions, reachability, logs;
 //! - `trees`: reading, checking and caching a commit's tree, and the
 //!   access check of tokens limited to repositories.
 
 mod cache;
 mod commits;
+mod delete;
 mod resolve;
 #[cfg(test)]
 mod tests;
@@ -127,7 +130,11 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 
     /// A repository's branches or tags, sorted by key.
-    async fn refs(&self, repo: &RepoId, kind: RefKind) -> Result<Vec<RefEntry>, CoreError> {
+    pub(crate) async fn refs(
+        &self,
+        repo: &RepoId,
+        kind: RefKind,
+    ) -> Result<Vec<RefEntry>, CoreError> {
         let mut out = Vec::new();
         for key in self.objects.list(&KeyPrefix::refs(repo, kind)).await? {
             let Ok(name) = RefName::from_key_segment(key.last_segment()) else {
@@ -143,7 +150,10 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 
     /// The commit a ref names, with the record's version.
-    async fn head(&self, key: &ObjectKey) -> Result<Option<(CommitId, RefVersion)>, CoreError> {
+    pub(crate) async fn head(
+        &self,
+        key: &ObjectKey,
+    ) -> Result<Option<(CommitId, RefVersion)>, CoreError> {
         match self.objects.get_ref(key).await? {
             None => Ok(None),
             Some((bytes, version)) => Ok(Some((parse_head(key, &bytes)?, version))),
