@@ -295,3 +295,66 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
 fn shard_id(key: &ObjectKey) -> Option<[u8; 32]> {
     hex::decode(key.last_segment()).ok()?.try_into().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use cas_protocol::shard::{FileRecipe, Term, XorbChunkTable};
+    use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder};
+    use cas_protocol::{ChunkRange, Kind, Sha256};
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::index::MemIndex;
+    use crate::store::S3Store;
+
+    /// Two nodes (cores with their own index) on one bucket: what A
+    /// committed, B serves on a miss, B's shard may name A's xorb, and a
+    /// fresh index rebuilds from the bucket alone.
+    #[tokio::test]
+    async fn nodes_on_one_bucket_see_each_others_writes() {
+        let bucket = S3Store::from_inner(Arc::new(InMemory::new()), "p");
+        let node = || Core::new(bucket.clone(), MemIndex::default()).shared();
+        let (a, b) = (node(), node());
+        let data = vec![7u8; 10_000];
+        let mut builder = XorbBuilder::new();
+        builder
+            .try_push(EncodedChunk::encode(&data, Compression::Auto).unwrap())
+            .unwrap();
+        let x = builder.finish().unwrap();
+        a.put_xorb(x.hash, x.bytes.clone().into()).await.unwrap();
+        let file = FileRecipe {
+            hash: cas_protocol::FileHash::from_chunks(&x.chunks),
+            sha256: Sha256::of(&data),
+            size: data.len() as u64,
+            terms: vec![Term {
+                xorb: x.hash,
+                chunks: ChunkRange { start: 0, end: 1 },
+                len: data.len() as u64,
+            }],
+            kind: Kind::File,
+        };
+        // B commits a shard naming the xorb uploaded through A.
+        let shard = Shard {
+            xorbs: vec![XorbChunkTable::from(&x)],
+            files: vec![file.clone()],
+        };
+        b.commit_shard(shard.to_bytes().into(), Encoding::Binary)
+            .await
+            .unwrap();
+        // A learns the file on its first miss, without a periodic catch-up.
+        assert_eq!(a.file_info(file.hash).await.unwrap().size, 10_000);
+        let unknown = cas_protocol::FileHash::from_bytes([9; 32]);
+        assert!(matches!(
+            a.file_info(unknown).await,
+            Err(CoreError::NotFound(_))
+        ));
+        // A third node rebuilds everything from the bucket.
+        let c = node();
+        let done = c.rebuild_index().await.unwrap();
+        assert_eq!((done.shards, done.xorbs, done.new_files), (1, 1, 1));
+        assert!(c.file_info(file.hash).await.is_ok());
+        assert!(c.catch_up().await.unwrap().shards == 0, "nothing new");
+    }
+}

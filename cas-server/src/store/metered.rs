@@ -24,10 +24,6 @@ impl<S> Metered<S> {
         Self { inner, metrics }
     }
 
-    pub fn inner(&self) -> &S {
-        &self.inner
-    }
-
     fn io<T>(&self, op: &'static str, r: io::Result<T>) -> io::Result<T> {
         let failure = r
             .as_ref()
