@@ -14,8 +14,10 @@
 //! - [`refs`]: repositories, branches, tags and commits; revisions;
 //! - [`roots`]: files and trees uploaded without a repository, kept as
 //!   garbage collection roots;
-//! - [`gc`]: garbage collection (plan, then execute), fsck and repair.
+//! - [`gc`]: garbage collection (plan, then execute), fsck and repair;
+//! - [`catch_up`]: the index as a cache of a bucket other nodes share.
 
+mod catch_up;
 pub mod gc;
 mod health;
 mod ingest;
@@ -38,6 +40,7 @@ use crate::index::{Index, IndexError, XorbRecord};
 use crate::metrics::Metrics;
 use crate::store::ObjectStore;
 
+pub use catch_up::CatchUp;
 pub use health::XorbCheck;
 pub use reconstruct::RangeRequest;
 
@@ -147,6 +150,7 @@ pub struct Core<O, I> {
     health: Arc<health::Health>,
     caches: Arc<refs::Caches>,
     metrics: Arc<Metrics>,
+    catch_up: Arc<catch_up::CatchUpState>,
 }
 
 impl<O, I> Clone for Core<O, I> {
@@ -158,6 +162,7 @@ impl<O, I> Clone for Core<O, I> {
             health: self.health.clone(),
             caches: self.caches.clone(),
             metrics: self.metrics.clone(),
+            catch_up: self.catch_up.clone(),
         }
     }
 }
@@ -177,7 +182,15 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             health: Arc::default(),
             caches: Arc::default(),
             metrics,
+            catch_up: Arc::default(),
         }
+    }
+
+    /// This core's index caches a store that other nodes write too: a
+    /// miss looks in the store (see [`Core::catch_up`]).
+    pub fn shared(mut self) -> Self {
+        self.catch_up = Arc::new(catch_up::CatchUpState::shared());
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
