@@ -6,12 +6,14 @@
 //! Uploading (dedup, xorb PUT, shard commit) needs the `write` scope,
 //! reading recipes (reconstructions, file info) the `read` scope. Claims
 //! may limit a token to repositories (`"repos": ["org/*", ...]`): the
-//! [`Grant`] a request gets says which. Xorb
-//! GETs need no token: xorb URLs are capabilities (see docs/SECURITY.md),
-//! which is what lets a CDN cache them. So are the URLs of a file's bytes
-//! that the Hub API redirects to: they carry a MAC of the file hash
-//! ([`SigningKey::url_mac`]). Without a key the server serves loopback
-//! clients only.
+//! [`Grant`] a request gets says which. Reads of xorb bytes named in
+//! reconstructions need no token: their URLs are grants, capabilities for
+//! one byte range of one xorb that carry a MAC of it
+//! ([`SigningKey::url_mac`]; see docs/SECURITY.md), which is what lets a
+//! CDN cache them. So are the URLs of a file's bytes that the Hub API
+//! redirects to (a MAC of the file hash). A plain xorb GET needs a read
+//! token not limited to repositories. Without a key the server serves
+//! loopback clients only.
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::store::ObjectStore;
 
 pub use health::XorbCheck;
-pub use reconstruct::RangeRequest;
+pub use reconstruct::{FetchGrain, RangeRequest};
 
 /// Why the core refused or failed a request.
 #[derive(Debug, thiserror::Error)]
@@ -298,12 +298,39 @@ mod tests {
                     start: 6000,
                     end: Some(6999),
                 }),
-                |x| format!("x/{x}"),
+                FetchGrain::Xorb,
+                |x, r| format!("x/{x}/{}-{}", r.start, r.end),
             )
             .await
             .unwrap();
         assert_eq!(rec.terms.len(), 1);
         assert_eq!(rec.terms[0].chunks, ChunkRange { start: 1, end: 2 });
         assert_eq!(rec.offset_into_first_term, 1000);
+        let whole = x.bytes.len();
+        assert_eq!(rec.fetch[0].url, format!("x/{}/0-{whole}", x.hash));
+        let in_xorb = rec.fetch[0].ranges[0];
+
+        // Cut by range: one entry per merged range, under a URL for
+        // exactly its bytes, at offsets relative to that URL.
+        let by_range = core
+            .reconstruct(
+                recipe.hash,
+                Some(RangeRequest::From {
+                    start: 6000,
+                    end: Some(6999),
+                }),
+                FetchGrain::Range,
+                |x, r| format!("x/{x}/{}-{}", r.start, r.end),
+            )
+            .await
+            .unwrap();
+        assert_eq!(by_range.terms, rec.terms);
+        let [f] = &by_range.fetch[..] else {
+            panic!("one range: {:?}", by_range.fetch)
+        };
+        let b = in_xorb.bytes;
+        assert_eq!(f.url, format!("x/{}/{}-{}", x.hash, b.start, b.end));
+        assert_eq!(f.ranges[0].chunks, in_xorb.chunks);
+        assert_eq!((f.ranges[0].bytes.start, f.ranges[0].bytes.end), (0, b.len()));
     }
 }

@@ -66,12 +66,15 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 
     /// The terms and xorb byte ranges that rebuild `range` of a file (the
-    /// whole file without one). `xorb_url` names where a xorb is fetched.
+    /// whole file without one). `grain` says how the fetch entries are cut
+    /// and `url` names where the bytes `range` of a xorb are fetched (the
+    /// whole xorb, or one merged range: [`FetchGrain`]).
     pub async fn reconstruct(
         &self,
         hash: FileHash,
         range: Option<RangeRequest>,
-        xorb_url: impl Fn(&XorbHash) -> String + Send + 'static,
+        grain: FetchGrain,
+        url: impl Fn(&XorbHash, ByteRange) -> String + Send + 'static,
     ) -> Result<Reconstruction, CoreError> {
         self.with_index(move |i| {
             let recipe = load_recipe(i, hash)?;
@@ -84,7 +87,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                     .resolve(recipe.size)
                     .ok_or(CoreError::RangeNotSatisfiable { size: recipe.size })?,
             };
-            plan(i, &recipe, range, &xorb_url).map_err(|e| match e {
+            plan(i, &recipe, range, grain, &url).map_err(|e| match e {
                 CoreError::DamagedXorb(xorb) | CoreError::UnknownXorb(xorb) => CoreError::Damaged {
                     file: Some(hash),
                     xorb,
@@ -108,14 +111,27 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 }
 
+/// How a reconstruction's fetch entries name the bytes they hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchGrain {
+    /// One entry per xorb, under a URL for the whole xorb; its ranges are
+    /// offsets in the xorb.
+    Xorb,
+    /// One entry per merged byte range, under a URL for exactly those
+    /// bytes; its one range is offsets in that URL (`0..len`). A reader
+    /// learns no URL for bytes its file does not need.
+    Range,
+}
+
 /// Builds the reconstruction of `range` (already inside the file): the
 /// terms overlapping it, trimmed to the chunks that overlap it, and per
-/// xorb the merged byte ranges that hold those chunks.
+/// xorb the merged byte ranges that hold those chunks, cut by `grain`.
 fn plan(
     index: &impl Index,
     recipe: &FileRecipe,
     range: ByteRange,
-    xorb_url: &impl Fn(&XorbHash) -> String,
+    grain: FetchGrain,
+    url: &impl Fn(&XorbHash, ByteRange) -> String,
 ) -> Result<Reconstruction, CoreError> {
     let mut terms = Vec::new();
     let mut offset_into_first_term = 0;
@@ -176,7 +192,7 @@ fn plan(
             }
         }
         let offsets = FrameOffsets::new(&records.map[&xorb].entries);
-        let ranges = merged
+        let ranges: Vec<FetchRange> = merged
             .into_iter()
             .map(|chunks| {
                 Ok(FetchRange {
@@ -186,20 +202,40 @@ fn plan(
             })
             .collect::<Result<_, XorbError>>()
             .map_err(IndexError::from)?;
-        fetch.push(XorbFetch {
-            xorb,
-            url: xorb_url(&xorb),
-            ranges,
-        });
+        match grain {
+            FetchGrain::Xorb => fetch.push(XorbFetch {
+                xorb,
+                url: url(
+                    &xorb,
+                    ByteRange {
+                        start: 0,
+                        end: offsets.end(),
+                    },
+                ),
+                ranges,
+            }),
+            FetchGrain::Range => fetch.extend(ranges.into_iter().map(|r| XorbFetch {
+                xorb,
+                url: url(&xorb, r.bytes),
+                ranges: vec![FetchRange {
+                    chunks: r.chunks,
+                    bytes: ByteRange {
+                        start: 0,
+                        end: r.bytes.len(),
+                    },
+                }],
+            })),
+        }
     }
-    // Deterministic order: the order xorbs first appear in the terms.
+    // Deterministic order: the order xorbs first appear in the terms (and
+    // a xorb's ranges in chunk order).
     let first_use: HashMap<XorbHash, usize> = terms
         .iter()
         .enumerate()
         .rev()
         .map(|(i, t)| (t.xorb, i))
         .collect();
-    fetch.sort_by_key(|f| first_use[&f.xorb]);
+    fetch.sort_by_key(|f| (first_use[&f.xorb], f.ranges[0].chunks.start));
     Ok(Reconstruction {
         file: recipe.hash,
         file_size: recipe.size,
