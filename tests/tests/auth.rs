@@ -137,8 +137,14 @@ fn tokens_and_scopes_guard_the_api_and_xorb_urls_are_capabilities() {
     assert_eq!(status, 200);
     let rec: serde_json::Value = serde_json::from_slice(&rec).unwrap();
     let grant_url = rec["fetch"][0]["url"].as_str().unwrap().to_owned();
-    let xorb_url = format!("{url}/v1/xorbs/{}", rec["fetch"][0]["xorb"].as_str().unwrap());
-    assert!(grant_url.starts_with(&format!("{xorb_url}/0-")), "{grant_url}");
+    let xorb_url = format!(
+        "{url}/v1/xorbs/{}",
+        rec["fetch"][0]["xorb"].as_str().unwrap()
+    );
+    assert!(
+        grant_url.starts_with(&format!("{xorb_url}/0-")),
+        "{grant_url}"
+    );
     let (status, bytes) = body(a.get(&grant_url).call().unwrap());
     assert_eq!(status, 200, "capability read without a token");
     assert!(bytes.starts_with(b"CASXORB\0"));

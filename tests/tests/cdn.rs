@@ -709,7 +709,10 @@ fn grants_are_cached_and_token_reads_are_not() {
         first.xorb_bytes_out(),
         "the second limited reader's bytes all came from the cache"
     );
-    assert_eq!(second.requests("xorb_grant_get"), first.requests("xorb_grant_get"));
+    assert_eq!(
+        second.requests("xorb_grant_get"),
+        first.requests("xorb_grant_get")
+    );
 
     // Its reconstruction names grants, which nginx serves without a token.
     let mut req = agent().get(format!(
@@ -722,7 +725,10 @@ fn grants_are_cached_and_token_reads_are_not() {
     let rec: Value = serde_json::from_slice(&rec).unwrap();
     let grant = rec["fetch"][0]["url"].as_str().unwrap().to_owned();
     let xorb = rec["fetch"][0]["xorb"].as_str().unwrap().to_owned();
-    assert!(grant.starts_with(&format!("{}/v1/xorbs/{xorb}/", cdn.cdn())), "{grant}");
+    assert!(
+        grant.starts_with(&format!("{}/v1/xorbs/{xorb}/", cdn.cdn())),
+        "{grant}"
+    );
     let r = agent()
         .get(&grant)
         .header("Range", "bytes=0-99")
@@ -750,7 +756,10 @@ fn grants_are_cached_and_token_reads_are_not() {
         assert!(header(&r, "cache-control").starts_with("private"));
         assert_eq!(body(r).0, 206);
     }
-    assert_eq!(cdn.metrics().requests("xorb_get"), m.requests("xorb_get") + 2);
+    assert_eq!(
+        cdn.metrics().requests("xorb_get"),
+        m.requests("xorb_get") + 2
+    );
     assert_eq!(body(get(Some(&limited))).0, 403);
     assert_eq!(body(get(None)).0, 401, "nothing cached serves it tokenless");
     assert_eq!(

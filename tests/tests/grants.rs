@@ -170,13 +170,23 @@ fn a_limited_reader_reads_only_the_ranges_its_files_need() {
     let b_query = "?repo=models/org/b&rev=main";
     let limited = env.reconstruction(&b[0], &env.reader, b_query, None);
     let whole = env.reconstruction(&b[0], &env.writer, "", None);
-    assert_eq!(limited["terms"], whole["terms"], "the same terms either way");
+    assert_eq!(
+        limited["terms"], whole["terms"],
+        "the same terms either way"
+    );
 
     // Unlimited: one grant per whole xorb, offsets in the xorb.
     let mut xorb_len = std::collections::HashMap::new();
     for f in whole["fetch"].as_array().unwrap() {
         let (plain, s, e, _) = grant_parts(f["url"].as_str().unwrap());
-        assert_eq!(plain, format!("{}/v1/xorbs/{}", env.server.url, f["xorb"].as_str().unwrap()));
+        assert_eq!(
+            plain,
+            format!(
+                "{}/v1/xorbs/{}",
+                env.server.url,
+                f["xorb"].as_str().unwrap()
+            )
+        );
         assert_eq!(s, 0, "{f}");
         xorb_len.insert(f["xorb"].as_str().unwrap().to_owned(), e);
     }
@@ -200,7 +210,10 @@ fn a_limited_reader_reads_only_the_ranges_its_files_need() {
         assert_eq!(n(&ranges[0]["bytes"]["end"]), e - s, "{f}");
         let xorb = f["xorb"].as_str().unwrap().to_owned();
         if xorb == shared {
-            assert!(e <= y_start, "grant {s}-{e} reaches a's chunks at {y_start}");
+            assert!(
+                e <= y_start,
+                "grant {s}-{e} reaches a's chunks at {y_start}"
+            );
         }
         assert!(e <= xorb_len[&xorb]);
         grants.push((xorb, plain, s, e, mac));
@@ -278,13 +291,13 @@ fn a_limited_reader_reads_only_the_ranges_its_files_need() {
     let fetch = part["fetch"].as_array().unwrap();
     assert_eq!(fetch.len(), 1, "{part}");
     let (_, ps, pe, _) = grant_parts(fetch[0]["url"].as_str().unwrap());
-    assert!(pe - ps < 1 << 20, "one chunk or so, not the file: {ps}-{pe}");
+    assert!(
+        pe - ps < 1 << 20,
+        "one chunk or so, not the file: {ps}-{pe}"
+    );
 
     // a's file itself stays out of reach.
-    let url = format!(
-        "{}/v1/reconstructions/{}{b_query}",
-        env.server.url, a[0]
-    );
+    let url = format!("{}/v1/reconstructions/{}{b_query}", env.server.url, a[0]);
     assert_eq!(env.get(&url, Some(&env.reader), &[]).0, 403);
 }
 
@@ -302,8 +315,20 @@ fn grants_are_stable_cacheable_urls() {
     assert_eq!(one["fetch"], two["fetch"]);
     let url = one["fetch"][0]["url"].as_str().unwrap();
     let r = agent().get(url).call().unwrap();
-    let etag = r.headers().get("etag").unwrap().to_str().unwrap().to_owned();
-    let cc = r.headers().get("cache-control").unwrap().to_str().unwrap().to_owned();
+    let etag = r
+        .headers()
+        .get("etag")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let cc = r
+        .headers()
+        .get("cache-control")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(cc, "public, max-age=31536000, immutable");
     let (_, s, e, _) = grant_parts(url);
     let xorb = one["fetch"][0]["xorb"].as_str().unwrap();

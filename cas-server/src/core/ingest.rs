@@ -357,7 +357,8 @@ mod tests {
         };
         assert_eq!(core.dedup(q.clone()).await.unwrap().found, vec![None]);
         assert!(matches!(
-            core.reconstruct(f.hash, None::<RangeRequest>, FetchGrain::Xorb, |x, _| x.to_string())
+            core.reconstruct(f.hash, None::<RangeRequest>, FetchGrain::Xorb, |x, _| x
+                .to_string())
                 .await,
             Err(CoreError::Damaged { .. })
         ));

@@ -331,6 +331,9 @@ mod tests {
         let b = in_xorb.bytes;
         assert_eq!(f.url, format!("x/{}/{}-{}", x.hash, b.start, b.end));
         assert_eq!(f.ranges[0].chunks, in_xorb.chunks);
-        assert_eq!((f.ranges[0].bytes.start, f.ranges[0].bytes.end), (0, b.len()));
+        assert_eq!(
+            (f.ranges[0].bytes.start, f.ranges[0].bytes.end),
+            (0, b.len())
+        );
     }
 }

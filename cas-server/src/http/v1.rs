@@ -556,7 +556,11 @@ fn check_grant(key: &SigningKey, xorb: &XorbHash, range: &str, mac: &str) -> Opt
 /// A 404 that says nothing more and is never cached: the answer to an
 /// unknown object and to a capability URL that is not one.
 fn no_such(what: &str) -> ApiError {
-    let mut e = ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such {what}"));
+    let mut e = ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such {what}"),
+    );
     e.headers
         .push((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
     e
@@ -602,7 +606,13 @@ async fn get_xorb<O: ObjectStore, I: Index>(
         .await?
         .ok_or_else(|| not_found(&hash))?;
     let (window, etag) = match window {
-        None => (ByteRange { start: 0, end: size }, format!("\"{hash}\"")),
+        None => (
+            ByteRange {
+                start: 0,
+                end: size,
+            },
+            format!("\"{hash}\""),
+        ),
         Some(w) if w.end <= size => (w, format!("\"{}\"", grant_subject(&hash, w))),
         Some(_) => return Err(no_such("grant")),
     };
@@ -856,6 +866,10 @@ mod tests {
             "another key"
         );
         let content = key.url_mac(CONTENT_MAC, &grant_subject(&x, r));
-        assert_eq!(check_grant(&key, &x, "10-20", &content), None, "another purpose");
+        assert_eq!(
+            check_grant(&key, &x, "10-20", &content),
+            None,
+            "another purpose"
+        );
     }
 }
