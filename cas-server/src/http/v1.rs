@@ -21,7 +21,7 @@ use super::body::{
     read_body, start_body, ObjectHead, Started,
 };
 use super::error::ApiError;
-use super::{empty, full, json, repos, App, Body, BINARY, JSON};
+use super::{empty, full, json, repos, App, Body, XorbReads, BINARY, JSON, REDIRECT_TTL};
 use crate::auth::{Grant, Scope, SigningKey};
 use crate::core::{CoreError, FetchGrain, XorbUpload};
 use crate::index::Index;
@@ -319,7 +319,12 @@ async fn dispatch<O: ObjectStore, I: Index>(
 ) -> Result<Response<Body>, ApiError> {
     let h = params.first().copied().unwrap_or_default();
     match r {
-        Route::Healthz => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
+        // Up but degraded when the object store fails: requests that need
+        // it get 503 store_unavailable, the rest are served.
+        Route::Healthz => Ok(match app.metrics.store_degraded() {
+            None => full(StatusCode::OK, "text/plain", "ok\n"),
+            Some(why) => full(StatusCode::OK, "text/plain", format!("degraded: {why}\n")),
+        }),
         Route::Metrics => Ok(full(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -600,11 +605,25 @@ async fn get_xorb<O: ObjectStore, I: Index>(
             (hash, Some(bytes))
         }
     };
+    // Redirected to the bucket: a plain read (its token allowed the whole
+    // xorb) at once; a grant only when it is the whole xorb, since a
+    // presigned URL reads all of it.
+    let redirect = app.xorb_reads == XorbReads::Redirect && req.method() == Method::GET;
+    if redirect && window.is_none() {
+        if let Some(r) = redirect_to_bucket(app, hash).await? {
+            return Ok(r);
+        }
+    }
     let size = app
         .core
         .xorb_len(hash)
         .await?
         .ok_or_else(|| not_found(&hash))?;
+    if redirect && window.is_some_and(|w| w.start == 0 && w.end == size) {
+        if let Some(r) = redirect_to_bucket(app, hash).await? {
+            return Ok(r);
+        }
+    }
     let (window, etag) = match window {
         None => (
             ByteRange {
@@ -644,6 +663,28 @@ async fn get_xorb<O: ObjectStore, I: Index>(
         );
     }
     Ok(resp)
+}
+
+/// A `307` to a presigned URL of the xorb in the bucket, valid for
+/// [`REDIRECT_TTL`], if the store can presign.
+async fn redirect_to_bucket<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: XorbHash,
+) -> Result<Option<Response<Body>>, ApiError> {
+    let Some(url) = app.core.presign_xorb(hash, REDIRECT_TTL).await? else {
+        return Ok(None);
+    };
+    let location =
+        HeaderValue::from_str(&url).map_err(|e| CoreError::Io(std::io::Error::other(e)))?;
+    Ok(Some(
+        Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, location)
+            // The URL expires: no cache may keep this answer.
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(empty())
+            .expect("valid response"),
+    ))
 }
 
 /// The URL of a stored file's bytes under `base`: with a signing key a
