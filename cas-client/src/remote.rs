@@ -303,7 +303,7 @@ impl Remote {
     /// and SHA-256s: one request per [`MAX_BATCH_FILES`] files, more when
     /// the server answers only the first ones (it bounds its answers).
     pub async fn reconstruct_batch(&self, files: &[FileHash]) -> Result<Vec<FileReconstruction>> {
-        let url = format!("{}/v1/reconstructions{}", self.endpoint, self.context());
+        let url = format!("{}/v1/reconstructions{}", self.endpoint(), self.context());
         let what = "batched reconstruction";
         let mut out = Vec::with_capacity(files.len());
         while out.len() < files.len() {
