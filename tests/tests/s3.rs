@@ -83,7 +83,11 @@ fn upload_and_fetch_through_the_bucket() {
     let lost = &xorbs[0];
     let (status, _) = body(
         agent()
-            .delete(format!("{}/{}/{lost}", weed.endpoint(), cas_e2e::s3::BUCKET))
+            .delete(format!(
+                "{}/{}/{lost}",
+                weed.endpoint(),
+                cas_e2e::s3::BUCKET
+            ))
             .call()
             .unwrap(),
     );

@@ -175,7 +175,11 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         xorb: XorbHash,
         range: ByteRange,
     ) -> Result<ObjectReader, CoreError> {
-        match self.objects.read_range(&ObjectKey::xorb(&xorb), range).await {
+        match self
+            .objects
+            .read_range(&ObjectKey::xorb(&xorb), range)
+            .await
+        {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.mark_damaged(xorb, "object missing").await?;
                 Err(CoreError::Damaged { file: None, xorb })
@@ -185,7 +189,9 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 
     pub(crate) async fn read_whole(&self, xorb: XorbHash, len: u64) -> Result<Bytes, CoreError> {
-        let mut reader = self.open_xorb(xorb, ByteRange { start: 0, end: len }).await?;
+        let mut reader = self
+            .open_xorb(xorb, ByteRange { start: 0, end: len })
+            .await?;
         let mut buf = Vec::with_capacity(len as usize);
         reader.read_to_end(&mut buf).await?;
         Ok(buf.into())
