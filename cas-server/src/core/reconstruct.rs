@@ -150,10 +150,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         hash: XorbHash,
         range: ByteRange,
     ) -> Result<ObjectReader, CoreError> {
-        Ok(self
-            .objects
-            .read_range(&ObjectKey::xorb(&hash), range)
-            .await?)
+        self.open_xorb(hash, range).await
     }
 }
 
