@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use cas_protocol::messages::{DedupQuery, MAX_DEDUP_BATCH};
+use cas_protocol::messages::{DedupQuery, ReconstructionQuery, MAX_BATCH_FILES, MAX_DEDUP_BATCH};
 use cas_protocol::repo::CommitId;
 use cas_protocol::shard::MAX_SHARD_BYTES;
 use cas_protocol::xorb::{StreamVerifier, XorbError, MAX_XORB_SERIALIZED};
@@ -69,6 +69,7 @@ pub enum Route {
     XorbHead,
     Shard,
     Reconstruction,
+    ReconstructionBatch,
     File,
     XorbCheck,
     RepoList,
@@ -87,7 +88,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 23] = [
+    pub const ALL: [Route; 24] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -96,6 +97,7 @@ impl Route {
         Route::XorbHead,
         Route::Shard,
         Route::Reconstruction,
+        Route::ReconstructionBatch,
         Route::File,
         Route::XorbCheck,
         Route::RepoList,
@@ -123,6 +125,7 @@ impl Route {
             Route::XorbHead => "xorb_head",
             Route::Shard => "shard",
             Route::Reconstruction => "reconstruction",
+            Route::ReconstructionBatch => "reconstruction_batch",
             Route::File => "file",
             Route::XorbCheck => "xorb_check",
             Route::RepoList => "repo_list",
@@ -165,6 +168,7 @@ impl Route {
             | Route::RepoTag => Some(Scope::Write),
             // A reader reports bytes that failed verification.
             Route::Reconstruction
+            | Route::ReconstructionBatch
             | Route::File
             | Route::XorbGet
             | Route::XorbHead
@@ -202,6 +206,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
             ],
             vec![*h],
         ),
+        ["v1", "reconstructions"] => (&[(Method::POST, Route::ReconstructionBatch)], vec![]),
         ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], vec![*h]),
         ["v1", "files", h] => (&[(Method::GET, Route::File)], vec![*h]),
         ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], vec![*h]),
@@ -351,6 +356,7 @@ async fn dispatch<O: ObjectStore, I: Index>(
             repos::authorize_file(app, grant, req.uri(), h).await?;
             reconstruct(app, h, grant, &req, local).await
         }
+        Route::ReconstructionBatch => reconstruct_batch(app, grant, req, local).await,
         Route::File => {
             repos::authorize_file(app, grant, req.uri(), h).await?;
             file_info(app, h).await
@@ -791,19 +797,56 @@ async fn reconstruct<O: ObjectStore, I: Index>(
     let range = range_header(req.headers())?;
     let (grain, url) = read_urls(app, grant, local);
     let r = app.core.reconstruct(hash, range, grain, url).await?;
-    // JSON unless the client asks for the binary form (and not for JSON).
-    let h = req.headers();
-    let encoding = if header_contains(h, header::ACCEPT, BINARY)
-        && !header_contains(h, header::ACCEPT, JSON)
-    {
-        Encoding::Binary
-    } else {
-        Encoding::Json
-    };
-    let mut resp = message_response(encoding, &r);
+    let mut resp = message_response(answer_encoding(req.headers()), &r);
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// Largest batched reconstruction query body (binary or JSON).
+const MAX_BATCH_QUERY_BODY: usize = 64 + MAX_BATCH_FILES * 70;
+
+/// Whole-file reconstructions of many files in one answer (as many as fit
+/// about 8 MiB; the client asks again for the rest).
+async fn reconstruct_batch<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    grant: &Grant,
+    req: Request<Incoming>,
+    local: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let uri = req.uri().clone();
+    let encoding = answer_encoding(req.headers());
+    let query_encoding = body_encoding(req.headers());
+    let body = read_body(
+        req,
+        MAX_BATCH_QUERY_BODY,
+        app.body_rules(),
+        &app.budget,
+        &app.metrics,
+    )
+    .await?;
+    let query =
+        ReconstructionQuery::decode_as(&body.bytes, query_encoding).map_err(CoreError::from)?;
+    drop(body);
+    repos::authorize_files(app, grant, &uri, &query.files).await?;
+    let (grain, url) = read_urls(app, grant, local);
+    let batch = app
+        .core
+        .reconstruct_batch(query.files, encoding, grain, url)
+        .await?;
+    let mut resp = message_response(encoding, &batch);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// JSON unless the client asks for the binary form (and not for JSON).
+fn answer_encoding(h: &hyper::HeaderMap) -> Encoding {
+    if header_contains(h, header::ACCEPT, BINARY) && !header_contains(h, header::ACCEPT, JSON) {
+        Encoding::Binary
+    } else {
+        Encoding::Json
+    }
 }
 
 async fn file_info<O: ObjectStore, I: Index>(
