@@ -704,7 +704,12 @@ async fn resolve<O: ObjectStore, I: Index>(
         .ok_or_else(|| HfError::entry_not_found(&path, Some(&commit.id)))?;
     let info = app.core.file_info(entry.file).await?;
     let etag = format!("\"{}\"", info.sha256);
-    let location = content_url(app, &super::read_base(app, local), &entry.file, &commit.id);
+    let location = content_url(
+        app,
+        &super::read_base(app, local),
+        &entry.file,
+        Some(&commit.id),
+    );
     let mut r = full(StatusCode::FOUND, JSON, "");
     let h = r.headers_mut();
     h.remove(header::CONTENT_TYPE);
