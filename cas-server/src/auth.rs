@@ -500,7 +500,11 @@ mod tests {
         };
         let token = read.strip_prefix("Bearer ").unwrap();
         assert_eq!(
-            check(remote, Some(Scope::Read), Some(&basic(&format!("git:{token}")))),
+            check(
+                remote,
+                Some(Scope::Read),
+                Some(&basic(&format!("git:{token}")))
+            ),
             Ok(Grant::all())
         );
         assert!(matches!(

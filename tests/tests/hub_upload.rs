@@ -198,11 +198,20 @@ fn upload_folder_file_commit_branch_tag_and_read_back() {
     assert_eq!(files_of(&fetched), v2);
 
     // Branch and tag at v1; the tag reads back v1.
-    hf.ok("create_branch", json!({"repo": repo, "branch": "dev", "revision": c1}));
+    hf.ok(
+        "create_branch",
+        json!({"repo": repo, "branch": "dev", "revision": c1}),
+    );
     let dup = hf.err("create_branch", json!({"repo": repo, "branch": "dev"}));
     assert_eq!(dup.status, Some(409));
-    hf.ok("create_branch", json!({"repo": repo, "branch": "dev", "exist_ok": true}));
-    hf.ok("create_tag", json!({"repo": repo, "tag": "v1.0", "revision": c1}));
+    hf.ok(
+        "create_branch",
+        json!({"repo": repo, "branch": "dev", "exist_ok": true}),
+    );
+    hf.ok(
+        "create_tag",
+        json!({"repo": repo, "tag": "v1.0", "revision": c1}),
+    );
     let refs = hf.ok("list_repo_refs", json!({"repo": repo}));
     assert!(refs["branches"].to_string().contains("dev"), "{refs}");
     assert!(refs["tags"].to_string().contains(&c1), "{refs}");
@@ -215,13 +224,20 @@ fn upload_folder_file_commit_branch_tag_and_read_back() {
     assert_ne!(dev["oid"].as_str().unwrap(), c3);
 
     // `hf upload` of a folder into a dataset.
-    hf.ok("create_repo", json!({"repo": "org/data", "repo_type": "dataset"}));
+    hf.ok(
+        "create_repo",
+        json!({"repo": "org/data", "repo_type": "dataset"}),
+    );
     let data: Files = [("a.csv".to_owned(), b"x,y\n1,2\n".to_vec())].into();
     let ddir = hub.write_dir("data", &data);
     let mut c = hf.command("hf");
-    c.args(["upload", "org/data"])
-        .arg(&ddir)
-        .args([".", "--repo-type", "dataset", "--commit-message", "data"]);
+    c.args(["upload", "org/data"]).arg(&ddir).args([
+        ".",
+        "--repo-type",
+        "dataset",
+        "--commit-message",
+        "data",
+    ]);
     let out = c.output().unwrap();
     assert!(out.status.success(), "{}", show(&out));
     let got = hub.root.join("dl-data");
@@ -334,7 +350,11 @@ fn lfs_batch_refuses_a_wrong_object() {
         let r = a
             .post(url)
             .header("Authorization", &format!("Bearer {tok}"))
-            .send(json!({"oid": oid, "size": good.len()}).to_string().as_bytes())
+            .send(
+                json!({"oid": oid, "size": good.len()})
+                    .to_string()
+                    .as_bytes(),
+            )
             .unwrap();
         body(r).0
     };

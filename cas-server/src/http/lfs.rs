@@ -421,7 +421,10 @@ async fn batch<O: ObjectStore, I: Index>(
             (true, Some(s)) if s.size == spec.size => answer,
             (true, Some(s)) => answer.error(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                format!("object {oid} is stored with {} bytes, not {}", s.size, spec.size),
+                format!(
+                    "object {oid} is stored with {} bytes, not {}",
+                    s.size, spec.size
+                ),
             ),
             (true, None) => upload_actions(app, answer, &target_path, authorization.as_ref()),
             (false, Some(s)) if s.size == spec.size => {

@@ -511,10 +511,7 @@ pub(crate) fn content_url<O, I>(
 ) -> String {
     let hex = file.to_string();
     let url = match app.access.key() {
-        Some(key) => format!(
-            "{base}/v1/content/{hex}/{}",
-            key.url_mac(CONTENT_MAC, &hex)
-        ),
+        Some(key) => format!("{base}/v1/content/{hex}/{}", key.url_mac(CONTENT_MAC, &hex)),
         None => format!("{base}/v1/content/{hex}"),
     };
     match commit {

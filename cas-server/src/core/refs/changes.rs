@@ -214,7 +214,11 @@ mod tests {
     fn changes_apply_to_a_tree() {
         let base = [entry("a/x", 1), entry("a/y", 2), entry("b", 3)];
         let t = apply(&base, &[put("c", 4), put("b", 5)]).unwrap();
-        let paths: Vec<_> = t.entries.iter().map(|e| (e.path.as_str(), e.size)).collect();
+        let paths: Vec<_> = t
+            .entries
+            .iter()
+            .map(|e| (e.path.as_str(), e.size))
+            .collect();
         assert_eq!(paths, [("a/x", 1), ("a/y", 2), ("b", 5), ("c", 4)]);
         let t = apply(
             &base,

@@ -111,8 +111,8 @@ pub(super) async fn create_repo<O: ObjectStore, I: Index>(
     let org = r.organization.ok_or_else(|| {
         HfError::bad_request("a repository id needs an organisation here: org/name".into())
     })?;
-    let repo = RepoId::new(repo_type, &org, &r.name)
-        .map_err(|e| HfError::bad_request(e.to_string()))?;
+    let repo =
+        RepoId::new(repo_type, &org, &r.name).map_err(|e| HfError::bad_request(e.to_string()))?;
     if !grant.allows(&repo) {
         return Err(HfError::new(
             StatusCode::FORBIDDEN,
@@ -142,7 +142,10 @@ pub(super) async fn validate_yaml<O: ObjectStore, I: Index>(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, HfError> {
     let _: Value = body_json(app, req, "validate-yaml").await?;
-    Ok(json(StatusCode::OK, &json!({ "errors": [], "warnings": [] })))
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "errors": [], "warnings": [] }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -332,13 +335,17 @@ pub(super) async fn commit<O: ObjectStore, I: Index>(
         author: AUTHOR.into(),
         parent,
     };
-    let info = app.core.commit_changes(repo, req).await.map_err(|e| match e {
-        CoreError::InvalidChange(m) if m.contains("doesn't exist") => {
-            HfError::new(StatusCode::NOT_FOUND, Some("EntryNotFound"), m)
-        }
-        CoreError::Conflict(m) => HfError::new(StatusCode::PRECONDITION_FAILED, None, m),
-        e => e.into(),
-    })?;
+    let info = app
+        .core
+        .commit_changes(repo, req)
+        .await
+        .map_err(|e| match e {
+            CoreError::InvalidChange(m) if m.contains("doesn't exist") => {
+                HfError::new(StatusCode::NOT_FOUND, Some("EntryNotFound"), m)
+            }
+            CoreError::Conflict(m) => HfError::new(StatusCode::PRECONDITION_FAILED, None, m),
+            e => e.into(),
+        })?;
     Ok(json(
         StatusCode::OK,
         &json!({
@@ -372,7 +379,10 @@ pub(super) async fn branch<O: ObjectStore, I: Index>(
             CoreError::Conflict(m) => conflict(m),
             e => e.into(),
         })?;
-    Ok(json(StatusCode::OK, &json!({ "name": made.name.as_str(), "commit": made.commit.to_string() })))
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "name": made.name.as_str(), "commit": made.commit.to_string() }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -394,5 +404,8 @@ pub(super) async fn tag<O: ObjectStore, I: Index>(
     if !created {
         return Err(conflict(format!("tag {name} of {repo} already exists")));
     }
-    Ok(json(StatusCode::OK, &json!({ "name": entry.name.as_str(), "commit": entry.commit.to_string() })))
+    Ok(json(
+        StatusCode::OK,
+        &json!({ "name": entry.name.as_str(), "commit": entry.commit.to_string() }),
+    ))
 }
