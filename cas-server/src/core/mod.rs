@@ -13,8 +13,10 @@
 //!   same content repairs them;
 //! - [`refs`]: repositories, branches, tags and commits; revisions;
 //! - [`objects`]: whole objects (Git LFS, Hub commits) chunked,
-//!   deduplicated and packed on the server, found by SHA-256.
+//!   deduplicated and packed on the server, found by SHA-256;
+//! - [`catch_up`]: the index as a cache of a bucket other nodes share.
 
+mod catch_up;
 mod health;
 mod ingest;
 pub mod objects;
@@ -36,6 +38,7 @@ use crate::index::{Index, IndexError, XorbRecord};
 use crate::metrics::Metrics;
 use crate::store::ObjectStore;
 
+pub use catch_up::CatchUp;
 pub use health::XorbCheck;
 pub use reconstruct::RangeRequest;
 
@@ -158,6 +161,7 @@ pub struct Core<O, I> {
     caches: Arc<refs::Caches>,
     metrics: Arc<Metrics>,
     inflight: Arc<objects::InFlight>,
+    catch_up: Arc<catch_up::CatchUpState>,
 }
 
 impl<O, I> Clone for Core<O, I> {
@@ -170,6 +174,7 @@ impl<O, I> Clone for Core<O, I> {
             caches: self.caches.clone(),
             metrics: self.metrics.clone(),
             inflight: self.inflight.clone(),
+            catch_up: self.catch_up.clone(),
         }
     }
 }
@@ -190,7 +195,15 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             caches: Arc::default(),
             metrics,
             inflight: Arc::default(),
+            catch_up: Arc::default(),
         }
+    }
+
+    /// This core's index caches a store that other nodes write too: a
+    /// miss looks in the store (see [`Core::catch_up`]).
+    pub fn shared(mut self) -> Self {
+        self.catch_up = Arc::new(catch_up::CatchUpState::shared());
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
