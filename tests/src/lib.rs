@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod hub;
+pub mod standin;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
