@@ -211,7 +211,10 @@ fn a_dataset_of_thousands_of_small_files_mirrors() {
     let seconds = started.elapsed().as_secs_f64();
     eprintln!("3000 small files mirrored in {seconds:.1} s");
     assert_eq!(r["files"], 3000);
-    assert_eq!(r["repo"], json!({"id": "team/rows-copy", "type": "dataset"}));
+    assert_eq!(
+        r["repo"],
+        json!({"id": "team/rows-copy", "type": "dataset"})
+    );
     let seen = env.hub.seen();
     assert!(seen.api_requests >= 4, "several listing pages: {seen:?}");
     let out = env.fetch("datasets/team/rows-copy", "rows");
