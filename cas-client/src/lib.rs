@@ -17,6 +17,7 @@
 mod cache;
 mod digest;
 mod error;
+mod failover;
 mod fetch;
 pub mod mirror;
 mod progress;
@@ -50,7 +51,8 @@ pub use upload::{Layout, Skipped, UploadReport, UploadedFile, UploadedRoot};
 /// How to reach a server and how hard to work.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Base URL of the server, e.g. `http://127.0.0.1:8080`.
+    /// Base URL of the server, e.g. `http://127.0.0.1:8080`, or of
+    /// several nodes of it separated by commas (see `failover`).
     pub endpoint: String,
     /// Bearer token sent to the endpoint (never to other hosts).
     pub token: Option<String>,

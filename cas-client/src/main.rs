@@ -34,7 +34,9 @@ struct Cli {
 
 #[derive(Args)]
 struct Remote {
-    /// Server base URL.
+    /// Server base URL; several nodes of one server (sharing a bucket) as
+    /// URL,URL,...: a request that fails on one (connection error, 5xx)
+    /// is retried on the next.
     #[arg(long, env = "CAS_ENDPOINT", default_value = "http://127.0.0.1:8080")]
     endpoint: String,
     /// Bearer token for the server.

@@ -2,6 +2,7 @@
 //! failures with capped exponential backoff and jitter.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -15,6 +16,7 @@ use reqwest::{RequestBuilder, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::failover::Endpoints;
 
 /// How often and how patiently to retry a transient failure.
 #[derive(Debug, Clone, Copy)]
@@ -82,11 +84,12 @@ pub struct FileInfo {
     pub terms: u64,
 }
 
-/// A connection to one server: base URL, optional bearer token, retries.
+/// A connection to a server (or several nodes of one, see
+/// [`crate::failover`]): base URLs, optional bearer token, retries.
 #[derive(Debug, Clone)]
 pub struct Remote {
     http: reqwest::Client,
-    endpoint: String,
+    endpoints: Arc<Endpoints>,
     token: Option<HeaderValue>,
     retry: RetryPolicy,
     /// `?repo=...&rev=...` on file and reconstruction requests: the
@@ -98,14 +101,19 @@ pub struct Remote {
 const OCTETS: &str = "application/octet-stream";
 
 impl Remote {
+    /// `endpoint`: one base URL, or several nodes' separated by commas.
     pub fn new(endpoint: &str, token: Option<&str>, retry: RetryPolicy) -> Result<Self> {
         let bad = |reason: String| Error::Input {
             path: endpoint.into(),
             reason,
         };
-        let url = reqwest::Url::parse(endpoint).map_err(|e| bad(format!("not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(bad("endpoint must be an http:// or https:// URL".into()));
+        let endpoints = Endpoints::parse(endpoint).map_err(bad)?;
+        for e in endpoints.all() {
+            let url =
+                reqwest::Url::parse(e).map_err(|err| bad(format!("{e} is not a URL: {err}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(bad("endpoint must be an http:// or https:// URL".into()));
+            }
         }
         let token = token
             .map(|t| {
@@ -123,7 +131,7 @@ impl Remote {
             .map_err(|e| bad(e.to_string()))?;
         Ok(Self {
             http,
-            endpoint: endpoint.trim_end_matches('/').to_owned(),
+            endpoints: Arc::new(endpoints),
             token,
             retry,
             context: None,
@@ -134,8 +142,9 @@ impl Remote {
         &self.retry
     }
 
+    /// The node requests go to now.
     pub(crate) fn endpoint(&self) -> &str {
-        &self.endpoint
+        self.endpoints.current()
     }
 
     /// This remote, naming `query` (`repo=...&rev=...`) on its file and
@@ -151,29 +160,46 @@ impl Remote {
         self.context.as_deref().unwrap_or("")
     }
 
-    /// A request with the token attached, but only to the endpoint's own
-    /// URLs: xorb URLs may point at a CDN that must not see it.
+    /// A request with the token attached, but only to the endpoints' own
+    /// URLs: xorb URLs may point at a CDN that must not see it. A URL of
+    /// one of the nodes goes to the current node.
     pub(crate) fn request(&self, method: reqwest::Method, url: &str) -> RequestBuilder {
-        let rb = self.http.request(method, url);
+        let url = self.endpoints.rebase(url);
+        let rb = self.http.request(method, &url);
         match &self.token {
-            Some(t) if same_origin(url, &self.endpoint) => rb.header(AUTHORIZATION, t.clone()),
+            Some(t) if same_origin(&url, self.endpoint()) => rb.header(AUTHORIZATION, t.clone()),
             _ => rb,
         }
     }
 
-    /// Sends a request, mapping transport failures and error statuses.
+    /// Sends a request, mapping transport failures and error statuses; a
+    /// transient failure of a node moves the client to the next one.
     pub(crate) async fn send(&self, what: &str, url: &str, rb: RequestBuilder) -> Result<Response> {
-        let resp = rb.send().await.map_err(|e| transport(what, url, &e))?;
-        if resp.status().is_success() {
-            return Ok(resp);
+        let sent = match rb.send().await {
+            Ok(resp) if resp.status().is_success() => return Ok(resp),
+            Ok(resp) => server_error(what, resp).await,
+            Err(e) => transport(what, url, &e),
+        };
+        if sent.is_transient() {
+            self.endpoints.failed(&self.endpoints.rebase(url));
         }
-        Err(server_error(what, resp).await)
+        Err(sent)
+    }
+
+    /// A response body that broke off: a transport error, and the node
+    /// that sent it is failing (the retry goes to the next one).
+    pub(crate) fn body_failed(&self, what: &str, url: &str, e: &reqwest::Error) -> Error {
+        let err = transport(what, url, e);
+        if err.is_transient() {
+            self.endpoints.failed(&self.endpoints.rebase(url));
+        }
+        err
     }
 
     /// Which of `hashes` the server already stores, in order. Queries in
     /// batches of the protocol's maximum.
     pub async fn dedup(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<ChunkLocation>>> {
-        let url = format!("{}/v1/dedup", self.endpoint);
+        let url = format!("{}/v1/dedup", self.endpoint());
         let mut out = Vec::with_capacity(hashes.len());
         for batch in hashes.chunks(MAX_DEDUP_BATCH) {
             let body = Bytes::from(
@@ -210,7 +236,7 @@ impl Remote {
 
     /// Stores a xorb; `true` when the server did not have it yet.
     pub async fn put_xorb(&self, hash: XorbHash, bytes: Bytes) -> Result<bool> {
-        let url = format!("{}/v1/xorbs/{hash}", self.endpoint);
+        let url = format!("{}/v1/xorbs/{hash}", self.endpoint());
         let what = format!("upload of xorb {hash}");
         self.retry
             .run(|| async {
@@ -226,7 +252,7 @@ impl Remote {
 
     /// Commits file recipes; all become visible at once or none do.
     pub async fn commit_shard(&self, shard: &Shard) -> Result<()> {
-        let url = format!("{}/v1/shards", self.endpoint);
+        let url = format!("{}/v1/shards", self.endpoint());
         let body = Bytes::from(shard.to_bytes());
         self.retry
             .run(|| async {
@@ -244,7 +270,7 @@ impl Remote {
     pub async fn reconstruct(&self, file: FileHash, range: ByteRange) -> Result<Reconstruction> {
         let url = format!(
             "{}/v1/reconstructions/{file}{}",
-            self.endpoint,
+            self.endpoint(),
             self.context()
         );
         let what = format!("reconstruction of {file}");
@@ -271,7 +297,7 @@ impl Remote {
     }
 
     pub async fn file_info(&self, file: FileHash) -> Result<FileInfo> {
-        let url = format!("{}/v1/files/{file}{}", self.endpoint, self.context());
+        let url = format!("{}/v1/files/{file}{}", self.endpoint(), self.context());
         let what = format!("lookup of file {file}");
         let info: FileInfo = self
             .retry
@@ -302,7 +328,7 @@ impl Remote {
         struct Checked {
             status: String,
         }
-        let url = format!("{}/v1/xorbs/{xorb}/check", self.endpoint);
+        let url = format!("{}/v1/xorbs/{xorb}/check", self.endpoint());
         let what = format!("check of xorb {xorb}");
         let resp = self
             .send(&what, &url, self.request(reqwest::Method::POST, &url))

@@ -18,11 +18,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::auth::{Access, SigningKey};
-use crate::core::Core;
+use crate::core::{CatchUp, Core};
 use crate::http::App;
-use crate::index::{Index, IndexError, RocksIndex};
+use crate::index::{Index, IndexError, RocksIndex, Totals};
 use crate::metrics::Metrics;
-use crate::store::FsStore;
+use crate::store::{AnyStore, FsStore, Metered, S3Config, S3Store};
 
 pub use cas_protocol as protocol;
 
@@ -30,7 +30,16 @@ pub use cas_protocol as protocol;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The index (a cache of the store with S3), and the objects with the
+    /// filesystem store.
     pub data_dir: PathBuf,
+    /// Where objects live.
+    pub store: StoreConfig,
+    /// With a shared store (S3): how often the index catches up with
+    /// shards other nodes committed (what dedup learns of them late).
+    pub catch_up_every: Duration,
+    /// How xorb reads are answered (a presigned redirect needs S3).
+    pub xorb_reads: http::XorbReads,
     /// Base URL for xorb reads in reconstruction answers (a CDN or cache);
     /// `None`: the local address the client connected to.
     pub public_url: Option<String>,
@@ -38,6 +47,17 @@ pub struct Config {
     /// are served.
     pub signing_key: Option<SigningKey>,
     pub limits: Limits,
+}
+
+/// Where the objects live.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// Files under `<data dir>/objects` (one server per data dir: the
+    /// index's lock keeps a second one off).
+    #[default]
+    DataDir,
+    /// An S3 bucket (the source of truth several nodes can share).
+    S3(S3Config),
 }
 
 /// What one client may hold of the server: connections, time, memory and
@@ -125,8 +145,15 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot use S3 bucket {bucket}: {source}")]
+    Bucket {
+        bucket: String,
+        source: std::io::Error,
+    },
     #[error("cannot open index in {path}: {source}")]
     Index { path: PathBuf, source: IndexError },
+    #[error("index rebuild failed: {0}")]
+    Rebuild(String),
     #[error("--body-budget of {budget} bytes cannot hold one {largest}-byte request body")]
     BudgetTooSmall { budget: usize, largest: usize },
     #[error("cannot listen on {addr}: {source}")]
@@ -136,17 +163,80 @@ pub enum StartError {
     },
 }
 
-/// A bound, ready server over the embedded default stores.
+fn open_store(config: &Config) -> Result<AnyStore, StartError> {
+    match &config.store {
+        StoreConfig::DataDir => {
+            let dir = config.data_dir.join("objects");
+            match FsStore::open(&dir) {
+                Ok(s) => Ok(AnyStore::Fs(s)),
+                Err(source) => Err(StartError::Objects { path: dir, source }),
+            }
+        }
+        StoreConfig::S3(s3) => match S3Store::new(s3) {
+            Ok(s) => Ok(AnyStore::S3(s)),
+            Err(source) => Err(StartError::Bucket {
+                bucket: s3.bucket.clone(),
+                source,
+            }),
+        },
+    }
+}
+
+/// Keeps the index of a node on a shared store current: a rebuild (an
+/// empty index) or a catch-up at start, then a catch-up every `every`.
+/// Failures are logged and retried at the next tick; misses catch up on
+/// their own meanwhile.
+fn spawn_catch_up<O: store::ObjectStore, I: Index>(core: Core<O, I>, empty: bool, every: Duration) {
+    tokio::spawn(async move {
+        if empty {
+            let start = std::time::Instant::now();
+            match core.rebuild_index().await {
+                Ok(done) => tracing::info!(
+                    ?done,
+                    secs = start.elapsed().as_secs_f64(),
+                    "index rebuilt from the store"
+                ),
+                Err(e) => tracing::warn!(error = %e, "index rebuild failed; catching up later"),
+            }
+        }
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = core.catch_up().await {
+                tracing::warn!(error = %e, "catch-up with the store failed");
+            }
+        }
+    });
+}
+
+/// `cas-server rebuild-index`: the index of `config`'s data dir rebuilt
+/// from its store (the server must not run on it: RocksDB's lock).
+pub async fn rebuild_index(config: &Config) -> Result<CatchUp, StartError> {
+    let index_dir = config.data_dir.join("index");
+    let index = RocksIndex::open(&index_dir).map_err(|source| StartError::Index {
+        path: index_dir.clone(),
+        source,
+    })?;
+    let objects = open_store(config)?;
+    let core = Core::new(objects, index).shared();
+    core.rebuild_index()
+        .await
+        .map_err(|e| StartError::Rebuild(e.to_string()))
+}
+
+/// A bound, ready server over the store the configuration names and a
+/// RocksDB index.
 pub struct Server {
     listener: TcpListener,
-    app: Arc<App<FsStore, RocksIndex>>,
+    app: Arc<App<Metered<AnyStore>, RocksIndex>>,
 }
 
 impl Server {
     /// Opens the data directory (objects in `objects/`, index in `index/`)
     /// and binds the listening socket.
     pub async fn bind(config: Config) -> Result<Self, StartError> {
-        let limits = config.limits;
+        let limits = config.limits.clone();
         if limits.body_budget < Limits::LARGEST_BODY {
             return Err(StartError::BudgetTooSmall {
                 budget: limits.body_budget,
@@ -160,11 +250,7 @@ impl Server {
             path: index_dir.clone(),
             source,
         })?;
-        let objects_dir = config.data_dir.join("objects");
-        let objects = FsStore::open(&objects_dir).map_err(|source| StartError::Objects {
-            path: objects_dir.clone(),
-            source,
-        })?;
+        let objects = open_store(&config)?;
         let totals = index.totals().map_err(|source| StartError::Index {
             path: index_dir,
             source,
@@ -177,8 +263,18 @@ impl Server {
                     source,
                 })?;
         let metrics = Arc::new(Metrics::new(totals));
+        let objects = Metered::new(objects, metrics.clone());
+        let mut core = Core::with_metrics(objects, index, metrics.clone());
+        if let StoreConfig::S3(_) = config.store {
+            core = core.shared();
+            spawn_catch_up(
+                core.clone(),
+                totals == Totals::default(),
+                config.catch_up_every,
+            );
+        }
         let mut app = App::new(
-            Core::with_metrics(objects, index, metrics.clone()),
+            core,
             metrics,
             limits,
             match config.signing_key {
@@ -187,6 +283,7 @@ impl Server {
             },
         );
         app.public_url = config.public_url;
+        app.xorb_reads = config.xorb_reads;
         Ok(Self {
             listener,
             app: Arc::new(app),

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use cas_server::auth::{self, Claims, RepoPattern, Scope, SigningKey};
-use cas_server::Limits;
+use cas_server::http::XorbReads;
+use cas_server::store::S3Config;
+use cas_server::{Limits, StoreConfig};
 use clap::{Parser, Subcommand};
 
 /// A verifying content-addressed chunk store server.
@@ -27,6 +29,37 @@ struct Args {
     /// Directory holding objects and index; created if missing.
     #[arg(long, env = "CAS_DATA_DIR", default_value = "./cas-data")]
     data_dir: PathBuf,
+    /// Where objects live: `s3://BUCKET[/PREFIX]` (an S3 bucket several
+    /// nodes can share; the index in --data-dir is then a cache of it) or
+    /// `file://DIR` (the same as --data-dir DIR). Default: --data-dir.
+    /// S3 credentials, region and endpoint come from the standard AWS
+    /// environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+    /// AWS_ENDPOINT_URL, AWS_ALLOW_HTTP) unless the flags below set them.
+    #[arg(long, env = "CAS_STORE")]
+    store: Option<String>,
+    /// S3 endpoint for stores other than AWS (SeaweedFS, MinIO, Ceph), e.g.
+    /// http://127.0.0.1:8333; plain HTTP is allowed on loopback only
+    /// (else set AWS_ALLOW_HTTP=true).
+    #[arg(long, env = "CAS_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// S3 region (else AWS_REGION, else us-east-1).
+    #[arg(long, env = "CAS_S3_REGION")]
+    s3_region: Option<String>,
+    /// How long a call to the object store retries a failing store (5xx,
+    /// 429, connection errors) before the request is answered 503
+    /// store_unavailable.
+    #[arg(long, env = "CAS_STORE_RETRY_TIMEOUT", default_value_t = Span(Duration::from_secs(15)))]
+    store_retry_timeout: Span,
+    /// With --store s3://: how often this node's index catches up with
+    /// what other nodes committed to the bucket (dedup learns of their
+    /// chunks this late; reads never wait for it: a miss catches up).
+    #[arg(long, env = "CAS_CATCH_UP_EVERY", default_value_t = Span(Duration::from_secs(10)))]
+    catch_up_every: Span,
+    /// How xorb GETs are answered: `stream` (the node sends the bytes) or
+    /// `redirect` (with --store s3://: 307 to a presigned S3 URL valid for
+    /// 5 minutes, so the bytes bypass the node; the client follows it).
+    #[arg(long, env = "CAS_XORB_READS", default_value = "stream", value_parser = parse_xorb_reads)]
+    xorb_reads: XorbReads,
     /// Base URL that reconstruction answers use for xorb reads, e.g. a CDN or
     /// caching proxy in front of this server. Default: the address the client
     /// connected to (never its Host header, which it could forge).
@@ -74,6 +107,10 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Rebuild the index in --data-dir from the objects in --store (give
+    /// those flags before the subcommand); the server must be stopped.
+    /// A server on S3 with an empty index does this by itself at start.
+    RebuildIndex,
     /// Manage tokens.
     Token {
         #[command(subcommand)]
@@ -243,6 +280,7 @@ fn admin(command: Command, key_file: Option<&PathBuf>) -> anyhow::Result<()> {
             println!("{token}");
             eprintln!("valid until {}", auth::utc(exp));
         }
+        Command::RebuildIndex => unreachable!("run by main"),
         Command::Key {
             command: KeyCommand::Create { path },
         } => create_key(&path).map_err(|e| match e.kind() {
@@ -273,9 +311,55 @@ fn create_key(path: &Path) -> std::io::Result<()> {
     written
 }
 
+fn parse_xorb_reads(s: &str) -> Result<XorbReads, String> {
+    match s {
+        "stream" => Ok(XorbReads::Stream),
+        "redirect" => Ok(XorbReads::Redirect),
+        _ => Err(format!("{s:?}: stream or redirect")),
+    }
+}
+
+/// `rebuild-index`: prints what it indexed (JSON) and the time it took.
+fn rebuild_index(args: &Args) -> anyhow::Result<()> {
+    let (data_dir, store) = store_config(args)?;
+    let config = cas_server::Config {
+        listen: args.listen,
+        data_dir,
+        store,
+        catch_up_every: args.catch_up_every.0,
+        xorb_reads: XorbReads::Stream,
+        public_url: None,
+        signing_key: None,
+        limits: Limits::default(),
+    };
+    let start = std::time::Instant::now();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let done = runtime.block_on(cas_server::rebuild_index(&config))?;
+    println!("{}", serde_json::to_string(&done)?);
+    eprintln!("index rebuilt in {:.2}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The data dir and the store from --data-dir, --store and the S3 flags.
+fn store_config(args: &Args) -> anyhow::Result<(PathBuf, StoreConfig)> {
+    let Some(url) = &args.store else {
+        return Ok((args.data_dir.clone(), StoreConfig::DataDir));
+    };
+    if let Some(dir) = url.strip_prefix("file://") {
+        anyhow::ensure!(!dir.is_empty(), "--store {url:?} names no directory");
+        return Ok((dir.into(), StoreConfig::DataDir));
+    }
+    let mut s3 = S3Config::from_url(url, args.store_retry_timeout.0)
+        .map_err(|e| anyhow!("--store: {e} (s3://BUCKET[/PREFIX] or file://DIR)"))?;
+    s3.endpoint.clone_from(&args.s3_endpoint);
+    s3.region.clone_from(&args.s3_region);
+    Ok((args.data_dir.clone(), StoreConfig::S3(s3)))
+}
+
 fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
     let result = match args.command.take() {
+        Some(Command::RebuildIndex) => rebuild_index(&args),
         Some(c) => admin(c, args.signing_key_file.as_ref()),
         None => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -322,9 +406,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         queue_timeout: args.queue_timeout.0,
         max_concurrent_uploads: args.max_concurrent_uploads,
     };
+    let (data_dir, store) = store_config(&args)?;
     let config = cas_server::Config {
         listen: args.listen,
-        data_dir: args.data_dir.clone(),
+        data_dir: data_dir.clone(),
+        store: store.clone(),
+        catch_up_every: args.catch_up_every.0,
+        xorb_reads: args.xorb_reads,
         public_url: args.public_url,
         signing_key: key(args.signing_key_file.as_ref())?,
         limits,
@@ -336,10 +424,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let addr = server.local_addr()?;
     // One line on stdout that scripts and tests can read.
     println!("cas-server listening on http://{addr}");
-    tracing::info!(
-        data_dir = %args.data_dir.display(),
-        "serving: xorbs and shards on the local filesystem, index in RocksDB"
-    );
+    match &store {
+        StoreConfig::DataDir => tracing::info!(
+            data_dir = %data_dir.display(),
+            "serving: xorbs and shards on the local filesystem, index in RocksDB"
+        ),
+        StoreConfig::S3(s3) => tracing::info!(
+            bucket = s3.bucket,
+            prefix = s3.prefix,
+            index = %data_dir.display(),
+            "serving: objects in S3 (the source of truth), index in RocksDB (a cache)"
+        ),
+    }
     tracing::info!(nofile, limits = logged_limits, "limits");
     if tokens {
         tracing::info!(

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use crate::index::Totals;
 
@@ -25,6 +26,13 @@ pub struct Metrics {
     pub files: AtomicU64,
     /// Xorbs found missing or corrupt (and taken out of dedup).
     pub xorbs_damaged: AtomicU64,
+    /// Object store calls by operation (`store::Metered` counts them).
+    store_requests: Mutex<BTreeMap<&'static str, u64>>,
+    /// Object store calls that failed (not counting absent objects).
+    pub store_errors: AtomicU64,
+    /// Since when the object store fails, and its last error; cleared by
+    /// the next call that succeeds. `/healthz` reports it.
+    store_failing: Mutex<Option<(Instant, String)>>,
 }
 
 impl Metrics {
@@ -45,6 +53,36 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// One object store call, and whether the store answered it.
+    pub fn store_request(&self, op: &'static str, failure: Option<&dyn std::fmt::Display>) {
+        *self
+            .store_requests
+            .lock()
+            .expect("metrics lock")
+            .entry(op)
+            .or_default() += 1;
+        let mut failing = self.store_failing.lock().expect("metrics lock");
+        match failure {
+            None => *failing = None,
+            Some(e) => {
+                self.store_errors.fetch_add(1, Relaxed);
+                let since = failing.as_ref().map_or_else(Instant::now, |f| f.0);
+                *failing = Some((since, e.to_string()));
+            }
+        }
+    }
+
+    /// Why the object store is degraded, if its last call failed.
+    pub fn store_degraded(&self) -> Option<String> {
+        let failing = self.store_failing.lock().expect("metrics lock");
+        failing.as_ref().map(|(since, e)| {
+            format!(
+                "object store failing for {}s: {e}",
+                since.elapsed().as_secs()
+            )
+        })
+    }
+
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
     }
@@ -62,7 +100,12 @@ impl Metrics {
             )
             .unwrap();
         }
-        let scalars: [(&str, &str, &str, &AtomicU64); 12] = [
+        s.push_str("# HELP cas_store_requests_total Object store calls by operation.\n");
+        s.push_str("# TYPE cas_store_requests_total counter\n");
+        for (op, n) in self.store_requests.lock().expect("metrics lock").iter() {
+            writeln!(s, "cas_store_requests_total{{op=\"{op}\"}} {n}").unwrap();
+        }
+        let scalars: [(&str, &str, &str, &AtomicU64); 13] = [
             (
                 "cas_bytes_in_total",
                 "counter",
@@ -125,6 +168,12 @@ impl Metrics {
                 "Xorbs found missing or corrupt (no longer offered for dedup).",
                 &self.xorbs_damaged,
             ),
+            (
+                "cas_store_errors_total",
+                "counter",
+                "Object store calls that failed (after the store client's retries).",
+                &self.store_errors,
+            ),
         ];
         let loaded = scalars.map(|(name, kind, help, v)| (name, kind, help, v.load(Relaxed)));
         for (name, kind, help, v) in loaded.iter().chain(live) {
@@ -154,5 +203,14 @@ mod tests {
         assert!(text.contains("cas_xorbs 2\n"));
         assert!(text.contains("# TYPE cas_stored_bytes gauge\n"));
         assert!(text.contains("# TYPE cas_open_connections gauge\ncas_open_connections 3\n"));
+        assert_eq!(m.store_degraded(), None);
+        m.store_request("put", None);
+        m.store_request("get", Some(&"connection refused"));
+        assert!(m.store_degraded().unwrap().contains("connection refused"));
+        m.store_request("get", None);
+        assert_eq!(m.store_degraded(), None, "a success clears it");
+        let text = m.render(&[]);
+        assert!(text.contains("cas_store_requests_total{op=\"get\"} 2\n"));
+        assert!(text.contains("cas_store_errors_total 1\n"));
     }
 }

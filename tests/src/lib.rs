@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod hub;
+pub mod s3;
 pub mod standin;
 
 use std::collections::HashMap;
@@ -71,6 +72,12 @@ impl ServerProcess {
             .arg(format!("ulimit {ulimit_args} && exec \"$0\" \"$@\""))
             .arg(bin_path("cas-server"));
         Self::spawn(sh, data_dir, extra_args)
+    }
+
+    /// As [`start_with`](Self::start_with) with a prepared `cas-server`
+    /// command (its environment, e.g. S3 credentials).
+    pub fn spawn_cmd(cmd: Command, data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::spawn(cmd, data_dir, extra_args)
     }
 
     fn spawn(mut cmd: Command, data_dir: &Path, extra_args: &[&str]) -> Self {

@@ -247,7 +247,7 @@ impl Fetcher {
                 while let Some(piece) = resp
                     .chunk()
                     .await
-                    .map_err(|e| crate::remote::transport(&what, &unit.url, &e))?
+                    .map_err(|e| remote.body_failed(&what, &unit.url, &e))?
                 {
                     received += piece.len() as u64;
                     if received > expect {

@@ -1,7 +1,7 @@
 //! Ingest: xorb uploads (verified before they are stored), dedup queries,
 //! and shard commits (checked against stored xorbs, then indexed at once).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -111,19 +111,33 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         body: Bytes,
         encoding: Encoding,
     ) -> Result<ShardCommit, CoreError> {
-        let (shard, body) = self
-            .with_index(move |index| {
-                let shard = Shard::decode_as(&body, encoding)?;
-                check_shard(index, &shard)?;
-                let body = match encoding {
-                    Encoding::Binary => body,
-                    Encoding::Json => Bytes::from(shard.to_bytes()),
-                };
-                Ok((shard, body))
-            })
-            .await?;
+        let decode_body = body.clone();
+        let shard =
+            Arc::new(blocking(move || Ok(Shard::decode_as(&decode_body, encoding)?)).await?);
+        if self.shares_store() {
+            // Xorbs another node stored: indexed from the bucket.
+            let named: HashSet<XorbHash> = shard
+                .xorbs
+                .iter()
+                .map(|t| t.hash)
+                .chain(
+                    shard
+                        .files
+                        .iter()
+                        .flat_map(|f| f.terms.iter().map(|t| t.xorb)),
+                )
+                .collect();
+            for h in named {
+                self.index_stored_xorb(h).await?;
+            }
+        }
+        let s = shard.clone();
+        self.with_index(move |index| check_shard(index, &s)).await?;
+        let body = match encoding {
+            Encoding::Binary => body,
+            Encoding::Json => Bytes::from(shard.to_bytes()),
+        };
         let _decide = self.commits.lock().await;
-        let shard = Arc::new(shard);
         let s = shard.clone();
         let decisions: Vec<Decision> = self
             .with_index(move |i| s.files.iter().map(|f| decide(i, f)).collect())
@@ -154,6 +168,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         self.objects
             .put(&ObjectKey::shard(id.as_bytes()), body)
             .await?;
+        self.catch_up.saw(*id.as_bytes());
         let commit = ShardCommit {
             shard: id.to_hex().to_string(),
             files: shard.files.len(),

@@ -11,8 +11,10 @@
 //! - [`health`]: damaged xorbs (missing or corrupt objects), found on
 //!   read or on a client's report, leave dedup so the next upload of the
 //!   same content repairs them;
-//! - [`refs`]: repositories, branches, tags and commits; revisions.
+//! - [`refs`]: repositories, branches, tags and commits; revisions;
+//! - [`catch_up`]: the index as a cache of a bucket other nodes share.
 
+mod catch_up;
 mod health;
 mod ingest;
 mod reconstruct;
@@ -33,6 +35,7 @@ use crate::index::{Index, IndexError, XorbRecord};
 use crate::metrics::Metrics;
 use crate::store::ObjectStore;
 
+pub use catch_up::CatchUp;
 pub use health::XorbCheck;
 pub use reconstruct::RangeRequest;
 
@@ -142,6 +145,7 @@ pub struct Core<O, I> {
     health: Arc<health::Health>,
     caches: Arc<refs::Caches>,
     metrics: Arc<Metrics>,
+    catch_up: Arc<catch_up::CatchUpState>,
 }
 
 impl<O, I> Clone for Core<O, I> {
@@ -153,6 +157,7 @@ impl<O, I> Clone for Core<O, I> {
             health: self.health.clone(),
             caches: self.caches.clone(),
             metrics: self.metrics.clone(),
+            catch_up: self.catch_up.clone(),
         }
     }
 }
@@ -172,7 +177,15 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             health: Arc::default(),
             caches: Arc::default(),
             metrics,
+            catch_up: Arc::default(),
         }
+    }
+
+    /// This core's index caches a store that other nodes write too: a
+    /// miss looks in the store (see [`Core::catch_up`]).
+    pub fn shared(mut self) -> Self {
+        self.catch_up = Arc::new(catch_up::CatchUpState::shared());
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -56,6 +56,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// The info of many stored files (a page of a listing), read in one
     /// blocking pass over the index; in order.
     pub async fn files_info(&self, hashes: Vec<FileHash>) -> Result<Vec<FileInfo>, CoreError> {
+        self.catch_up_for(&hashes).await?;
         self.with_index(move |i| {
             hashes
                 .into_iter()
@@ -73,6 +74,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         range: Option<RangeRequest>,
         xorb_url: impl Fn(&XorbHash) -> String + Send + 'static,
     ) -> Result<Reconstruction, CoreError> {
+        self.catch_up_for(&[hash]).await?;
         self.with_index(move |i| {
             let recipe = load_recipe(i, hash)?;
             let range = match range {
@@ -93,6 +95,16 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             })
         })
         .await
+    }
+
+    /// A URL that reads the xorb straight from the store for `ttl`, if the
+    /// store can make one.
+    pub async fn presign_xorb(
+        &self,
+        hash: XorbHash,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, CoreError> {
+        Ok(self.objects.presign(&ObjectKey::xorb(&hash), ttl).await?)
     }
 
     /// Streams bytes of a stored xorb.

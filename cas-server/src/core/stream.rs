@@ -265,6 +265,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
 
     /// The recipe of a stored file.
     pub async fn recipe(&self, hash: FileHash) -> Result<Arc<FileRecipe>, CoreError> {
+        self.catch_up_for(&[hash]).await?;
         self.with_index(move |i| load_recipe(i, hash).map(Arc::new))
             .await
     }

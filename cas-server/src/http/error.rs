@@ -116,6 +116,17 @@ impl From<CoreError> for ApiError {
             CoreError::Conflict(_) => Self::new(S::CONFLICT, "conflict", message),
             CoreError::InvalidTree { .. } => Self::new(S::BAD_REQUEST, "invalid_tree", message),
             CoreError::RangeNotSatisfiable { size } => Self::unsatisfiable(size, message),
+            CoreError::Io(e) if crate::store::is_unavailable(&e) => {
+                tracing::error!(error = %e, "object store unavailable");
+                let mut err = Self::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the object store is unavailable; try again later",
+                );
+                err.headers
+                    .push((header::RETRY_AFTER, HeaderValue::from_static("5")));
+                err
+            }
             CoreError::Index(_) | CoreError::Io(_) => {
                 tracing::error!(error = %e, "internal error");
                 Self::new(

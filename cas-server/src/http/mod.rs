@@ -55,6 +55,21 @@ const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 const BINARY: &str = "application/octet-stream";
 const JSON: &str = "application/json";
 
+/// How a node answers xorb reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum XorbReads {
+    /// Streams the bytes (from disk or the bucket) itself.
+    #[default]
+    Stream,
+    /// 307 to a presigned URL of the object in the bucket, valid for
+    /// [`REDIRECT_TTL`]: the bytes bypass the node. Stores that cannot
+    /// presign (the filesystem) stream.
+    Redirect,
+}
+
+/// How long a presigned xorb URL of [`XorbReads::Redirect`] stays valid.
+pub const REDIRECT_TTL: Duration = Duration::from_secs(300);
+
 /// Everything a request handler needs.
 pub struct App<O, I> {
     pub core: Core<O, I>,
@@ -62,6 +77,8 @@ pub struct App<O, I> {
     /// Base URL put in front of `/v1/xorbs/...` in reconstruction answers;
     /// `None`: the local address the client's connection reached.
     pub public_url: Option<String>,
+    /// How `GET /v1/xorbs/<hash>` is answered.
+    pub xorb_reads: XorbReads,
     /// Xorb uploads buffered and verified at once (CPU and blocking
     /// threads); taken once a body's first bytes arrived.
     pub upload_permits: Semaphore,
@@ -81,6 +98,7 @@ impl<O, I> App<O, I> {
             core,
             metrics,
             public_url: None,
+            xorb_reads: XorbReads::Stream,
             upload_permits: Semaphore::new(limits.max_concurrent_uploads.max(1)),
             budget: Budget::new(limits.body_budget, limits.queue_timeout),
             connections: Connections::new(limits.max_connections),

@@ -21,7 +21,7 @@ use super::body::{
     read_body, start_body, ObjectHead, Started,
 };
 use super::error::ApiError;
-use super::{empty, full, json, repos, App, Body, BINARY, JSON};
+use super::{empty, full, json, repos, App, Body, XorbReads, BINARY, JSON, REDIRECT_TTL};
 use crate::auth::{Grant, Scope};
 use crate::core::{CoreError, XorbUpload};
 use crate::index::Index;
@@ -300,7 +300,12 @@ async fn dispatch<O: ObjectStore, I: Index>(
 ) -> Result<Response<Body>, ApiError> {
     let h = params.first().copied().unwrap_or_default();
     match r {
-        Route::Healthz => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
+        // Up but degraded when the object store fails: requests that need
+        // it get 503 store_unavailable, the rest are served.
+        Route::Healthz => Ok(match app.metrics.store_degraded() {
+            None => full(StatusCode::OK, "text/plain", "ok\n"),
+            Some(why) => full(StatusCode::OK, "text/plain", format!("degraded: {why}\n")),
+        }),
         Route::Metrics => Ok(full(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -474,6 +479,19 @@ async fn get_xorb<O: ObjectStore, I: Index>(
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let hash: XorbHash = parse_hash(hash)?;
+    if app.xorb_reads == XorbReads::Redirect && req.method() == Method::GET {
+        if let Some(url) = app.core.presign_xorb(hash, REDIRECT_TTL).await? {
+            let location =
+                HeaderValue::from_str(&url).map_err(|e| CoreError::Io(std::io::Error::other(e)))?;
+            return Ok(Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header(header::LOCATION, location)
+                // The URL expires: no cache may keep this answer.
+                .header(header::CACHE_CONTROL, "no-store")
+                .body(empty())
+                .expect("valid response"));
+        }
+    }
     let size = app.core.xorb_len(hash).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,

@@ -1,6 +1,8 @@
 //! Everything durable, behind one trait with a filesystem implementation
-//! ([`FsStore`], the embedded default) and an in-memory one ([`MemStore`],
-//! for tests). Every implementation passes [`conformance::run`].
+//! ([`FsStore`], the embedded default), an S3 one ([`S3Store`], the
+//! scale-out backend) and an in-memory one ([`MemStore`], for tests).
+//! Every implementation passes [`conformance::run`]. A server picks its
+//! store at start ([`AnyStore`]) and counts its calls ([`Metered`]).
 //!
 //! Two sorts of object live here, each kind in its own key namespace:
 //! - immutable, content-addressed objects (xorbs, shards, commits): written
@@ -19,10 +21,13 @@ pub mod conformance;
 mod fs;
 #[cfg(any(test, feature = "test-util"))]
 mod mem;
+mod metered;
+mod s3;
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use cas_protocol::repo::{CommitId, RefKind, RefName, RepoId, RepoType};
@@ -32,6 +37,8 @@ use tokio::io::AsyncRead;
 pub use fs::FsStore;
 #[cfg(any(test, feature = "test-util"))]
 pub use mem::MemStore;
+pub use metered::Metered;
+pub use s3::{S3Config, S3Store};
 
 /// What an object is; each kind has its own key namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -236,6 +243,18 @@ pub enum RefError {
     Io(#[from] io::Error),
 }
 
+/// The store did not answer (or failed) within its retry timeout: an
+/// outage, not a missing object. Carried inside the `io::Error` a store
+/// call returns; the HTTP layer answers it with 503 `store_unavailable`.
+#[derive(Debug, thiserror::Error)]
+#[error("object store unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+/// Whether `e` is (or wraps) an [`Unavailable`] store.
+pub fn is_unavailable(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Unavailable>())
+}
+
 /// A streamed read of part of an object.
 pub type ObjectReader = Pin<Box<dyn AsyncRead + Send>>;
 
@@ -288,4 +307,79 @@ pub trait ObjectStore: Send + Sync + 'static {
         key: &ObjectKey,
         version: &RefVersion,
     ) -> impl Future<Output = Result<(), RefError>> + Send;
+
+    /// A URL that reads the object without credentials for `ttl` (an S3
+    /// presigned GET), or `None` if this store cannot make one.
+    fn presign(
+        &self,
+        key: &ObjectKey,
+        ttl: Duration,
+    ) -> impl Future<Output = io::Result<Option<String>>> + Send {
+        let _ = (key, ttl);
+        async { Ok(None) }
+    }
+}
+
+/// The store a server runs on, chosen at start.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    Fs(FsStore),
+    S3(S3Store),
+}
+
+/// Runs the same call on whichever store `self` is.
+macro_rules! each {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            AnyStore::Fs($s) => $call,
+            AnyStore::S3($s) => $call,
+        }
+    };
+}
+
+impl ObjectStore for AnyStore {
+    async fn put(&self, key: &ObjectKey, bytes: Bytes) -> io::Result<bool> {
+        each!(self, s => s.put(key, bytes).await)
+    }
+
+    async fn len(&self, key: &ObjectKey) -> io::Result<Option<u64>> {
+        each!(self, s => s.len(key).await)
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> io::Result<()> {
+        each!(self, s => s.delete(key).await)
+    }
+
+    async fn read_range(&self, key: &ObjectKey, range: ByteRange) -> io::Result<ObjectReader> {
+        each!(self, s => s.read_range(key, range).await)
+    }
+
+    async fn get(&self, key: &ObjectKey) -> io::Result<Option<Bytes>> {
+        each!(self, s => s.get(key).await)
+    }
+
+    async fn list(&self, prefix: &KeyPrefix) -> io::Result<Vec<ObjectKey>> {
+        each!(self, s => s.list(prefix).await)
+    }
+
+    async fn get_ref(&self, key: &ObjectKey) -> io::Result<Option<(Bytes, RefVersion)>> {
+        each!(self, s => s.get_ref(key).await)
+    }
+
+    async fn put_ref(
+        &self,
+        key: &ObjectKey,
+        bytes: Bytes,
+        expect: Expect,
+    ) -> Result<RefVersion, RefError> {
+        each!(self, s => s.put_ref(key, bytes, expect).await)
+    }
+
+    async fn delete_ref(&self, key: &ObjectKey, version: &RefVersion) -> Result<(), RefError> {
+        each!(self, s => s.delete_ref(key, version).await)
+    }
+
+    async fn presign(&self, key: &ObjectKey, ttl: Duration) -> io::Result<Option<String>> {
+        each!(self, s => s.presign(key, ttl).await)
+    }
 }

@@ -21,6 +21,8 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// regular file of the entry's size.
     pub(super) async fn check_tree(&self, tree: FileHash) -> Result<(), CoreError> {
         let listing = self.tree(tree).await?;
+        let files: Vec<FileHash> = listing.tree.entries.iter().map(|e| e.file).collect();
+        self.catch_up_for(&files).await?;
         self.with_index(move |i| {
             for e in &listing.tree.entries {
                 match i.file(&e.file)? {

@@ -1,0 +1,372 @@
+//! The S3 store end to end: real cas-server and cas-client binaries over a
+//! real SeaweedFS (`weed server -s3`, scripts/setup-seaweedfs).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cas_e2e::client::{cas_as, ok};
+use cas_e2e::s3::Weed;
+use cas_e2e::{agent, assert_same_bytes, body, json_of, Metrics};
+use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, XorbBuilder};
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    cas_bench::random_bytes(seed, len)
+}
+
+fn one_chunk_xorb(data: &[u8]) -> BuiltXorb {
+    let mut b = XorbBuilder::new();
+    b.try_push(EncodedChunk::encode(data, Compression::Raw).unwrap())
+        .unwrap();
+    b.finish().unwrap()
+}
+
+/// `cas-client upload --json PATH` through `url`; the file hash.
+fn upload(url: &str, path: &Path, cwd: &Path) -> String {
+    let mut c = cas_as(None, url, None, "upload", cwd);
+    c.arg("--json").arg(path);
+    json_of(ok(c))["roots"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn fetch(url: &str, hash: &str, dest: &Path, cwd: &Path) {
+    let mut c = cas_as(None, url, None, "fetch", cwd);
+    c.args(["--json", hash, "-o"]).arg(dest);
+    ok(c);
+}
+
+fn healthz(url: &str) -> String {
+    let (status, text) = body(agent().get(format!("{url}/healthz")).call().unwrap());
+    assert_eq!(status, 200, "healthz stays up");
+    String::from_utf8(text).unwrap()
+}
+
+/// Upload and fetch through a node whose objects live in S3: everything
+/// durable is in the bucket under the prefix, none of it on the node's
+/// disk, and the node counts its S3 requests.
+#[test]
+fn upload_and_fetch_through_the_bucket() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let node = weed.node(&dir.path().join("a"), "team/models", &[]);
+    let data = random(3 << 20, 1);
+    let src = dir.path().join("model.bin");
+    std::fs::write(&src, &data).unwrap();
+    let hash = upload(&node.url, &src, dir.path());
+    let out = dir.path().join("out.bin");
+    fetch(&node.url, &hash, &out, dir.path());
+    assert_same_bytes(&data, &out);
+
+    let xorbs = weed.keys("team/models/xorbs/");
+    let shards = weed.keys("team/models/shards/");
+    assert!(
+        !xorbs.is_empty() && !shards.is_empty(),
+        "{xorbs:?} {shards:?}"
+    );
+    assert!(weed.keys("xorbs/").is_empty(), "nothing outside the prefix");
+    assert!(
+        !dir.path().join("a/objects").exists(),
+        "no objects on the node's disk"
+    );
+    let m = Metrics::fetch(&node.url);
+    assert_eq!(
+        m.get("cas_store_requests_total{op=\"put\"}"),
+        (xorbs.len() + shards.len()) as u64,
+        "one PUT per object"
+    );
+    assert!(m.get("cas_store_requests_total{op=\"get_range\"}") > 0);
+    assert_eq!(healthz(&node.url), "ok\n");
+}
+
+/// The bucket goes away mid-service: calls that need it fail after the
+/// retry timeout with 503 store_unavailable, the node stays up and says
+/// it is degraded, nothing half-written is visible, and once the store is
+/// back the same upload succeeds and the node is healthy again.
+#[test]
+fn store_outage_is_503_then_recovers() {
+    let mut weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let node = weed.node(&dir.path().join("a"), "p", &["--store-retry-timeout", "2s"]);
+    let first = dir.path().join("first.bin");
+    std::fs::write(&first, random(1 << 20, 2)).unwrap();
+    upload(&node.url, &first, dir.path());
+    let before = weed.keys("p/");
+
+    weed.kill();
+    let data = random(2 << 20, 3);
+    let src = dir.path().join("second.bin");
+    std::fs::write(&src, &data).unwrap();
+    let start = Instant::now();
+    let mut c = cas_as(None, &node.url, None, "upload", dir.path());
+    c.arg(&src);
+    let out = c.output().unwrap();
+    assert!(!out.status.success(), "an upload into a dead store fails");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("store_unavailable") || stderr.contains("503"),
+        "{stderr}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(120), "it gives up");
+    // A xorb PUT straight to the API: 503 with its code and Retry-After.
+    let x = one_chunk_xorb(&random(100_000, 4));
+    let r = agent()
+        .put(format!("{}/v1/xorbs/{}", node.url, x.hash))
+        .send(&x.bytes[..])
+        .unwrap();
+    assert_eq!(r.headers()["retry-after"], "5");
+    let (status, text) = body(r);
+    let text = String::from_utf8(text).unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("\"store_unavailable\""), "{text}");
+    let health = healthz(&node.url);
+    assert!(
+        health.starts_with("degraded: object store failing"),
+        "{health}"
+    );
+    assert!(Metrics::fetch(&node.url).get("cas_store_errors_total") > 0);
+
+    weed.restart();
+    assert_eq!(
+        weed.keys("p/"),
+        before,
+        "nothing of the failed upload is visible"
+    );
+    let hash = upload(&node.url, &src, dir.path());
+    assert_eq!(healthz(&node.url), "ok\n");
+    let out = dir.path().join("out.bin");
+    fetch(&node.url, &hash, &out, dir.path());
+    assert_same_bytes(&data, &out);
+}
+
+/// Three nodes on one bucket: a file uploaded through A is fetched through
+/// C at once (a miss catches up), and B's dedup learns A's chunks within
+/// its catch-up period, so uploading the same file through B sends nothing.
+#[test]
+fn three_nodes_share_one_bucket() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let every = ["--catch-up-every", "1s"];
+    let a = weed.node(&dir.path().join("a"), "shared", &every);
+    let b = weed.node(&dir.path().join("b"), "shared", &every);
+    let c = weed.node(&dir.path().join("c"), "shared", &["--catch-up-every", "1h"]);
+    let data = random(5 << 20, 5);
+    let src = dir.path().join("model.bin");
+    std::fs::write(&src, &data).unwrap();
+    let hash = upload(&a.url, &src, dir.path());
+    let out = dir.path().join("via-c.bin");
+    fetch(&c.url, &hash, &out, dir.path());
+    assert_same_bytes(&data, &out);
+
+    std::thread::sleep(Duration::from_secs(3));
+    let mut again = cas_as(None, &b.url, None, "upload", dir.path());
+    again.arg("--json").arg(&src);
+    let report = json_of(ok(again));
+    assert_eq!(report["xorbs"], 0, "B knew A's chunks: {report}");
+    assert_eq!(report["new_chunks"], 0, "{report}");
+}
+
+/// A fetch through node A (behind a slow link) while A is killed with
+/// SIGKILL: the client moves to B and the fetch completes byte-identical.
+#[test]
+fn a_fetch_survives_the_loss_of_its_node() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let b = weed.node(&dir.path().join("b"), "p", &[]);
+    let data = random(24 << 20, 6);
+    let src = dir.path().join("big.bin");
+    std::fs::write(&src, &data).unwrap();
+    let hash = upload(&b.url, &src, dir.path());
+    // A answers through a slow proxy; its xorb URLs name the proxy.
+    let a_addr = format!("127.0.0.1:{}", cas_e2e::s3::free_port());
+    let throttle = cas_e2e::s3::Throttle::start(&format!("http://{a_addr}"), 4 << 20);
+    let a = weed.node(
+        &dir.path().join("a"),
+        "p",
+        &["--public-url", &throttle.url, "--listen", &a_addr],
+    );
+    let out = dir.path().join("out.bin");
+    let endpoints = format!("{},{}", throttle.url, b.url);
+    let mut c = cas_as(None, &endpoints, None, "fetch", dir.path());
+    c.env("CAS_RETRIES", "4")
+        .args(["--json", &hash, "-o"])
+        .arg(&out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    let start = Instant::now();
+    while throttle.relayed() < 2 << 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no bytes through A"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    a.kill9();
+    let result = child.wait_with_output().unwrap();
+    assert!(result.status.success(), "{}", cas_e2e::show(&result));
+    assert_same_bytes(&data, &out);
+    assert!(
+        Metrics::fetch(&b.url).xorb_bytes_out() > 0,
+        "B served the rest"
+    );
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("moving to"), "{stderr}");
+}
+
+/// A node's index is a cache: wiped, `rebuild-index` recreates it from the
+/// bucket and every file is served again; a node started on an empty data
+/// dir rebuilds by itself (its dedup knows every chunk).
+#[test]
+fn the_index_rebuilds_from_the_bucket() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let a = weed.node(&a_dir, "r", &[]);
+    let files: Vec<(std::path::PathBuf, Vec<u8>)> = (0..4)
+        .map(|i| {
+            let p = dir.path().join(format!("f{i}.bin"));
+            let d = random(300_000 + i * 100_000, 10 + i as u64);
+            std::fs::write(&p, &d).unwrap();
+            (p, d)
+        })
+        .collect();
+    let hashes: Vec<String> = files
+        .iter()
+        .map(|(p, _)| upload(&a.url, p, dir.path()))
+        .collect();
+    a.kill9();
+    std::fs::remove_dir_all(&a_dir).unwrap();
+
+    let mut rebuild = cas_e2e::bin("cas-server");
+    weed.s3_env(&mut rebuild);
+    rebuild
+        .arg("--data-dir")
+        .arg(&a_dir)
+        .args(["--store", "s3://cas/r", "--s3-endpoint", &weed.endpoint()])
+        .arg("rebuild-index");
+    let done = json_of(cas_e2e::ok(rebuild));
+    assert_eq!(done["shards"], 4, "{done}");
+    assert_eq!(done["new_files"], 4, "{done}");
+    assert!(done["xorbs"].as_u64().unwrap() >= 1, "{done}");
+    let a = weed.node(&a_dir, "r", &["--catch-up-every", "1h"]);
+    for (h, (_, d)) in hashes.iter().zip(&files) {
+        let out = dir.path().join(format!("{h}.out"));
+        fetch(&a.url, h, &out, dir.path());
+        assert_same_bytes(d, &out);
+    }
+
+    let fresh = weed.node(&dir.path().join("fresh"), "r", &["--catch-up-every", "1h"]);
+    let start = Instant::now();
+    loop {
+        let m = Metrics::fetch(&fresh.url);
+        if m.get("cas_files") == 4 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", m.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut again = cas_as(None, &fresh.url, None, "upload", dir.path());
+    again.arg("--json").arg(&files[3].0);
+    let report = json_of(ok(again));
+    assert_eq!(report["xorbs"], 0, "rebuilt dedup: {report}");
+}
+
+/// `--xorb-reads redirect`: xorb GETs answer 307 to a presigned S3 URL
+/// (no bytes through the node) and the client fetches byte-identical
+/// through it.
+#[test]
+fn redirect_mode_sends_reads_to_the_bucket() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let node = weed.node(&dir.path().join("a"), "d", &["--xorb-reads", "redirect"]);
+    let data = random(4 << 20, 20);
+    let src = dir.path().join("m.bin");
+    std::fs::write(&src, &data).unwrap();
+    let hash = upload(&node.url, &src, dir.path());
+    let out = dir.path().join("out.bin");
+    fetch(&node.url, &hash, &out, dir.path());
+    assert_same_bytes(&data, &out);
+    let m = Metrics::fetch(&node.url);
+    assert_eq!(m.xorb_bytes_out(), 0, "no xorb bytes through the node");
+    assert!(m.answered("xorb_get", 307) > 0, "{}", m.0);
+
+    let xorb = weed.keys("d/xorbs/")[0]
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let no_redirects = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build();
+    let no_redirects: ureq::Agent = no_redirects.into();
+    let r = no_redirects
+        .get(format!("{}/v1/xorbs/{xorb}", node.url))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 307);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(&weed.endpoint()), "{location}");
+    assert!(location.contains("X-Amz-Expires=300"), "{location}");
+    // The presigned URL serves ranges by itself.
+    let (status, bytes) = body(
+        agent()
+            .get(&location)
+            .header("Range", "bytes=0-7")
+            .call()
+            .unwrap(),
+    );
+    assert_eq!((status, &bytes[..]), (206, &b"CASXORB\0"[..]));
+}
+
+/// Uploads to one repository branch through two nodes at once: every
+/// commit lands in the branch's history (S3 compare-and-swap on the head
+/// holds across nodes).
+#[test]
+fn concurrent_commits_through_two_nodes_keep_every_commit() {
+    const UPLOADS: usize = 6;
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = weed.node(&dir.path().join("a"), "c", &[]);
+    let b = weed.node(&dir.path().join("b"), "c", &[]);
+    let children: Vec<_> = (0..UPLOADS)
+        .map(|i| {
+            let d = dir.path().join(format!("u{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("data.bin"), random(200_000, 100 + i as u64)).unwrap();
+            let url = if i % 2 == 0 { &a.url } else { &b.url };
+            let mut c = cas_as(None, url, None, "upload", dir.path());
+            c.env("CAS_AUTHOR", "tester")
+                .args(["--json", "--repo", "org/busy"])
+                .arg(&d)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    let mut made = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", cas_e2e::show(&out));
+        made.push(
+            json_of(out.stdout)["commit"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let mut log = cas_as(None, &b.url, None, "log", dir.path());
+    log.args(["--json", "org/busy"]);
+    let mut history: Vec<String> = json_of(ok(log))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(history.len(), UPLOADS, "{history:?}");
+    history.sort();
+    made.sort();
+    assert_eq!(history, made, "every commit is in the history");
+}
