@@ -3,10 +3,13 @@
 
 use std::collections::HashMap;
 
-use cas_protocol::messages::{FetchRange, Reconstruction, ReconstructionTerm, XorbFetch};
+use cas_protocol::messages::{
+    FetchRange, FileReconstruction, Reconstruction, ReconstructionBatch, ReconstructionTerm,
+    XorbFetch, BATCH_ANSWER_TARGET,
+};
 use cas_protocol::shard::FileRecipe;
 use cas_protocol::xorb::{FrameOffsets, XorbError};
-use cas_protocol::{ByteRange, ChunkRange, FileHash, RangeHash, XorbHash};
+use cas_protocol::{ByteRange, ChunkRange, Encoding, FileHash, Message, RangeHash, XorbHash};
 
 use super::{load_recipe, Core, CoreError, FileInfo, Records};
 use crate::index::{Index, IndexError};
@@ -86,13 +89,47 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                     .resolve(recipe.size)
                     .ok_or(CoreError::RangeNotSatisfiable { size: recipe.size })?,
             };
-            plan(i, &recipe, range, &xorb_url).map_err(|e| match e {
-                CoreError::DamagedXorb(xorb) | CoreError::UnknownXorb(xorb) => CoreError::Damaged {
-                    file: Some(hash),
-                    xorb,
-                },
-                e => e,
-            })
+            plan(&mut Records::new(i), &recipe, range, &xorb_url)
+        })
+        .await
+    }
+
+    /// Whole-file reconstructions of the first of `files` (in order), as
+    /// many as fit [`BATCH_ANSWER_TARGET`] bytes in `encoding`, at least
+    /// one. Xorb records are read once for the whole batch.
+    pub async fn reconstruct_batch(
+        &self,
+        files: Vec<FileHash>,
+        encoding: Encoding,
+        xorb_url: impl Fn(&XorbHash) -> String + Send + 'static,
+    ) -> Result<ReconstructionBatch, CoreError> {
+        self.with_index(move |i| {
+            let mut records = Records::new(i);
+            let mut batch = ReconstructionBatch::default();
+            let mut bytes = 0;
+            for hash in files {
+                let recipe = load_recipe(i, hash)?;
+                let whole = ByteRange {
+                    start: 0,
+                    end: recipe.size,
+                };
+                let reconstruction = plan(&mut records, &recipe, whole, &xorb_url)?;
+                let file = FileReconstruction {
+                    kind: recipe.kind,
+                    sha256: recipe.sha256,
+                    reconstruction,
+                };
+                // The encoding of one file alone, plus what the batch adds.
+                bytes += match encoding {
+                    Encoding::Binary => file.reconstruction.to_bytes().len(),
+                    Encoding::Json => file.reconstruction.to_json().len(),
+                } + 160;
+                if bytes > BATCH_ANSWER_TARGET && !batch.files.is_empty() {
+                    break;
+                }
+                batch.files.push(file);
+            }
+            Ok(batch)
         })
         .await
     }
@@ -113,25 +150,37 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         hash: XorbHash,
         range: ByteRange,
     ) -> Result<ObjectReader, CoreError> {
-        Ok(self
-            .objects
-            .read_range(&ObjectKey::xorb(&hash), range)
-            .await?)
+        self.open_xorb(hash, range).await
     }
 }
 
 /// Builds the reconstruction of `range` (already inside the file): the
 /// terms overlapping it, trimmed to the chunks that overlap it, and per
 /// xorb the merged byte ranges that hold those chunks.
-fn plan(
-    index: &impl Index,
+/// A damaged or missing xorb is reported as the file's.
+fn plan<I: Index>(
+    records: &mut Records<'_, I>,
+    recipe: &FileRecipe,
+    range: ByteRange,
+    xorb_url: &impl Fn(&XorbHash) -> String,
+) -> Result<Reconstruction, CoreError> {
+    plan_terms(records, recipe, range, xorb_url).map_err(|e| match e {
+        CoreError::DamagedXorb(xorb) | CoreError::UnknownXorb(xorb) => CoreError::Damaged {
+            file: Some(recipe.hash),
+            xorb,
+        },
+        e => e,
+    })
+}
+
+fn plan_terms<I: Index>(
+    records: &mut Records<'_, I>,
     recipe: &FileRecipe,
     range: ByteRange,
     xorb_url: &impl Fn(&XorbHash) -> String,
 ) -> Result<Reconstruction, CoreError> {
     let mut terms = Vec::new();
     let mut offset_into_first_term = 0;
-    let mut records = Records::new(index);
     let mut pos = 0u64;
     for t in &recipe.terms {
         let (t_start, t_end) = (pos, pos + t.len);

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use cas_protocol::messages::{DedupQuery, MAX_DEDUP_BATCH};
+use cas_protocol::messages::{DedupQuery, ReconstructionQuery, MAX_BATCH_FILES, MAX_DEDUP_BATCH};
 use cas_protocol::repo::CommitId;
 use cas_protocol::shard::MAX_SHARD_BYTES;
 use cas_protocol::xorb::{StreamVerifier, XorbError, MAX_XORB_SERIALIZED};
@@ -67,6 +67,7 @@ pub enum Route {
     XorbHead,
     Shard,
     Reconstruction,
+    ReconstructionBatch,
     File,
     XorbCheck,
     RepoList,
@@ -83,7 +84,7 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 21] = [
+    pub const ALL: [Route; 22] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -92,6 +93,7 @@ impl Route {
         Route::XorbHead,
         Route::Shard,
         Route::Reconstruction,
+        Route::ReconstructionBatch,
         Route::File,
         Route::XorbCheck,
         Route::RepoList,
@@ -117,6 +119,7 @@ impl Route {
             Route::XorbHead => "xorb_head",
             Route::Shard => "shard",
             Route::Reconstruction => "reconstruction",
+            Route::ReconstructionBatch => "reconstruction_batch",
             Route::File => "file",
             Route::XorbCheck => "xorb_check",
             Route::RepoList => "repo_list",
@@ -155,6 +158,7 @@ impl Route {
             | Route::RepoTag => Some(Scope::Write),
             // A reader reports bytes that failed verification.
             Route::Reconstruction
+            | Route::ReconstructionBatch
             | Route::File
             | Route::XorbCheck
             | Route::RepoList
@@ -190,6 +194,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
             ],
             vec![*h],
         ),
+        ["v1", "reconstructions"] => (&[(Method::POST, Route::ReconstructionBatch)], vec![]),
         ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], vec![*h]),
         ["v1", "files", h] => (&[(Method::GET, Route::File)], vec![*h]),
         ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], vec![*h]),
@@ -319,6 +324,7 @@ async fn dispatch<O: ObjectStore, I: Index>(
             repos::authorize_file(app, grant, req.uri(), h).await?;
             reconstruct(app, h, &req, local).await
         }
+        Route::ReconstructionBatch => reconstruct_batch(app, grant, req, local).await,
         Route::File => {
             repos::authorize_file(app, grant, req.uri(), h).await?;
             file_info(app, h).await
@@ -627,19 +633,58 @@ async fn reconstruct<O: ObjectStore, I: Index>(
         .core
         .reconstruct(hash, range, move |x| format!("{base}/v1/xorbs/{x}"))
         .await?;
-    // JSON unless the client asks for the binary form (and not for JSON).
-    let h = req.headers();
-    let encoding = if header_contains(h, header::ACCEPT, BINARY)
-        && !header_contains(h, header::ACCEPT, JSON)
-    {
-        Encoding::Binary
-    } else {
-        Encoding::Json
-    };
-    let mut resp = message_response(encoding, &r);
+    let mut resp = message_response(answer_encoding(req.headers()), &r);
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// Largest batched reconstruction query body (binary or JSON).
+const MAX_BATCH_QUERY_BODY: usize = 64 + MAX_BATCH_FILES * 70;
+
+/// Whole-file reconstructions of many files in one answer (as many as fit
+/// about 8 MiB; the client asks again for the rest).
+async fn reconstruct_batch<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    grant: &Grant,
+    req: Request<Incoming>,
+    local: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let uri = req.uri().clone();
+    let encoding = answer_encoding(req.headers());
+    let query_encoding = body_encoding(req.headers());
+    let body = read_body(
+        req,
+        MAX_BATCH_QUERY_BODY,
+        app.body_rules(),
+        &app.budget,
+        &app.metrics,
+    )
+    .await?;
+    let query =
+        ReconstructionQuery::decode_as(&body.bytes, query_encoding).map_err(CoreError::from)?;
+    drop(body);
+    repos::authorize_files(app, grant, &uri, &query.files).await?;
+    let base = super::read_base(app, local);
+    let batch = app
+        .core
+        .reconstruct_batch(query.files, encoding, move |x| {
+            format!("{base}/v1/xorbs/{x}")
+        })
+        .await?;
+    let mut resp = message_response(encoding, &batch);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// JSON unless the client asks for the binary form (and not for JSON).
+fn answer_encoding(h: &hyper::HeaderMap) -> Encoding {
+    if header_contains(h, header::ACCEPT, BINARY) && !header_contains(h, header::ACCEPT, JSON) {
+        Encoding::Binary
+    } else {
+        Encoding::Json
+    }
 }
 
 async fn file_info<O: ObjectStore, I: Index>(
