@@ -44,7 +44,7 @@ impl RetryPolicy {
     /// Delay before retry number `attempt` (0-based): half of the capped
     /// exponential step plus a random share of the other half, so clients
     /// that failed together do not retry together.
-    fn delay(&self, attempt: u32) -> Duration {
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
         let step = self
             .base_delay
             .saturating_mul(1u32 << attempt.min(16))

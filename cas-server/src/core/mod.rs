@@ -12,11 +12,14 @@
 //!   read or on a client's report, leave dedup so the next upload of the
 //!   same content repairs them;
 //! - [`refs`]: repositories, branches, tags and commits; revisions;
+//! - [`objects`]: whole objects (Git LFS, Hub commits) chunked,
+//!   deduplicated and packed on the server, found by SHA-256;
 //! - [`catch_up`]: the index as a cache of a bucket other nodes share.
 
 mod catch_up;
 mod health;
 mod ingest;
+pub mod objects;
 mod reconstruct;
 pub mod refs;
 mod stream;
@@ -66,6 +69,18 @@ pub enum CoreError {
     },
     #[error("{0} not found")]
     NotFound(String),
+    /// An object's bytes do not hash to the SHA-256 (LFS object id) it
+    /// was sent as: nothing was recorded.
+    #[error("object {expected}: the {size} bytes received hash to {actual}")]
+    ObjectMismatch {
+        expected: Sha256,
+        actual: Sha256,
+        size: u64,
+    },
+    /// A request to change a repository that cannot be applied (a path
+    /// that is not a file of the tree, an LFS object that is not stored).
+    #[error("{0}")]
+    InvalidChange(String),
     #[error("range not satisfiable for a file of {size} bytes")]
     RangeNotSatisfiable { size: u64 },
     #[error("repository {0} not found")]
@@ -145,6 +160,7 @@ pub struct Core<O, I> {
     health: Arc<health::Health>,
     caches: Arc<refs::Caches>,
     metrics: Arc<Metrics>,
+    inflight: Arc<objects::InFlight>,
     catch_up: Arc<catch_up::CatchUpState>,
 }
 
@@ -157,6 +173,7 @@ impl<O, I> Clone for Core<O, I> {
             health: self.health.clone(),
             caches: self.caches.clone(),
             metrics: self.metrics.clone(),
+            inflight: self.inflight.clone(),
             catch_up: self.catch_up.clone(),
         }
     }
@@ -177,6 +194,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             health: Arc::default(),
             caches: Arc::default(),
             metrics,
+            inflight: Arc::default(),
             catch_up: Arc::default(),
         }
     }

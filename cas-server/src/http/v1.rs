@@ -696,21 +696,22 @@ async fn redirect_to_bucket<O: ObjectStore, I: Index>(
 /// The URL of a stored file's bytes under `base`: with a signing key a
 /// capability (`/v1/content/<hash>/<MAC of the hash>`: unforgeable, and
 /// the same for every reader, so caches share it), else `/v1/content/<hash>`
-/// (a server without a key serves loopback clients only). `commit` is
-/// echoed as `X-Repo-Commit` by the answer.
+/// (a server without a key serves loopback clients only). `commit`, if
+/// any, is echoed as `X-Repo-Commit` by the answer.
 pub(crate) fn content_url<O, I>(
     app: &App<O, I>,
     base: &str,
     file: &FileHash,
-    commit: &CommitId,
+    commit: Option<&CommitId>,
 ) -> String {
     let hex = file.to_string();
-    match app.access.key() {
-        Some(key) => format!(
-            "{base}/v1/content/{hex}/{}?commit={commit}",
-            key.url_mac(CONTENT_MAC, &hex)
-        ),
-        None => format!("{base}/v1/content/{hex}?commit={commit}"),
+    let url = match app.access.key() {
+        Some(key) => format!("{base}/v1/content/{hex}/{}", key.url_mac(CONTENT_MAC, &hex)),
+        None => format!("{base}/v1/content/{hex}"),
+    };
+    match commit {
+        Some(c) => format!("{url}?commit={c}"),
+        None => url,
     }
 }
 
