@@ -29,6 +29,9 @@ pub enum Error {
     /// the server to commit).
     #[error("{what}: {message}")]
     Conflict { what: String, message: String },
+    /// The upstream of a mirror refused, failed or sent wrong bytes.
+    #[error("{what}: {message}")]
+    Upstream { what: String, message: String },
     /// The server answered success with a body we cannot use.
     #[error("{what}: unusable answer: {reason}")]
     BadAnswer { what: String, reason: String },

@@ -52,9 +52,10 @@ struct Remote {
     /// Cache size cap, e.g. 500M, 20G.
     #[arg(long, env = "CAS_CACHE_SIZE", default_value = "20G", value_parser = parse_size)]
     cache_size: u64,
-    /// Concurrent range requests when fetching.
-    #[arg(long, env = "CAS_CONNECTIONS", default_value_t = 8)]
-    connections: usize,
+    /// Concurrent range requests when fetching [default: 8]; for `mirror`,
+    /// concurrent requests to the upstream [default: 16].
+    #[arg(long, env = "CAS_CONNECTIONS")]
+    connections: Option<usize>,
     /// Concurrent xorb uploads (each holds up to 64 MiB).
     #[arg(long, env = "CAS_UPLOADS", default_value_t = 4)]
     uploads: usize,
@@ -221,6 +222,51 @@ enum Command {
         #[arg(required = true)]
         hashes: Vec<FileHash>,
     },
+    /// Mirror a revision of a Hugging Face Hub repository into a repository
+    /// of the store, verified, in one pass (no copy on disk): prints the
+    /// commit and tree. Run again after an interruption; the same revision
+    /// again changes nothing.
+    Mirror {
+        #[command(flatten)]
+        remote: Remote,
+        /// ORG/NAME upstream (datasets/ORG/NAME for a dataset).
+        repo_id: String,
+        #[command(flatten)]
+        kind: RepoTypeArg,
+        /// Upstream branch, tag or commit; also the branch committed to.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// The upstream Hub.
+        #[arg(
+            long = "from",
+            env = "HF_ENDPOINT",
+            default_value = "https://huggingface.co"
+        )]
+        from: String,
+        /// Token for the upstream only [default: $HF_TOKEN, else
+        /// $HF_HOME/token].
+        #[arg(long, env = "HF_TOKEN", hide_env_values = true)]
+        hf_token: Option<String>,
+        /// The repository to commit to [default: the upstream's ORG/NAME].
+        #[arg(long = "as", value_name = "ORG/NAME")]
+        target: Option<String>,
+        /// Mirror only files matching a glob (`*`, `?`; `dir/` for a
+        /// directory); repeatable.
+        #[arg(long)]
+        include: Vec<String>,
+        /// Leave out files matching a glob; repeatable.
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Abandon (and retry) an upstream connection with no progress for
+        /// this many seconds.
+        #[arg(long, env = "CAS_MIRROR_STALL_SECS", default_value_t = 30)]
+        stall_secs: u64,
+        /// Commit author [default: the user name].
+        #[arg(long, env = "CAS_AUTHOR")]
+        author: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Chunk and hash files locally (no server): prints file hash, SHA-256,
     /// size and path, one line per file.
     Hash {
@@ -322,7 +368,7 @@ impl Remote {
                 self.cache_dir.or_else(cas_client::ChunkCache::default_dir)
             },
             cache_size: self.cache_size,
-            connections: self.connections,
+            connections: self.connections.unwrap_or(8),
             upload_concurrency: self.uploads,
             retry: RetryPolicy {
                 attempts: self.retries + 1,
@@ -405,11 +451,7 @@ impl CommitArgs {
             let m = format!("Upload {}", names.join(" "));
             m.chars().take(1000).collect()
         });
-        let author = self
-            .author
-            .or_else(|| std::env::var("USER").ok())
-            .or_else(|| std::env::var("LOGNAME").ok())
-            .unwrap_or_else(|| "unknown".into());
+        let author = author_or_user(self.author);
         Ok(Some(RepoTarget {
             repo,
             branch: RefName::new(&self.branch)?,
@@ -418,6 +460,28 @@ impl CommitArgs {
             parent: self.parent.map(|p| p.parse::<CommitId>()).transpose()?,
         }))
     }
+}
+
+/// `author`, else the user's name.
+fn author_or_user(author: Option<String>) -> String {
+    author
+        .or_else(|| std::env::var("USER").ok())
+        .or_else(|| std::env::var("LOGNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The token `huggingface_hub` saved (`hf auth login`): `$HF_TOKEN_PATH`,
+/// else `$HF_HOME/token`, else `~/.cache/huggingface/token`.
+fn hf_token_file() -> Option<String> {
+    let path = std::env::var_os("HF_TOKEN_PATH")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HF_HOME").map(|h| PathBuf::from(h).join("token")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/token"))
+        })?;
+    let t = std::fs::read_to_string(path).ok()?;
+    let t = t.trim();
+    (!t.is_empty()).then(|| t.to_owned())
 }
 
 /// An upload's `--json` object (`value`) with its derived ratios added.
@@ -703,6 +767,70 @@ async fn run(command: Command) -> Result<()> {
                     for e in &t.entries {
                         out!("  {}  {:o}  {:>12}  {}", e.file, e.mode, e.size, e.path);
                     }
+                }
+            }
+        }
+        Command::Mirror {
+            remote,
+            repo_id,
+            kind,
+            revision,
+            from,
+            hf_token,
+            target,
+            include,
+            exclude,
+            stall_secs,
+            author,
+            json: as_json,
+        } => {
+            let (upstream, rev) = parse_spec(&repo_id, kind.repo_type)?;
+            if rev.is_some() {
+                bail!("mirror takes ORG/NAME; choose the revision with --revision");
+            }
+            let target = match target {
+                Some(t) => parse_spec(&t, upstream.repo_type())?.0,
+                None => upstream.clone(),
+            };
+            let options = cas_client::MirrorOptions {
+                endpoint: from,
+                token: hf_token.or_else(hf_token_file),
+                id: upstream.path(),
+                repo_type: upstream.repo_type(),
+                revision,
+                target,
+                include,
+                exclude,
+                connections: remote.connections.unwrap_or(16),
+                stall: std::time::Duration::from_secs(stall_secs.max(1)),
+                author: author_or_user(author),
+            };
+            let r = remote.client()?.mirror(&options).await?;
+            if as_json {
+                out!("{}", json(&r));
+                return Ok(());
+            }
+            out!("{}  tree  {}", r.commit.commit.tree, r.repo);
+            out!("{}  commit  {}@{}", r.commit.id, r.repo, r.branch);
+            if r.unchanged {
+                eprintln!(
+                    "{}@{} (upstream commit {}) is already mirrored: nothing to do",
+                    r.upstream, r.revision, r.upstream_commit
+                );
+            } else {
+                eprintln!(
+                    "mirrored {}@{} (upstream commit {}): {} files, {} in {:.1} s ({}); {} downloaded",
+                    r.upstream,
+                    r.revision,
+                    r.upstream_commit,
+                    r.files,
+                    HumanBytes(r.bytes),
+                    r.seconds,
+                    rate(r.bytes, r.seconds),
+                    HumanBytes(r.downloaded_bytes),
+                );
+                if let Some(u) = &r.upload {
+                    print_upload(u, false)?;
                 }
             }
         }

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cas_protocol::messages::{ChunkLocation, DedupAnswer, DedupQuery, MAX_DEDUP_BATCH};
-use cas_protocol::messages::{Reconstruction, MAX_RECONSTRUCTION_BYTES};
+use cas_protocol::messages::{
+    FileReconstruction, Reconstruction, ReconstructionBatch, ReconstructionQuery, MAX_BATCH_FILES,
+    MAX_RECONSTRUCTION_BYTES,
+};
 use cas_protocol::shard::Shard;
 use cas_protocol::{ByteRange, ChunkHash, FileHash, Kind, Message, Sha256, XorbHash};
 use rand::Rng;
@@ -41,7 +44,7 @@ impl RetryPolicy {
     /// Delay before retry number `attempt` (0-based): half of the capped
     /// exponential step plus a random share of the other half, so clients
     /// that failed together do not retry together.
-    fn delay(&self, attempt: u32) -> Duration {
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
         let step = self
             .base_delay
             .saturating_mul(1u32 << attempt.min(16))
@@ -294,6 +297,56 @@ impl Remote {
             .await?;
         answers(&rec, file, range).map_err(|reason| Error::BadAnswer { what, reason })?;
         Ok(rec)
+    }
+
+    /// Whole-file reconstructions of `files`, in order, with their kinds
+    /// and SHA-256s: one request per [`MAX_BATCH_FILES`] files, more when
+    /// the server answers only the first ones (it bounds its answers).
+    pub async fn reconstruct_batch(&self, files: &[FileHash]) -> Result<Vec<FileReconstruction>> {
+        let url = format!("{}/v1/reconstructions{}", self.endpoint(), self.context());
+        let what = "batched reconstruction";
+        let mut out = Vec::with_capacity(files.len());
+        while out.len() < files.len() {
+            let asked = &files[out.len()..files.len().min(out.len() + MAX_BATCH_FILES)];
+            let body = Bytes::from(
+                ReconstructionQuery {
+                    files: asked.to_vec(),
+                }
+                .to_bytes(),
+            );
+            let batch: ReconstructionBatch = self
+                .retry
+                .run(|| async {
+                    let rb = self
+                        .request(reqwest::Method::POST, &url)
+                        .header(CONTENT_TYPE, OCTETS)
+                        .header(ACCEPT, OCTETS)
+                        .body(body.clone());
+                    let resp = self.send(what, &url, rb).await?;
+                    let limit = cas_protocol::messages::MAX_BATCH_ANSWER_BYTES;
+                    decode(what, &read_limited(what, &url, resp, limit).await?)
+                })
+                .await?;
+            if batch.files.is_empty() || batch.files.len() > asked.len() {
+                return Err(Error::BadAnswer {
+                    what: what.into(),
+                    reason: format!("{} answers for {} files", batch.files.len(), asked.len()),
+                });
+            }
+            for (f, &hash) in batch.files.into_iter().zip(asked) {
+                let r = &f.reconstruction;
+                let whole = ByteRange {
+                    start: 0,
+                    end: r.file_size,
+                };
+                answers(r, hash, whole).map_err(|reason| Error::BadAnswer {
+                    what: format!("reconstruction of {hash}"),
+                    reason,
+                })?;
+                out.push(f);
+            }
+        }
+        Ok(out)
     }
 
     pub async fn file_info(&self, file: FileHash) -> Result<FileInfo> {

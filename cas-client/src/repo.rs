@@ -153,7 +153,7 @@ impl Remote {
 
     /// One try: a commit whose answer was lost would be made twice if it
     /// were sent again.
-    async fn commit(&self, repo: &RepoId, req: &CommitRequest) -> Result<CommitInfo> {
+    pub(crate) async fn commit(&self, repo: &RepoId, req: &CommitRequest) -> Result<CommitInfo> {
         let url = self.repo_url(repo, "/commits");
         let body = serde_json::to_vec(req).expect("json");
         let what = format!("commit to {repo}@{}", req.branch);

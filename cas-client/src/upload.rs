@@ -120,10 +120,11 @@ fn ratio(a: u64, b: u64) -> f64 {
     }
 }
 
-/// A regular file to read.
-struct Input {
-    path: PathBuf,
-    size: u64,
+/// A file to read: a regular file, or (see [`Source`]) bytes arriving
+/// from elsewhere under this name.
+pub(crate) struct Input {
+    pub path: PathBuf,
+    pub size: u64,
     /// As scanned: reading must not see it change.
     stamp: Stamp,
 }
@@ -139,10 +140,76 @@ struct Root {
     kind: RootKind,
 }
 
-struct Scan {
+pub(crate) struct Scan {
     inputs: Vec<Input>,
     roots: Vec<Root>,
     skipped: Vec<Skipped>,
+}
+
+impl Scan {
+    /// One tree of files that are not on disk (their bytes come from a
+    /// [`Source`]): `(path in the tree, size)`, in the order they are read.
+    pub(crate) fn listing(files: Vec<(String, u64)>) -> Self {
+        let mut inputs = Vec::with_capacity(files.len());
+        let mut entries = Vec::with_capacity(files.len());
+        for (i, (path, size)) in files.into_iter().enumerate() {
+            inputs.push(Input {
+                path: PathBuf::from(&path),
+                size,
+                stamp: Stamp::default(),
+            });
+            entries.push((path, 0o644, i));
+        }
+        Self {
+            inputs,
+            roots: vec![Root {
+                path: PathBuf::from("."),
+                kind: RootKind::Dir(entries),
+            }],
+            skipped: Vec::new(),
+        }
+    }
+}
+
+/// Where the chunker gets the bytes of each input, in order, and what it
+/// checks once an input was read whole, before the planner sees its end
+/// (a refusal stops the upload before anything is committed).
+pub(crate) trait Source: Send + Sync + 'static {
+    type Reader<'a>: Read
+    where
+        Self: 'a;
+    fn open(&self, i: usize, input: &Input) -> Result<Self::Reader<'_>>;
+    fn check(
+        &self,
+        i: usize,
+        input: &Input,
+        reader: Self::Reader<'_>,
+        sha256: &Sha256,
+    ) -> Result<()>;
+}
+
+/// The regular files a scan found, each checked unchanged since the scan.
+pub(crate) struct Files;
+
+impl Source for Files {
+    type Reader<'a> = File;
+
+    fn open(&self, _: usize, input: &Input) -> Result<File> {
+        File::open(&input.path).map_err(Error::io(&input.path))
+    }
+
+    fn check(&self, _: usize, input: &Input, f: File, _: &Sha256) -> Result<()> {
+        let path = &input.path;
+        let open = f.metadata().map_err(Error::io(path))?;
+        let named = fs::metadata(path).map_err(Error::io(path))?;
+        if Stamp::of(&open) != input.stamp || Stamp::of(&named) != input.stamp {
+            return Err(changed(
+                path,
+                "its size, times or inode differ from when the upload started".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How the paths given to an upload become its roots.
@@ -378,41 +445,37 @@ fn changed(path: &Path, how: String) -> Error {
     }
 }
 
-/// Reads one input, checking before its end goes to the planner that
-/// neither the open file nor the name changed since the scan.
-fn read_input(
+/// Reads one input from `source`, which checks it before its end goes to
+/// the planner.
+fn read_input<S: Source>(
+    source: &S,
     i: usize,
     input: &Input,
     buffers: &mut Buffers,
     progress: &dyn Progress,
     emit: &mut dyn FnMut(Item) -> Result<()>,
 ) -> Result<()> {
-    let path = &input.path;
-    let mut f = File::open(path).map_err(Error::io(path))?;
+    let mut reader = source.open(i, input)?;
     let end = chunk_source(
         i,
-        path,
-        &mut f,
+        &input.path,
+        &mut reader,
         input.size,
         Kind::File,
         buffers,
         progress,
         emit,
     )?;
-    let open = f.metadata().map_err(Error::io(path))?;
-    let named = fs::metadata(path).map_err(Error::io(path))?;
-    if Stamp::of(&open) != input.stamp || Stamp::of(&named) != input.stamp {
-        return Err(changed(
-            path,
-            "its size, times or inode differ from when the upload started".into(),
-        ));
+    if let Item::End { end: e, .. } = &end {
+        source.check(i, input, reader, &e.sha256)?;
     }
     emit(end)
 }
 
 /// Stage 2: reads every input and then the tree listings, sending batches.
-fn chunker(
+fn chunker<S: Source>(
     scan: &Scan,
+    source: &S,
     progress: &dyn Progress,
     tx: &std::sync::mpsc::SyncSender<Result<Batch>>,
 ) -> Result<()> {
@@ -442,7 +505,7 @@ fn chunker(
         Ok(())
     };
     for (i, input) in scan.inputs.iter().enumerate() {
-        read_input(i, input, &mut buffers, progress, &mut |item| {
+        read_input(source, i, input, &mut buffers, progress, &mut |item| {
             emit(item, &mut batch, &mut hashes)
         })?;
     }
@@ -716,170 +779,206 @@ pub(crate) async fn upload(
             .await
             .expect("scan does not panic")?
     };
-    let total: u64 = scan.inputs.iter().map(|i| i.size).sum();
-    progress.start(Stage::Hash, Some(total));
-    progress.start(Stage::Upload, None);
-    let scan = Arc::new(scan);
-
-    let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
-    let chunker_thread = {
-        let scan = scan.clone();
-        let progress = progress.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = chunker(&scan, &*progress, &batch_tx) {
-                let _ = batch_tx.send(Err(e));
-            }
-        })
+    let pipeline = Pipeline {
+        remote,
+        concurrency,
+        progress,
+        hints,
+        log,
     };
-    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
-    let spare = Spare::default();
-    let (xorb_tx, mut xorb_rx) = mpsc::channel::<Outgoing>(1);
-    let planner_thread = {
-        let mut planner = Planner {
-            remote: remote.clone(),
-            rt: tokio::runtime::Handle::current(),
-            slots: slots.clone(),
-            tx: xorb_tx,
-            known: HashMap::new(),
+    pipeline.run(scan, Arc::new(Files), started).await
+}
+
+/// The stages after the scan, and what they need.
+pub(crate) struct Pipeline<'a> {
+    pub remote: &'a Remote,
+    pub concurrency: usize,
+    pub progress: Arc<dyn Progress>,
+    pub hints: HashMap<ChunkHash, ChunkLocation>,
+    pub log: Option<LocationLog>,
+}
+
+impl Pipeline<'_> {
+    /// Reads the inputs of `scan` from `source`, uploads what is new and
+    /// commits the recipes.
+    pub(crate) async fn run<S: Source>(
+        self,
+        scan: Scan,
+        source: Arc<S>,
+        started: Instant,
+    ) -> Result<UploadReport> {
+        let Pipeline {
+            remote,
+            concurrency,
+            progress,
             hints,
-            log: log.clone(),
-            builder: XorbBuilder::new(),
-            spare: spare.clone(),
-            out: Plan::default(),
-        };
-        std::thread::spawn(move || -> Result<Plan> {
-            for batch in batch_rx {
-                planner.batch(batch?)?;
-            }
-            if !planner.builder.is_empty() {
-                planner.ship()?;
-            }
-            // The uploader stops when the xorb channel closes, so the
-            // planner's sender must go now, not when the thread is joined.
-            Ok(planner.out)
-        })
-    };
+            log,
+        } = self;
+        let total: u64 = scan.inputs.iter().map(|i| i.size).sum();
+        progress.start(Stage::Hash, Some(total));
+        progress.start(Stage::Upload, None);
+        let scan = Arc::new(scan);
 
-    let mut puts = tokio::task::JoinSet::new();
-    let mut sent_bytes = 0u64;
-    let mut put_done = |r: std::result::Result<Result<u64>, tokio::task::JoinError>| {
-        let n = r.expect("upload task does not panic")?;
-        sent_bytes += n;
-        progress.advance(Stage::Upload, n);
-        Ok::<_, Error>(())
-    };
-    while let Some(out) = xorb_rx.recv().await {
-        let remote = remote.clone();
-        let log = log.clone();
-        let spare = spare.clone();
-        let most = concurrency.max(1);
-        puts.spawn(async move {
-            let len = out.xorb.bytes.len() as u64;
-            let (hash, chunks) = (out.xorb.hash, out.xorb.chunks);
-            let bytes = Bytes::from(out.xorb.bytes);
-            remote.put_xorb(hash, bytes.clone()).await?;
-            spare.give(bytes, most);
-            drop(out.permit);
-            if let Some(log) = log {
-                let located: Vec<_> = (0u32..)
-                    .zip(&chunks)
-                    .map(|(index, c)| (c.hash, ChunkLocation { xorb: hash, index }))
-                    .collect();
-                log.record(&located);
+        let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
+        let chunker_thread = {
+            let scan = scan.clone();
+            let progress = progress.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = chunker(&scan, &*source, &*progress, &batch_tx) {
+                    let _ = batch_tx.send(Err(e));
+                }
+            })
+        };
+        let slots = Arc::new(Semaphore::new(concurrency.max(1)));
+        let spare = Spare::default();
+        let (xorb_tx, mut xorb_rx) = mpsc::channel::<Outgoing>(1);
+        let planner_thread = {
+            let mut planner = Planner {
+                remote: remote.clone(),
+                rt: tokio::runtime::Handle::current(),
+                slots: slots.clone(),
+                tx: xorb_tx,
+                known: HashMap::new(),
+                hints,
+                log: log.clone(),
+                builder: XorbBuilder::new(),
+                spare: spare.clone(),
+                out: Plan::default(),
+            };
+            std::thread::spawn(move || -> Result<Plan> {
+                for batch in batch_rx {
+                    planner.batch(batch?)?;
+                }
+                if !planner.builder.is_empty() {
+                    planner.ship()?;
+                }
+                // The uploader stops when the xorb channel closes, so the
+                // planner's sender must go now, not when the thread is joined.
+                Ok(planner.out)
+            })
+        };
+
+        let mut puts = tokio::task::JoinSet::new();
+        let mut sent_bytes = 0u64;
+        let mut put_done = |r: std::result::Result<Result<u64>, tokio::task::JoinError>| {
+            let n = r.expect("upload task does not panic")?;
+            sent_bytes += n;
+            progress.advance(Stage::Upload, n);
+            Ok::<_, Error>(())
+        };
+        while let Some(out) = xorb_rx.recv().await {
+            let remote = remote.clone();
+            let log = log.clone();
+            let spare = spare.clone();
+            let most = concurrency.max(1);
+            puts.spawn(async move {
+                let len = out.xorb.bytes.len() as u64;
+                let (hash, chunks) = (out.xorb.hash, out.xorb.chunks);
+                let bytes = Bytes::from(out.xorb.bytes);
+                remote.put_xorb(hash, bytes.clone()).await?;
+                spare.give(bytes, most);
+                drop(out.permit);
+                if let Some(log) = log {
+                    let located: Vec<_> = (0u32..)
+                        .zip(&chunks)
+                        .map(|(index, c)| (c.hash, ChunkLocation { xorb: hash, index }))
+                        .collect();
+                    log.record(&located);
+                }
+                Ok(len)
+            });
+            while let Some(r) = puts.try_join_next() {
+                put_done(r)?;
             }
-            Ok(len)
-        });
-        while let Some(r) = puts.try_join_next() {
+        }
+        while let Some(r) = puts.join_next().await {
             put_done(r)?;
         }
-    }
-    while let Some(r) = puts.join_next().await {
-        put_done(r)?;
-    }
-    let planner = tokio::task::spawn_blocking(move || {
-        let _ = chunker_thread.join();
-        planner_thread.join()
-    })
-    .await
-    .expect("join does not panic")
-    .expect("planner does not panic")?;
-    progress.finish(Stage::Hash);
-    progress.finish(Stage::Upload);
+        let planner = tokio::task::spawn_blocking(move || {
+            let _ = chunker_thread.join();
+            planner_thread.join()
+        })
+        .await
+        .expect("join does not panic")
+        .expect("planner does not panic")?;
+        progress.finish(Stage::Hash);
+        progress.finish(Stage::Upload);
 
-    let resolve = |r: XorbRef| match r {
-        XorbRef::Stored(h) => h,
-        XorbRef::Built(n) => planner.built[n as usize].hash,
-    };
-    // Indexed like the planner's files: inputs, then one slot per root
-    // (a tree listing for directories, nothing for files).
-    let recipes: Vec<Option<FileRecipe>> = planner
-        .files
-        .iter()
-        .map(|f| {
-            let end = f.end?;
-            Some(FileRecipe {
-                hash: end.hash,
-                sha256: end.sha256,
-                size: end.size,
-                kind: end.kind,
-                terms: f
-                    .terms
-                    .iter()
-                    .map(|t| Term {
-                        xorb: resolve(t.xorb),
-                        chunks: t.chunks,
-                        len: t.len,
-                    })
-                    .collect(),
+        let resolve = |r: XorbRef| match r {
+            XorbRef::Stored(h) => h,
+            XorbRef::Built(n) => planner.built[n as usize].hash,
+        };
+        // Indexed like the planner's files: inputs, then one slot per root
+        // (a tree listing for directories, nothing for files).
+        let recipes: Vec<Option<FileRecipe>> = planner
+            .files
+            .iter()
+            .map(|f| {
+                let end = f.end?;
+                Some(FileRecipe {
+                    hash: end.hash,
+                    sha256: end.sha256,
+                    size: end.size,
+                    kind: end.kind,
+                    terms: f
+                        .terms
+                        .iter()
+                        .map(|t| Term {
+                            xorb: resolve(t.xorb),
+                            chunks: t.chunks,
+                            len: t.len,
+                        })
+                        .collect(),
+                })
             })
-        })
-        .collect();
-    let recipe = |i: usize| recipes[i].as_ref().expect("every input and tree was read");
-    commit(remote, &planner.built, recipes.iter().flatten()).await?;
+            .collect();
+        let recipe = |i: usize| recipes[i].as_ref().expect("every input and tree was read");
+        commit(remote, &planner.built, recipes.iter().flatten()).await?;
 
-    let n = scan.inputs.len();
-    let roots = scan
-        .roots
-        .iter()
-        .enumerate()
-        .map(|(k, r)| {
-            let (i, tree) = match r.kind {
-                RootKind::File(i) => (i, false),
-                RootKind::Dir(_) => (n + k, true),
-            };
-            UploadedRoot {
-                path: r.path.clone(),
-                hash: recipe(i).hash,
-                tree,
-                size: recipe(i).size,
-            }
+        let n = scan.inputs.len();
+        let roots = scan
+            .roots
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let (i, tree) = match r.kind {
+                    RootKind::File(i) => (i, false),
+                    RootKind::Dir(_) => (n + k, true),
+                };
+                UploadedRoot {
+                    path: r.path.clone(),
+                    hash: recipe(i).hash,
+                    tree,
+                    size: recipe(i).size,
+                }
+            })
+            .collect();
+        let files = scan
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(k, i)| (i, recipe(k)))
+            .map(|(i, r)| UploadedFile {
+                path: i.path.clone(),
+                hash: r.hash,
+                sha256: r.sha256,
+                size: r.size,
+            })
+            .collect();
+        Ok(UploadReport {
+            roots,
+            files,
+            skipped: scan.skipped.clone(),
+            bytes: recipes.iter().flatten().map(|r| r.size).sum(),
+            chunks: planner.chunks,
+            cache_chunks: planner.cache_chunks,
+            new_chunks: planner.new_chunks,
+            new_bytes: planner.new_bytes,
+            sent_bytes,
+            xorbs: planner.built.len() as u64,
+            seconds: started.elapsed().as_secs_f64(),
         })
-        .collect();
-    let files = scan
-        .inputs
-        .iter()
-        .enumerate()
-        .map(|(k, i)| (i, recipe(k)))
-        .map(|(i, r)| UploadedFile {
-            path: i.path.clone(),
-            hash: r.hash,
-            sha256: r.sha256,
-            size: r.size,
-        })
-        .collect();
-    Ok(UploadReport {
-        roots,
-        files,
-        skipped: scan.skipped.clone(),
-        bytes: recipes.iter().flatten().map(|r| r.size).sum(),
-        chunks: planner.chunks,
-        cache_chunks: planner.cache_chunks,
-        new_chunks: planner.new_chunks,
-        new_bytes: planner.new_bytes,
-        sent_bytes,
-        xorbs: planner.built.len() as u64,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    }
 }
 
 /// Commits recipes (and the new xorbs' chunk tables) in shards of bounded
@@ -952,6 +1051,7 @@ mod tests {
         let s = scan(std::slice::from_ref(&path), Layout::PerPath).unwrap();
         let mut items = 0;
         read_input(
+            &Files,
             0,
             &s.inputs[0],
             &mut Buffers::default(),
@@ -965,6 +1065,7 @@ mod tests {
         assert_eq!(items, 2, "one piece and the end");
         fs::write(&path, b"version two").unwrap();
         let err = read_input(
+            &Files,
             0,
             &s.inputs[0],
             &mut Buffers::default(),

@@ -6,12 +6,14 @@
 //! Uploading (dedup, xorb PUT, shard commit) needs the `write` scope,
 //! reading recipes (reconstructions, file info) the `read` scope. Claims
 //! may limit a token to repositories (`"repos": ["org/*", ...]`): the
-//! [`Grant`] a request gets says which. Xorb
-//! GETs need no token: xorb URLs are capabilities (see docs/SECURITY.md),
-//! which is what lets a CDN cache them. So are the URLs of a file's bytes
-//! that the Hub API redirects to: they carry a MAC of the file hash
-//! ([`SigningKey::url_mac`]). Without a key the server serves loopback
-//! clients only.
+//! [`Grant`] a request gets says which. Reads of xorb bytes named in
+//! reconstructions need no token: their URLs are grants, capabilities for
+//! one byte range of one xorb that carry a MAC of it
+//! ([`SigningKey::url_mac`]; see docs/SECURITY.md), which is what lets a
+//! CDN cache them. So are the URLs of a file's bytes that the Hub API
+//! redirects to (a MAC of the file hash). A plain xorb GET needs a read
+//! token not limited to repositories. Without a key the server serves
+//! loopback clients only.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -376,11 +378,24 @@ impl Access {
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// The token of an `Authorization: Bearer <token>` value, or of `Basic
+/// <base64 of user:token>` (the user is ignored: git and git-lfs send
+/// credentials this way, with the token as the password). The scheme is
 /// case-insensitive (RFC 7235 §2.1), so `bearer` and `BEARER` count too.
-fn bearer_token(value: &str) -> Option<&str> {
+fn bearer_token(value: &str) -> Option<String> {
+    use base64::Engine;
     let (scheme, token) = value.trim_start().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(token.to_owned());
+    }
+    if !scheme.eq_ignore_ascii_case("basic") || token.len() > 2 * MAX_TOKEN_LEN {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .ok()?;
+    let (_, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some(password.to_owned())
 }
 
 #[cfg(test)]
@@ -477,6 +492,29 @@ mod tests {
         assert_eq!(check(local, Some(Scope::Read), None), Err(Denied::NoToken));
         assert_eq!(
             check(remote, Some(Scope::Read), Some("Basic abc")),
+            Err(Denied::NoToken)
+        );
+        // git's credentials: Basic, the token as the password.
+        let basic = |user_pass: &str| {
+            use base64::Engine;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(user_pass);
+            format!("Basic {b64}")
+        };
+        let token = read.strip_prefix("Bearer ").unwrap();
+        assert_eq!(
+            check(
+                remote,
+                Some(Scope::Read),
+                Some(&basic(&format!("git:{token}")))
+            ),
+            Ok(Grant::all())
+        );
+        assert!(matches!(
+            check(remote, Some(Scope::Read), Some(&basic("git:nope"))),
+            Err(Denied::Unauthenticated(_))
+        ));
+        assert_eq!(
+            check(remote, Some(Scope::Read), Some(&basic("no colon"))),
             Err(Denied::NoToken)
         );
         let expired = bearer(&[Scope::Read], 10);

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::impl_message;
-use crate::hash::{ChunkHash, FileHash, RangeHash, XorbHash};
+use crate::hash::{ChunkHash, FileHash, Kind, RangeHash, Sha256, XorbHash};
 use crate::range::{ByteRange, ChunkRange};
 use crate::xorb::MAX_XORB_CHUNKS;
 
@@ -12,6 +12,14 @@ use crate::xorb::MAX_XORB_CHUNKS;
 pub const MAX_DEDUP_BATCH: usize = 16 * 1024;
 /// Largest encoded reconstruction answer.
 pub const MAX_RECONSTRUCTION_BYTES: usize = 128 * 1024 * 1024;
+/// Most files one batched reconstruction query names.
+pub const MAX_BATCH_FILES: usize = 1024;
+/// A batched reconstruction answer stops adding files once its encoding
+/// passes this size (it always holds at least one file), so a client
+/// reading a tree of small files never holds a huge answer.
+pub const BATCH_ANSWER_TARGET: usize = 8 * 1024 * 1024;
+/// Largest encoded batched answer: the target plus one whole answer.
+pub const MAX_BATCH_ANSWER_BYTES: usize = BATCH_ANSWER_TARGET + MAX_RECONSTRUCTION_BYTES;
 /// Longest fetch URL.
 pub const MAX_URL_LEN: usize = 8 * 1024;
 
@@ -195,6 +203,79 @@ impl Reconstruction {
     }
 }
 
+/// "How do I rebuild each of these whole files?": one request for many
+/// files of a tree.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
+pub struct ReconstructionQuery {
+    pub files: Vec<FileHash>,
+}
+
+/// One file of a batched answer: what `GET /v1/files/{hash}` says of it
+/// (its kind and SHA-256; its size is the reconstruction's `file_size`)
+/// and the reconstruction of all of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+pub struct FileReconstruction {
+    pub kind: Kind,
+    pub sha256: Sha256,
+    pub reconstruction: Reconstruction,
+}
+
+/// The answer to a [`ReconstructionQuery`]: the first files of the query,
+/// in its order, as many as fit [`BATCH_ANSWER_TARGET`] (at least one); a
+/// client asks again for the rest.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
+pub struct ReconstructionBatch {
+    pub files: Vec<FileReconstruction>,
+}
+
+impl_message!(
+    ReconstructionQuery,
+    "reconstruction query",
+    b"CRQB",
+    64 + MAX_BATCH_FILES * 70
+);
+impl_message!(
+    ReconstructionBatch,
+    "reconstruction batch",
+    b"CRCB",
+    MAX_BATCH_ANSWER_BYTES
+);
+
+impl ReconstructionQuery {
+    fn check(&self) -> Result<(), String> {
+        if self.files.is_empty() || self.files.len() > MAX_BATCH_FILES {
+            return Err(format!(
+                "{} files, 1 to {MAX_BATCH_FILES} allowed",
+                self.files.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ReconstructionBatch {
+    fn check(&self) -> Result<(), String> {
+        if self.files.len() > MAX_BATCH_FILES {
+            return Err(format!(
+                "{} files, at most {MAX_BATCH_FILES}",
+                self.files.len()
+            ));
+        }
+        for f in &self.files {
+            let r = &f.reconstruction;
+            if r.range.start != 0 || r.range.end != r.file_size {
+                return Err(format!("file {}: not a whole-file reconstruction", r.file));
+            }
+            r.check().map_err(|e| format!("file {}: {e}", r.file))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +365,43 @@ mod tests {
             DedupQuery::from_bytes(&Shard::default().to_bytes()),
             Err(MessageError::WrongTag { .. })
         ));
+    }
+
+    #[test]
+    fn batch_round_trip_and_checks() {
+        let mut whole = sample();
+        whole.range = ByteRange { start: 0, end: 300 };
+        whole.offset_into_first_term = 0;
+        let b = ReconstructionBatch {
+            files: vec![FileReconstruction {
+                kind: Kind::File,
+                sha256: Sha256::from_bytes([4; 32]),
+                reconstruction: whole,
+            }],
+        };
+        assert_eq!(ReconstructionBatch::from_bytes(&b.to_bytes()).unwrap(), b);
+        assert_eq!(
+            ReconstructionBatch::from_json(b.to_json().as_bytes()).unwrap(),
+            b
+        );
+        // Each file must be whole and sound.
+        let mut part = b.clone();
+        part.files[0].reconstruction = sample();
+        assert!(ReconstructionBatch::from_bytes(&part.to_bytes()).is_err());
+        let mut bad = b.clone();
+        bad.files[0].reconstruction.fetch[0].ranges[0].chunks.end = 3;
+        assert!(ReconstructionBatch::from_bytes(&bad.to_bytes()).is_err());
+
+        let q = ReconstructionQuery {
+            files: vec![FileHash::from_bytes([1; 32]); 3],
+        };
+        assert_eq!(ReconstructionQuery::from_bytes(&q.to_bytes()).unwrap(), q);
+        for n in [0, MAX_BATCH_FILES + 1] {
+            let q = ReconstructionQuery {
+                files: vec![FileHash::from_bytes([1; 32]); n],
+            };
+            assert!(ReconstructionQuery::from_json(q.to_json().as_bytes()).is_err());
+        }
     }
 
     use crate::shard::Shard;

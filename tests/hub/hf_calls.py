@@ -11,7 +11,13 @@ import json
 import sys
 
 import huggingface_hub
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.hf_api import RepoFile
 
 
@@ -37,6 +43,18 @@ def info(i):
         "siblings": None if i.siblings is None else [sibling(s) for s in i.siblings],
         "class": type(i).__name__,
     }
+
+
+def commit_info(c):
+    return {"oid": c.oid, "url": c.commit_url}
+
+
+def operation(o):
+    """{"add": path, "text": str} or {"add": path, "file": local path}, {"delete": path}."""
+    if "add" in o:
+        data = o["file"] if "file" in o else o["text"].encode()
+        return CommitOperationAdd(path_in_repo=o["add"], path_or_fileobj=data)
+    return CommitOperationDelete(path_in_repo=o["delete"], is_folder=o.get("folder", "auto"))
 
 
 def run(op, a):
@@ -75,6 +93,21 @@ def run(op, a):
         return hf_hub_download(repo, **a)
     if op == "snapshot_download":
         return snapshot_download(repo, **a)
+    if op == "create_repo":
+        return str(api.create_repo(repo, **a))
+    if op == "upload_file":
+        return commit_info(api.upload_file(repo_id=repo, **a))
+    if op == "upload_folder":
+        return commit_info(api.upload_folder(repo_id=repo, **a))
+    if op == "delete_file":
+        return commit_info(api.delete_file(repo_id=repo, **a))
+    if op == "create_commit":
+        ops = [operation(o) for o in a.pop("operations")]
+        return commit_info(api.create_commit(repo, operations=ops, **a))
+    if op == "create_branch":
+        return api.create_branch(repo, **a)
+    if op == "create_tag":
+        return api.create_tag(repo, **a)
     raise SystemExit(f"unknown op {op}")
 
 

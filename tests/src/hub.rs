@@ -86,6 +86,8 @@ impl Hf {
         c.env("HF_ENDPOINT", &self.endpoint)
             .env("HF_HOME", &self.home)
             .env("HF_HUB_DISABLE_TELEMETRY", "1")
+            // Uploads take the Git LFS path (the server has no Xet API).
+            .env("HF_HUB_DISABLE_XET", "1")
             .env("HF_HUB_DISABLE_PROGRESS_BARS", "1")
             .env("NO_COLOR", "1");
         if let Some(t) = &self.token {

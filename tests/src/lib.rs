@@ -6,6 +6,7 @@
 pub mod client;
 pub mod hub;
 pub mod s3;
+pub mod standin;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};

@@ -1,7 +1,8 @@
 //! Tokens, scopes and capability URLs against the real binaries: a server
 //! with a signing key refuses API calls without a valid token of the right
-//! scope (401/403 with one clear client line), serves xorb reads to anyone
-//! holding the URL, and a server without a key serves loopback only.
+//! scope (401/403 with one clear client line), serves the xorb grant URLs
+//! of reconstructions to anyone holding them but plain xorb reads only
+//! with a read token, and a server without a key serves loopback only.
 
 use std::net::{IpAddr, UdpSocket};
 use std::path::Path;
@@ -123,8 +124,9 @@ fn tokens_and_scopes_guard_the_api_and_xorb_urls_are_capabilities() {
     let o = client(url, Some(&short), &["stat", &hash], dir.path());
     refused(&o, "401 unauthorized: token expired at 20");
 
-    // Xorb URLs are capabilities: anyone holding one reads it without a
-    // token; writing needs one; the API around them does too.
+    // Grant URLs are capabilities: anyone holding one reads it without a
+    // token. A plain xorb read needs a read token; writing needs a write
+    // token; the API around them does too.
     let a = agent();
     let rec = a
         .get(format!("{url}/v1/reconstructions/{hash}"))
@@ -134,10 +136,36 @@ fn tokens_and_scopes_guard_the_api_and_xorb_urls_are_capabilities() {
     let (status, rec) = body(rec);
     assert_eq!(status, 200);
     let rec: serde_json::Value = serde_json::from_slice(&rec).unwrap();
-    let xorb_url = rec["fetch"][0]["url"].as_str().unwrap().to_owned();
-    let (status, bytes) = body(a.get(&xorb_url).call().unwrap());
+    let grant_url = rec["fetch"][0]["url"].as_str().unwrap().to_owned();
+    let xorb_url = format!(
+        "{url}/v1/xorbs/{}",
+        rec["fetch"][0]["xorb"].as_str().unwrap()
+    );
+    assert!(
+        grant_url.starts_with(&format!("{xorb_url}/0-")),
+        "{grant_url}"
+    );
+    let (status, bytes) = body(a.get(&grant_url).call().unwrap());
     assert_eq!(status, 200, "capability read without a token");
     assert!(bytes.starts_with(b"CASXORB\0"));
+    assert_eq!(body(a.get(&xorb_url).call().unwrap()).0, 401);
+    let as_writer = a
+        .get(&xorb_url)
+        .header("Authorization", format!("Bearer {write}"))
+        .call()
+        .unwrap();
+    assert_eq!(body(as_writer).0, 403, "a plain read needs the read scope");
+    let as_reader = a
+        .get(&xorb_url)
+        .header("Authorization", format!("Bearer {read}"))
+        .call()
+        .unwrap();
+    assert_eq!(
+        as_reader.headers().get("cache-control").unwrap(),
+        "private, max-age=31536000, immutable",
+        "no shared cache keeps a read its token allowed"
+    );
+    assert_eq!(body(as_reader).1, bytes);
     let put = a.put(&xorb_url).send(&bytes[..]).unwrap();
     assert_eq!(put.status().as_u16(), 401, "writing a xorb needs a token");
     assert_eq!(
@@ -153,7 +181,12 @@ fn tokens_and_scopes_guard_the_api_and_xorb_urls_are_capabilities() {
     );
     assert_eq!(status, 401);
     let unknown = format!("{url}/v1/xorbs/{}", "ab".repeat(32));
-    assert_eq!(body(a.get(&unknown).call().unwrap()).0, 404);
+    let unknown_read = a
+        .get(&unknown)
+        .header("Authorization", format!("Bearer {read}"))
+        .call()
+        .unwrap();
+    assert_eq!(body(unknown_read).0, 404);
     assert_eq!(body(a.get(format!("{url}/healthz")).call().unwrap()).0, 200);
 }
 

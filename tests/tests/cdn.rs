@@ -8,7 +8,9 @@
 //! none of its xorb bytes); ranges come from the cache as 206 with the
 //! origin's bytes; a corrupted cache entry is caught by the client and never
 //! written; uploads and the rest of the API pass through uncached; with a
-//! signing key, tokens reach the origin through the proxy; Hub API
+//! signing key, tokens reach the origin through the proxy, the grant URLs
+//! of a token limited to repositories are cached like xorbs and plain xorb
+//! reads with a token never enter the cache; Hub API
 //! downloads share the cache by content and see a moved branch at once.
 //! And docs/DEPLOYMENT.md shows the tested file verbatim.
 //!
@@ -262,10 +264,16 @@ impl Cdn {
 
     /// A one-hour token of `scope`, signed with the origin's key.
     fn token(&self, scope: &str) -> String {
+        self.token_with(&["--scope", scope])
+    }
+
+    /// A one-hour token from `token create ARGS`.
+    fn token_with(&self, args: &[&str]) -> String {
         let mut c = bin("cas-server");
         c.args(["token", "create", "--signing-key-file"])
             .arg(self.key.as_ref().expect("an origin with a key"))
-            .args(["--scope", scope, "--ttl", "1h"]);
+            .args(args)
+            .args(["--ttl", "1h"]);
         String::from_utf8(ok(c)).unwrap().trim().to_owned()
     }
 
@@ -640,8 +648,9 @@ fn tokens_pass_through_the_proxy_to_the_origin() {
         }
     }
 
-    // A xorb URL is the capability: no token needed, and a junk one is
-    // neither checked nor part of the cache key.
+    // The xorb URL the unlimited token got is a grant of the whole xorb,
+    // a capability: no token needed, and a junk one is neither checked
+    // nor part of the cache key.
     let url = cdn.reconstruction_with(&hash, Some(&read))["fetch"][0]["url"]
         .as_str()
         .unwrap()
@@ -655,6 +664,109 @@ fn tokens_pass_through_the_proxy_to_the_origin() {
         assert_eq!(header(&r, "x-cache-status"), "HIT", "{auth:?}");
         assert_eq!(body(r).0, 206, "{auth:?}");
     }
+}
+
+/// With a signing key: a reader limited to its repository fetches through
+/// the proxy by grant URLs, and a second such reader with an empty cache
+/// gets every byte from nginx. A plain xorb read with an unlimited token
+/// passes its token to the origin and is never cached nor served from the
+/// cache; without a token it is refused, not served from the cache.
+#[test]
+fn grants_are_cached_and_token_reads_are_not() {
+    let cdn = Cdn::with_key();
+    let write = cdn.token("write");
+    let read = cdn.token("read");
+    let limited = cdn.token_with(&["--scope", "read", "--repo", "org/*"]);
+    let data = model_bytes(8);
+    let dir = cdn.dir("m");
+    std::fs::write(dir.join("model.bin"), &data).unwrap();
+    let mut c = cdn.cas(cdn.origin(), None, "upload");
+    c.args(["--json", "--repo", "org/m"])
+        .arg(&dir)
+        .env("CAS_TOKEN", &write);
+    let file = json_of(ok(c))["files"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let fetch = |name: &str| {
+        let mut c = cdn.cas(cdn.cdn(), Some(&cdn.dir(&format!("{name}-cache"))), "fetch");
+        c.args(["org/m", "-o"])
+            .arg(cdn.root.join(name))
+            .env("CAS_TOKEN", &limited);
+        ok(c);
+        assert_same_bytes(&data, &cdn.root.join(name).join("model.bin"));
+    };
+    let before = cdn.metrics();
+    fetch("a");
+    let first = cdn.metrics();
+    assert!(first.requests("xorb_grant_get") > before.requests("xorb_grant_get"));
+    assert_eq!(first.requests("xorb_get"), before.requests("xorb_get"));
+    fetch("b");
+    let second = cdn.metrics();
+    assert_eq!(
+        second.xorb_bytes_out(),
+        first.xorb_bytes_out(),
+        "the second limited reader's bytes all came from the cache"
+    );
+    assert_eq!(
+        second.requests("xorb_grant_get"),
+        first.requests("xorb_grant_get")
+    );
+
+    // Its reconstruction names grants, which nginx serves without a token.
+    let mut req = agent().get(format!(
+        "{}/v1/reconstructions/{file}?repo=models/org/m&rev=main",
+        cdn.cdn()
+    ));
+    req = req.header("Authorization", format!("Bearer {limited}"));
+    let (status, rec) = body(req.call().unwrap());
+    assert_eq!(status, 200);
+    let rec: Value = serde_json::from_slice(&rec).unwrap();
+    let grant = rec["fetch"][0]["url"].as_str().unwrap().to_owned();
+    let xorb = rec["fetch"][0]["xorb"].as_str().unwrap().to_owned();
+    assert!(
+        grant.starts_with(&format!("{}/v1/xorbs/{xorb}/", cdn.cdn())),
+        "{grant}"
+    );
+    let r = agent()
+        .get(&grant)
+        .header("Range", "bytes=0-99")
+        .header("Authorization", "Bearer junk")
+        .call()
+        .unwrap();
+    assert_eq!(header(&r, "x-cache-status"), "HIT");
+    assert_eq!(body(r).0, 206);
+
+    // The plain URL of the same xorb: the limited token is refused, the
+    // unlimited one reaches the origin every time, nothing is cached.
+    let plain = format!("{}/v1/xorbs/{xorb}", cdn.cdn());
+    let get = |token: Option<&str>| {
+        let mut req = agent().get(&plain).header("Range", "bytes=0-99");
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        req.call().unwrap()
+    };
+    let cached = cdn.nginx.cached_files().len();
+    let m = cdn.metrics();
+    for _ in 0..2 {
+        let r = get(Some(&read));
+        assert_ne!(header(&r, "x-cache-status"), "HIT");
+        assert!(header(&r, "cache-control").starts_with("private"));
+        assert_eq!(body(r).0, 206);
+    }
+    assert_eq!(
+        cdn.metrics().requests("xorb_get"),
+        m.requests("xorb_get") + 2
+    );
+    assert_eq!(body(get(Some(&limited))).0, 403);
+    assert_eq!(body(get(None)).0, 401, "nothing cached serves it tokenless");
+    assert_eq!(
+        cdn.nginx.cached_files().len(),
+        cached,
+        "no plain read entered the cache"
+    );
 }
 
 /// The Hub API through the proxy: `hf_hub_download` of a branch gets a

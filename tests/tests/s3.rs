@@ -77,6 +77,31 @@ fn upload_and_fetch_through_the_bucket() {
     );
     assert!(m.get("cas_store_requests_total{op=\"get_range\"}") > 0);
     assert_eq!(healthz(&node.url), "ok\n");
+
+    // A xorb lost from the bucket: the read that finds it missing answers
+    // 410 damaged (the index gave its length: no HEAD per read).
+    let lost = &xorbs[0];
+    let (status, _) = body(
+        agent()
+            .delete(format!(
+                "{}/{}/{lost}",
+                weed.endpoint(),
+                cas_e2e::s3::BUCKET
+            ))
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 204);
+    let hash = lost.rsplit('/').next().unwrap();
+    let (status, text) = body(
+        agent()
+            .get(format!("{}/v1/xorbs/{hash}", node.url))
+            .header("Range", "bytes=0-99")
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 410, "{}", String::from_utf8_lossy(&text));
+    assert_eq!(Metrics::fetch(&node.url).get("cas_xorbs_damaged_total"), 1);
 }
 
 /// The bucket goes away mid-service: calls that need it fail after the

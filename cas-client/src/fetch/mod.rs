@@ -30,10 +30,9 @@ use crate::remote::Remote;
 
 pub(crate) use decode::TermDone;
 use decode::{feed, UnitDecoder};
-use plan::{plan, Unit, Window};
-pub(crate) use plan::{term_spans, PlacedTerm};
-use sink::MemSink;
-pub(crate) use sink::{FileSink, Sink};
+use plan::plan;
+pub(crate) use plan::{plan_batch, term_spans, PlacedTerm, Unit, Window};
+pub(crate) use sink::{FileSink, MemSink, Sink};
 
 /// Bytes handed to a decode step at once: large enough to amortise the
 /// hop to a blocking thread, small enough to keep memory flat.
@@ -75,7 +74,7 @@ impl Fetcher {
         rec: &Reconstruction,
         sink: Arc<dyn Sink>,
         done: &HashSet<(u64, u64)>,
-        mut unit_done: impl FnMut(Vec<TermDone>) -> Result<()>,
+        unit_done: impl FnMut(Vec<TermDone>) -> Result<()>,
     ) -> Result<Transfer> {
         let window = Window {
             skip: rec.offset_into_first_term,
@@ -89,6 +88,18 @@ impl Fetcher {
                     .all(|p| done.contains(&(p.offset, p.offset + p.term.len)))
             })
             .collect();
+        self.run_units(units, sink, window, unit_done).await
+    }
+
+    /// Runs `units` concurrently into the `window` of `sink`, handing each
+    /// verified unit's terms to `unit_done`.
+    pub async fn run_units(
+        &self,
+        units: Vec<Unit>,
+        sink: Arc<dyn Sink>,
+        window: Window,
+        mut unit_done: impl FnMut(Vec<TermDone>) -> Result<()>,
+    ) -> Result<Transfer> {
         let width = self.connections.available_permits().max(1) * 2;
         let mut runs = futures_util::stream::iter(units)
             .map(|u| {

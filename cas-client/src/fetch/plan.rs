@@ -106,11 +106,138 @@ pub(crate) fn plan(rec: &Reconstruction) -> Result<Vec<Unit>> {
     Ok(units)
 }
 
+/// Largest xorb byte range one GET of a batch of small files asks for.
+const MERGED_MAX: u64 = 4 << 20;
+
+/// The units of many reconstructions whose concatenations are laid out
+/// side by side (`(base, rec)`: `rec`'s bytes start at `base`), with the
+/// ranges of one xorb joined where they touch or overlap, up to
+/// [`MERGED_MAX`] bytes, and only when their URLs are identical (a URL may
+/// be a capability of its own). Small files of one upload sit side by side
+/// in a xorb, so a tree of them becomes a few GETs instead of one per file.
+pub(crate) fn plan_batch(recs: &[(u64, &Reconstruction)]) -> Result<Vec<Unit>> {
+    let mut units = Vec::new();
+    for &(base, rec) in recs {
+        for mut u in plan(rec)? {
+            u.terms.iter_mut().for_each(|p| p.offset += base);
+            units.push(u);
+        }
+    }
+    units.sort_by(|a, b| {
+        (a.xorb, &a.url, a.range.chunks.start).cmp(&(b.xorb, &b.url, b.range.chunks.start))
+    });
+    let mut merged: Vec<Unit> = Vec::new();
+    for u in units {
+        if let Some(m) = merged.last_mut() {
+            let (a, b) = (&mut m.range, u.range);
+            // Adjacent frames, or overlapping ones (both sides agree).
+            let touches = (b.chunks.start == a.chunks.end && b.bytes.start == a.bytes.end)
+                || (b.chunks.start < a.chunks.end && b.bytes.start < a.bytes.end);
+            let end = a.bytes.end.max(b.bytes.end);
+            if m.xorb == u.xorb && m.url == u.url && touches && end - a.bytes.start <= MERGED_MAX {
+                a.chunks.end = a.chunks.end.max(b.chunks.end);
+                a.bytes.end = end;
+                m.terms.extend(u.terms);
+                continue;
+            }
+        }
+        merged.push(u);
+    }
+    for u in &mut merged {
+        u.terms.sort_by_key(|p| (p.term.chunks.start, p.offset));
+    }
+    Ok(merged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fetch::sink::MemSink;
+    use cas_protocol::messages::XorbFetch;
+    use cas_protocol::{ByteRange, ChunkRange, FileHash, RangeHash};
     use std::sync::Mutex;
+
+    /// A whole-file reconstruction of chunks `c` of xorb `x` (10 bytes a
+    /// chunk, frames of 5 bytes) served from `url`.
+    fn one_term(x: u8, c: (u32, u32), url: &str) -> Reconstruction {
+        let chunks = ChunkRange {
+            start: c.0,
+            end: c.1,
+        };
+        let len = u64::from(c.1 - c.0) * 10;
+        let xorb = XorbHash::from_bytes([x; 32]);
+        Reconstruction {
+            file: FileHash::from_bytes([c.0 as u8; 32]),
+            file_size: len,
+            range: ByteRange { start: 0, end: len },
+            offset_into_first_term: 0,
+            terms: vec![ReconstructionTerm {
+                xorb,
+                chunks,
+                len,
+                range_hash: RangeHash::from_bytes([3; 32]),
+            }],
+            fetch: vec![XorbFetch {
+                xorb,
+                url: url.into(),
+                ranges: vec![FetchRange {
+                    chunks,
+                    bytes: ByteRange {
+                        start: u64::from(c.0) * 5,
+                        end: u64::from(c.1) * 5,
+                    },
+                }],
+            }],
+        }
+    }
+
+    /// Adjacent and overlapping ranges of one xorb and URL become one
+    /// unit serving every file at its place; another URL, another xorb or
+    /// a gap keeps its own.
+    #[test]
+    fn batches_join_ranges_per_xorb_and_url() {
+        let recs = [
+            one_term(1, (0, 2), "u"),
+            one_term(1, (2, 5), "u"),
+            one_term(1, (2, 5), "u"),
+            one_term(1, (5, 6), "signed-elsewhere"),
+            one_term(1, (7, 8), "u"),
+            one_term(2, (5, 6), "u"),
+        ];
+        let mut base = 0;
+        let laid: Vec<(u64, &Reconstruction)> = recs
+            .iter()
+            .map(|r| {
+                let b = base;
+                base += r.file_size;
+                (b, r)
+            })
+            .collect();
+        let units = plan_batch(&laid).unwrap();
+        let shape: Vec<_> = units
+            .iter()
+            .map(|u| {
+                let offsets: Vec<u64> = u.terms.iter().map(|p| p.offset).collect();
+                (
+                    u.xorb.as_bytes()[0],
+                    u.url.as_str(),
+                    u.range.chunks.start,
+                    u.range.chunks.end,
+                    u.range.bytes.end,
+                    offsets,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (1, "signed-elsewhere", 5, 6, 30, vec![80]),
+                (1, "u", 0, 5, 25, vec![0, 20, 50]),
+                (1, "u", 7, 8, 40, vec![90]),
+                (2, "u", 5, 6, 30, vec![100]),
+            ]
+        );
+    }
 
     #[test]
     fn window_clips_to_the_requested_range() {

@@ -211,7 +211,7 @@ fn publish(work: &WorkDir, hash: FileHash, tmp: &Path, file: &File, t: &Target) 
 }
 
 /// Files smaller than this are fetched without a journal.
-const JOURNAL_MIN: u64 = 8 << 20;
+pub(super) const JOURNAL_MIN: u64 = 8 << 20;
 
 /// Most verified bytes, and longest time, between journal checkpoints.
 const CHECKPOINT_BYTES: u64 = 256 << 20;

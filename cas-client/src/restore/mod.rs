@@ -10,11 +10,14 @@
 //! - [`workdir`]: where temporaries live, the lock, records of placed files;
 //! - [`target`]: what already stands where a file goes;
 //! - [`file`]: one file, from `.part` and journal to its final names;
+//! - [`batch`]: small files of a tree, many per request, verified in
+//!   memory and synced together;
 //! - [`journal`]: which verified terms are on disk, for resuming;
 //! - [`digest`]: file hash and SHA-256 computed in file order as terms
 //!   are verified;
 //! - [`tree`]: a tree's directories, checked paths, and its files.
 
+mod batch;
 mod digest;
 mod file;
 mod journal;

@@ -1,7 +1,7 @@
 //! A tree: every path checked and everything already there examined
 //! before the first byte is fetched, then each content once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use cas_protocol::tree::{check_path, Tree};
 use cas_protocol::{FileHash, Kind};
 use futures_util::StreamExt;
 
-use super::file::{fetch_into, place, Source};
+use super::batch::{fetch_small, sync_fs};
+use super::file::{fetch_into, place, Source, JOURNAL_MIN};
 use super::target::{decide, examine, Target};
 use super::workdir::WorkDir;
 use super::{acquire, finish, Outcome};
@@ -20,8 +21,9 @@ use crate::progress::Stage;
 
 /// Creates the directories leading to `rel` under `root`, refusing to pass
 /// through anything that is not a real directory (a symlink planted in the
-/// target must not redirect writes outside it).
-fn prepare_parents(root: &Path, rel: &str) -> Result<PathBuf> {
+/// target must not redirect writes outside it). `checked` holds the
+/// directories already checked or created by this fetch.
+fn prepare_parents(root: &Path, rel: &str, checked: &mut HashSet<PathBuf>) -> Result<PathBuf> {
     let unsafe_path = |reason: String| Error::UnsafePath {
         path: rel.to_owned(),
         reason,
@@ -38,6 +40,9 @@ fn prepare_parents(root: &Path, rel: &str) -> Result<PathBuf> {
     let parts: Vec<_> = rel_path.components().collect();
     for c in &parts[..parts.len() - 1] {
         cur.push(c);
+        if checked.contains(&cur) {
+            continue;
+        }
         match fs::symlink_metadata(&cur) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
@@ -51,25 +56,27 @@ fn prepare_parents(root: &Path, rel: &str) -> Result<PathBuf> {
             }
             Err(e) => return Err(Error::io(&cur)(e)),
         }
+        checked.insert(cur.clone());
     }
     Ok(root.join(rel_path))
 }
 
 /// The files of one content a tree holds: where it must be written, and
 /// where it already is.
-struct Group {
-    hash: FileHash,
-    size: u64,
+pub(super) struct Group {
+    pub hash: FileHash,
+    pub size: u64,
     /// A tree path of it, for messages.
-    name: String,
-    write: Vec<Target>,
-    kept: Option<PathBuf>,
+    pub name: String,
+    pub write: Vec<Target>,
+    pub kept: Option<PathBuf>,
 }
 
 /// Restores a tree under `dest` (a directory, created if absent): every
 /// path is checked and everything already there examined before the first
 /// byte is fetched; then each content is fetched once, concurrently, and
-/// put at each of its paths.
+/// put at each of its paths: small files in batches first ([`batch`]),
+/// then the others (each resumable on its own, [`super::file`]).
 pub(crate) async fn fetch_tree(
     fetcher: &Fetcher,
     tree: &Tree,
@@ -110,34 +117,46 @@ async fn restore(
     fetcher
         .progress
         .advance(Stage::Download, outcome.kept_bytes);
-    let jobs = groups
+    // Small files have no journal (a `.part` an earlier run left of one is
+    // simply not used), so nothing of theirs is lost by batching them.
+    let (small, single): (Vec<Group>, Vec<Group>) = groups
         .into_iter()
         .filter(|g| !g.write.is_empty())
-        .map(|g| async move {
-            if let Some(kept) = g.kept {
-                let w = work.clone();
-                tokio::task::spawn_blocking(move || {
-                    place(&w, g.hash, Source::Kept(&kept), &g.write)
-                })
+        .partition(|g| g.kept.is_none() && g.size < JOURNAL_MIN);
+    let batched = !small.is_empty();
+    if batched {
+        outcome.transfer += fetch_small(fetcher, work, small).await?;
+    }
+    let jobs = single.into_iter().map(|g| async move {
+        if let Some(kept) = g.kept {
+            let w = work.clone();
+            tokio::task::spawn_blocking(move || place(&w, g.hash, Source::Kept(&kept), &g.write))
                 .await
                 .expect("placing does not panic")?;
-                fetcher.progress.advance(Stage::Download, g.size);
-                return Ok((Transfer::default(), 0));
-            }
-            let info = fetcher.remote.file_info(g.hash).await?;
-            if info.size != g.size {
-                return Err(Error::BadAnswer {
-                    what: format!("tree entry {}", g.name),
-                    reason: format!("tree says {} bytes, the server {}", g.size, info.size),
-                });
-            }
-            fetch_into(fetcher, work, &info, g.write).await
-        });
+            fetcher.progress.advance(Stage::Download, g.size);
+            return Ok((Transfer::default(), 0));
+        }
+        let info = fetcher.remote.file_info(g.hash).await?;
+        if info.size != g.size {
+            return Err(Error::BadAnswer {
+                what: format!("tree entry {}", g.name),
+                reason: format!("tree says {} bytes, the server {}", g.size, info.size),
+            });
+        }
+        fetch_into(fetcher, work, &info, g.write).await
+    });
     let mut runs = futures_util::stream::iter(jobs).buffer_unordered(parallel_files.max(1));
     while let Some(r) = runs.next().await {
         let (t, r) = r?;
         outcome.transfer += t;
         outcome.resumed_bytes += r;
+    }
+    if batched {
+        // The renames of the batches are durable before the fetch ends.
+        let dir = dest.to_owned();
+        tokio::task::spawn_blocking(move || sync_fs(&dir))
+            .await
+            .expect("syncing does not panic")?;
     }
     Ok(outcome)
 }
@@ -154,9 +173,10 @@ fn examine_all(
     let mut groups: Vec<Group> = Vec::new();
     let mut index: HashMap<(FileHash, u64), usize> = HashMap::new();
     let mut outcome = Outcome::default();
+    let mut checked = HashSet::new();
     for e in &tree.entries {
         let target = Target {
-            path: prepare_parents(dest, &e.path)?,
+            path: prepare_parents(dest, &e.path, &mut checked)?,
             mode: Some(e.mode),
         };
         let found = examine(work, &target.path, e.size, e.file, Kind::File)?;
@@ -195,7 +215,11 @@ mod tests {
         fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
         fs::write(root.join("file"), b"x").unwrap();
-        assert_eq!(prepare_parents(&root, "a/b/c").unwrap(), root.join("a/b/c"));
+        let mut checked = HashSet::new();
+        assert_eq!(
+            prepare_parents(&root, "a/b/c", &mut checked).unwrap(),
+            root.join("a/b/c")
+        );
         assert!(root.join("a/b").is_dir());
         for bad in [
             "link/x",
@@ -207,7 +231,10 @@ mod tests {
             "",
         ] {
             assert!(
-                matches!(prepare_parents(&root, bad), Err(Error::UnsafePath { .. })),
+                matches!(
+                    prepare_parents(&root, bad, &mut checked),
+                    Err(Error::UnsafePath { .. })
+                ),
                 "{bad}"
             );
         }

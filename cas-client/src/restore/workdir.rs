@@ -169,6 +169,11 @@ impl WorkDir {
         }
     }
 
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Where this fetch keeps a temporary of its own.
     pub fn temp(&self, name: &str) -> PathBuf {
         self.path.join(name)

@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use super::{blocking, Core, CoreError};
 use crate::index::Index;
-use crate::store::{ObjectKey, ObjectStore};
+use crate::store::{ObjectKey, ObjectReader, ObjectStore};
 
 /// Verifications of reported xorbs that run at once (each reads and
 /// decompresses up to 64 MiB).
@@ -93,7 +93,16 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Length of a stored xorb, or `None`. A xorb the index knows but the
     /// object store lacks is damaged: it is marked so, and the answer is
     /// [`CoreError::Damaged`].
+    ///
+    /// On a shared store (S3) an indexed xorb's length comes from the index,
+    /// without a HEAD per read (S3 requests cost); a missing object is found
+    /// by the read itself ([`Core::open_xorb`]).
     pub async fn xorb_len(&self, hash: XorbHash) -> Result<Option<u64>, CoreError> {
+        if self.shares_store() {
+            if let Some(r) = self.with_index(move |i| Ok(i.xorb(&hash)?)).await? {
+                return Ok(Some(r.object_len()));
+            }
+        }
         let len = self.objects.len(&ObjectKey::xorb(&hash)).await?;
         if len.is_none()
             && self
@@ -135,7 +144,10 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                 record.object_len()
             ))
         } else {
-            let bytes = self.read_whole(xorb, len).await?;
+            let bytes = match self.read_whole(xorb, len).await {
+                Err(CoreError::Damaged { .. }) => return Ok(XorbCheck::Damaged),
+                r => r?,
+            };
             blocking(move || {
                 Ok(XorbView::parse(&bytes)
                     .and_then(|v| v.verify(xorb))
@@ -156,10 +168,29 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         }
     }
 
+    /// Starts a read of a stored xorb's bytes. An object the store lacks is
+    /// marked damaged and answered [`CoreError::Damaged`].
+    pub(crate) async fn open_xorb(
+        &self,
+        xorb: XorbHash,
+        range: ByteRange,
+    ) -> Result<ObjectReader, CoreError> {
+        match self
+            .objects
+            .read_range(&ObjectKey::xorb(&xorb), range)
+            .await
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.mark_damaged(xorb, "object missing").await?;
+                Err(CoreError::Damaged { file: None, xorb })
+            }
+            r => Ok(r?),
+        }
+    }
+
     pub(crate) async fn read_whole(&self, xorb: XorbHash, len: u64) -> Result<Bytes, CoreError> {
         let mut reader = self
-            .objects
-            .read_range(&ObjectKey::xorb(&xorb), ByteRange { start: 0, end: len })
+            .open_xorb(xorb, ByteRange { start: 0, end: len })
             .await?;
         let mut buf = Vec::with_capacity(len as usize);
         reader.read_to_end(&mut buf).await?;

@@ -243,7 +243,7 @@ fn check_shard(index: &impl Index, shard: &Shard) -> Result<(), CoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::RangeRequest;
+    use crate::core::{FetchGrain, RangeRequest};
     use crate::index::MemIndex;
     use crate::store::MemStore;
     use cas_protocol::shard::{Term, XorbChunkTable};
@@ -372,7 +372,8 @@ mod tests {
         };
         assert_eq!(core.dedup(q.clone()).await.unwrap().found, vec![None]);
         assert!(matches!(
-            core.reconstruct(f.hash, None::<RangeRequest>, |x| x.to_string())
+            core.reconstruct(f.hash, None::<RangeRequest>, FetchGrain::Xorb, |x, _| x
+                .to_string())
                 .await,
             Err(CoreError::Damaged { .. })
         ));

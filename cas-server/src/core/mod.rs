@@ -15,12 +15,15 @@
 //! - [`roots`]: files and trees uploaded without a repository, kept as
 //!   garbage collection roots;
 //! - [`gc`]: garbage collection (plan, then execute), fsck and repair;
+//! - [`objects`]: whole objects (Git LFS, Hub commits) chunked,
+//!   deduplicated and packed on the server, found by SHA-256;
 //! - [`catch_up`]: the index as a cache of a bucket other nodes share.
 
 mod catch_up;
 pub mod gc;
 mod health;
 mod ingest;
+pub mod objects;
 mod reconstruct;
 pub mod refs;
 mod roots;
@@ -42,7 +45,7 @@ use crate::store::ObjectStore;
 
 pub use catch_up::CatchUp;
 pub use health::XorbCheck;
-pub use reconstruct::RangeRequest;
+pub use reconstruct::{FetchGrain, RangeRequest};
 
 /// Why the core refused or failed a request.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,18 @@ pub enum CoreError {
     },
     #[error("{0} not found")]
     NotFound(String),
+    /// An object's bytes do not hash to the SHA-256 (LFS object id) it
+    /// was sent as: nothing was recorded.
+    #[error("object {expected}: the {size} bytes received hash to {actual}")]
+    ObjectMismatch {
+        expected: Sha256,
+        actual: Sha256,
+        size: u64,
+    },
+    /// A request to change a repository that cannot be applied (a path
+    /// that is not a file of the tree, an LFS object that is not stored).
+    #[error("{0}")]
+    InvalidChange(String),
     #[error("range not satisfiable for a file of {size} bytes")]
     RangeNotSatisfiable { size: u64 },
     #[error("repository {0} not found")]
@@ -150,6 +165,7 @@ pub struct Core<O, I> {
     health: Arc<health::Health>,
     caches: Arc<refs::Caches>,
     metrics: Arc<Metrics>,
+    inflight: Arc<objects::InFlight>,
     catch_up: Arc<catch_up::CatchUpState>,
 }
 
@@ -162,6 +178,7 @@ impl<O, I> Clone for Core<O, I> {
             health: self.health.clone(),
             caches: self.caches.clone(),
             metrics: self.metrics.clone(),
+            inflight: self.inflight.clone(),
             catch_up: self.catch_up.clone(),
         }
     }
@@ -182,6 +199,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             health: Arc::default(),
             caches: Arc::default(),
             metrics,
+            inflight: Arc::default(),
             catch_up: Arc::default(),
         }
     }
@@ -316,12 +334,42 @@ mod tests {
                     start: 6000,
                     end: Some(6999),
                 }),
-                |x| format!("x/{x}"),
+                FetchGrain::Xorb,
+                |x, r| format!("x/{x}/{}-{}", r.start, r.end),
             )
             .await
             .unwrap();
         assert_eq!(rec.terms.len(), 1);
         assert_eq!(rec.terms[0].chunks, ChunkRange { start: 1, end: 2 });
         assert_eq!(rec.offset_into_first_term, 1000);
+        let whole = x.bytes.len();
+        assert_eq!(rec.fetch[0].url, format!("x/{}/0-{whole}", x.hash));
+        let in_xorb = rec.fetch[0].ranges[0];
+
+        // Cut by range: one entry per merged range, under a URL for
+        // exactly its bytes, at offsets relative to that URL.
+        let by_range = core
+            .reconstruct(
+                recipe.hash,
+                Some(RangeRequest::From {
+                    start: 6000,
+                    end: Some(6999),
+                }),
+                FetchGrain::Range,
+                |x, r| format!("x/{x}/{}-{}", r.start, r.end),
+            )
+            .await
+            .unwrap();
+        assert_eq!(by_range.terms, rec.terms);
+        let [f] = &by_range.fetch[..] else {
+            panic!("one range: {:?}", by_range.fetch)
+        };
+        let b = in_xorb.bytes;
+        assert_eq!(f.url, format!("x/{}/{}-{}", x.hash, b.start, b.end));
+        assert_eq!(f.ranges[0].chunks, in_xorb.chunks);
+        assert_eq!(
+            (f.ranges[0].bytes.start, f.ranges[0].bytes.end),
+            (0, b.len())
+        );
     }
 }

@@ -3,10 +3,13 @@
 
 use std::collections::HashMap;
 
-use cas_protocol::messages::{FetchRange, Reconstruction, ReconstructionTerm, XorbFetch};
+use cas_protocol::messages::{
+    FetchRange, FileReconstruction, Reconstruction, ReconstructionBatch, ReconstructionTerm,
+    XorbFetch, BATCH_ANSWER_TARGET,
+};
 use cas_protocol::shard::FileRecipe;
 use cas_protocol::xorb::{FrameOffsets, XorbError};
-use cas_protocol::{ByteRange, ChunkRange, FileHash, RangeHash, XorbHash};
+use cas_protocol::{ByteRange, ChunkRange, Encoding, FileHash, Message, RangeHash, XorbHash};
 
 use super::{load_recipe, Core, CoreError, FileInfo, Records};
 use crate::index::{Index, IndexError};
@@ -67,12 +70,15 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 
     /// The terms and xorb byte ranges that rebuild `range` of a file (the
-    /// whole file without one). `xorb_url` names where a xorb is fetched.
+    /// whole file without one). `grain` says how the fetch entries are cut
+    /// and `url` names where the bytes `range` of a xorb are fetched (the
+    /// whole xorb, or one merged range: [`FetchGrain`]).
     pub async fn reconstruct(
         &self,
         hash: FileHash,
         range: Option<RangeRequest>,
-        xorb_url: impl Fn(&XorbHash) -> String + Send + 'static,
+        grain: FetchGrain,
+        url: impl Fn(&XorbHash, ByteRange) -> String + Send + 'static,
     ) -> Result<Reconstruction, CoreError> {
         self.catch_up_for(&[hash]).await?;
         self.with_index(move |i| {
@@ -86,13 +92,48 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                     .resolve(recipe.size)
                     .ok_or(CoreError::RangeNotSatisfiable { size: recipe.size })?,
             };
-            plan(i, &recipe, range, &xorb_url).map_err(|e| match e {
-                CoreError::DamagedXorb(xorb) | CoreError::UnknownXorb(xorb) => CoreError::Damaged {
-                    file: Some(hash),
-                    xorb,
-                },
-                e => e,
-            })
+            plan(&mut Records::new(i), &recipe, range, grain, &url)
+        })
+        .await
+    }
+
+    /// Whole-file reconstructions of the first of `files` (in order), as
+    /// many as fit [`BATCH_ANSWER_TARGET`] bytes in `encoding`, at least
+    /// one. Xorb records are read once for the whole batch.
+    pub async fn reconstruct_batch(
+        &self,
+        files: Vec<FileHash>,
+        encoding: Encoding,
+        grain: FetchGrain,
+        url: impl Fn(&XorbHash, ByteRange) -> String + Send + 'static,
+    ) -> Result<ReconstructionBatch, CoreError> {
+        self.with_index(move |i| {
+            let mut records = Records::new(i);
+            let mut batch = ReconstructionBatch::default();
+            let mut bytes = 0;
+            for hash in files {
+                let recipe = load_recipe(i, hash)?;
+                let whole = ByteRange {
+                    start: 0,
+                    end: recipe.size,
+                };
+                let reconstruction = plan(&mut records, &recipe, whole, grain, &url)?;
+                let file = FileReconstruction {
+                    kind: recipe.kind,
+                    sha256: recipe.sha256,
+                    reconstruction,
+                };
+                // The encoding of one file alone, plus what the batch adds.
+                bytes += match encoding {
+                    Encoding::Binary => file.reconstruction.to_bytes().len(),
+                    Encoding::Json => file.reconstruction.to_json().len(),
+                } + 160;
+                if bytes > BATCH_ANSWER_TARGET && !batch.files.is_empty() {
+                    break;
+                }
+                batch.files.push(file);
+            }
+            Ok(batch)
         })
         .await
     }
@@ -113,25 +154,51 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         hash: XorbHash,
         range: ByteRange,
     ) -> Result<ObjectReader, CoreError> {
-        Ok(self
-            .objects
-            .read_range(&ObjectKey::xorb(&hash), range)
-            .await?)
+        self.open_xorb(hash, range).await
     }
+}
+
+/// How a reconstruction's fetch entries name the bytes they hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FetchGrain {
+    /// One entry per xorb, under a URL for the whole xorb; its ranges are
+    /// offsets in the xorb.
+    Xorb,
+    /// One entry per merged byte range, under a URL for exactly those
+    /// bytes; its one range is offsets in that URL (`0..len`). A reader
+    /// learns no URL for bytes its file does not need.
+    Range,
 }
 
 /// Builds the reconstruction of `range` (already inside the file): the
 /// terms overlapping it, trimmed to the chunks that overlap it, and per
-/// xorb the merged byte ranges that hold those chunks.
-fn plan(
-    index: &impl Index,
+/// xorb the merged byte ranges that hold those chunks, cut by `grain`.
+/// A damaged or missing xorb is reported as the file's.
+fn plan<I: Index>(
+    records: &mut Records<'_, I>,
     recipe: &FileRecipe,
     range: ByteRange,
-    xorb_url: &impl Fn(&XorbHash) -> String,
+    grain: FetchGrain,
+    url: &impl Fn(&XorbHash, ByteRange) -> String,
+) -> Result<Reconstruction, CoreError> {
+    plan_terms(records, recipe, range, grain, url).map_err(|e| match e {
+        CoreError::DamagedXorb(xorb) | CoreError::UnknownXorb(xorb) => CoreError::Damaged {
+            file: Some(recipe.hash),
+            xorb,
+        },
+        e => e,
+    })
+}
+
+fn plan_terms<I: Index>(
+    records: &mut Records<'_, I>,
+    recipe: &FileRecipe,
+    range: ByteRange,
+    grain: FetchGrain,
+    url: &impl Fn(&XorbHash, ByteRange) -> String,
 ) -> Result<Reconstruction, CoreError> {
     let mut terms = Vec::new();
     let mut offset_into_first_term = 0;
-    let mut records = Records::new(index);
     let mut pos = 0u64;
     for t in &recipe.terms {
         let (t_start, t_end) = (pos, pos + t.len);
@@ -188,7 +255,7 @@ fn plan(
             }
         }
         let offsets = FrameOffsets::new(&records.map[&xorb].entries);
-        let ranges = merged
+        let ranges: Vec<FetchRange> = merged
             .into_iter()
             .map(|chunks| {
                 Ok(FetchRange {
@@ -198,20 +265,40 @@ fn plan(
             })
             .collect::<Result<_, XorbError>>()
             .map_err(IndexError::from)?;
-        fetch.push(XorbFetch {
-            xorb,
-            url: xorb_url(&xorb),
-            ranges,
-        });
+        match grain {
+            FetchGrain::Xorb => fetch.push(XorbFetch {
+                xorb,
+                url: url(
+                    &xorb,
+                    ByteRange {
+                        start: 0,
+                        end: offsets.end(),
+                    },
+                ),
+                ranges,
+            }),
+            FetchGrain::Range => fetch.extend(ranges.into_iter().map(|r| XorbFetch {
+                xorb,
+                url: url(&xorb, r.bytes),
+                ranges: vec![FetchRange {
+                    chunks: r.chunks,
+                    bytes: ByteRange {
+                        start: 0,
+                        end: r.bytes.len(),
+                    },
+                }],
+            })),
+        }
     }
-    // Deterministic order: the order xorbs first appear in the terms.
+    // Deterministic order: the order xorbs first appear in the terms (and
+    // a xorb's ranges in chunk order).
     let first_use: HashMap<XorbHash, usize> = terms
         .iter()
         .enumerate()
         .rev()
         .map(|(i, t)| (t.xorb, i))
         .collect();
-    fetch.sort_by_key(|f| first_use[&f.xorb]);
+    fetch.sort_by_key(|f| (first_use[&f.xorb], f.ranges[0].chunks.start));
     Ok(Reconstruction {
         file: recipe.hash,
         file_size: recipe.size,

@@ -105,6 +105,8 @@ pub(crate) struct Started {
     declared: Option<usize>,
     first: Option<Bytes>,
     progress: Progress,
+    /// Bytes handed on by [`Started::next_piece`].
+    received: usize,
 }
 
 /// A request body read whole, with the budget it holds until dropped.
@@ -217,6 +219,7 @@ pub(crate) async fn start_body(
         declared: declared.map(|n| n as usize),
         first,
         progress,
+        received: 0,
     })
 }
 
@@ -290,6 +293,44 @@ impl Started {
 }
 
 impl Started {
+    /// The next piece of the body as it arrives (`None` at its end), for
+    /// a consumer that bounds its own memory (an object ingested while it
+    /// streams in): nothing is buffered or reserved here. The limit, a
+    /// declared length and the progress rule hold as in
+    /// [`Started::finish`].
+    pub(crate) async fn next_piece(
+        &mut self,
+        metrics: &Metrics,
+    ) -> Result<Option<Bytes>, ApiError> {
+        let next = match self.first.take() {
+            Some(d) => Some(d),
+            None => self.progress.frame(&mut self.body).await?,
+        };
+        let Some(data) = next else {
+            if self.declared.is_some_and(|n| n != self.received) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "request body ended before its Content-Length",
+                ));
+            }
+            return Ok(None);
+        };
+        self.received += data.len();
+        if self.received > self.limit {
+            return Err(too_large(self.limit));
+        }
+        if self.declared.is_some_and(|n| self.received > n) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "request body longer than its Content-Length",
+            ));
+        }
+        Metrics::add(&metrics.bytes_in, data.len() as u64);
+        Ok(Some(data))
+    }
+
     /// Reads the rest like [`Started::finish`], but hands the body to
     /// `sink` in pieces of about [`PIECE`] bytes as it arrives, so their
     /// checks overlap the transfer; [`Streamed::join`] then makes the

@@ -106,6 +106,10 @@ impl From<CoreError> for ApiError {
             CoreError::Damaged { .. } => Self::new(S::GONE, "damaged", message),
             CoreError::InvalidRecipe { .. } => Self::new(S::BAD_REQUEST, "invalid_recipe", message),
             CoreError::NotFound(_) => Self::new(S::NOT_FOUND, "not_found", message),
+            CoreError::ObjectMismatch { .. } => {
+                Self::new(S::UNPROCESSABLE_ENTITY, "object_mismatch", message)
+            }
+            CoreError::InvalidChange(_) => Self::new(S::BAD_REQUEST, "invalid_change", message),
             CoreError::RepoNotFound(_) => Self::new(S::NOT_FOUND, "repo_not_found", message),
             CoreError::RevisionNotFound { .. } => {
                 Self::new(S::NOT_FOUND, "revision_not_found", message)

@@ -6,6 +6,8 @@
 //!   `{"error": "<stable code>", "message": "..."}` ([`error`]);
 //! - [`hf`]: the Hugging Face Hub–compatible API (`/api/...` and
 //!   `.../resolve/...`), with the Hub's error headers;
+//! - [`lfs`]: the Git LFS batch API and basic transfer
+//!   (`/[datasets/]{org}/{name}.git/info/lfs/...`);
 //! - [`repos`]: its repository routes and the access check of tokens
 //!   limited to repositories;
 //! - [`body`]: request bodies (bounded in size, time and memory), `Range`
@@ -17,6 +19,7 @@ pub mod budget;
 pub mod conn;
 pub mod error;
 pub mod hf;
+pub mod lfs;
 pub mod repos;
 pub mod v1;
 
@@ -222,7 +225,8 @@ pub(crate) fn json(status: StatusCode, value: &impl Serialize) -> Response<Body>
 }
 
 /// Serves one request from `peer` that reached this server at `local`:
-/// the Hub API's paths go to [`hf`], everything else to [`v1`]. Never
+/// Git LFS paths go to [`lfs`], the Hub API's to [`hf`], everything else
+/// to [`v1`]. Never
 /// fails (errors are answers); counts the answer in the metrics.
 pub async fn handle<O: ObjectStore, I: Index>(
     app: Arc<App<O, I>>,
@@ -232,9 +236,12 @@ pub async fn handle<O: ObjectStore, I: Index>(
 ) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let (label, mut response) = match hf::route(&method, &path) {
-        Some(routed) => hf::handle(&app, routed, req, peer, local).await,
-        None => v1::handle(&app, req, peer, local).await,
+    let (label, mut response) = if let Some(routed) = lfs::route(&method, &path) {
+        lfs::handle(&app, routed, req, peer, local).await
+    } else if let Some(routed) = hf::route(&method, &path) {
+        hf::handle(&app, routed, req, peer, local).await
+    } else {
+        v1::handle(&app, req, peer, local).await
     };
     if method == Method::HEAD {
         *response.body_mut() = empty();

@@ -188,8 +188,21 @@ pub(crate) async fn authorize_file<O: ObjectStore, I: Index>(
     if !grant.is_limited() {
         return Ok(());
     }
+    authorize_files(app, grant, uri, &[parse_hash(hash)?]).await
+}
+
+/// [`authorize_file`] for every file of a batch: all must be in the
+/// named revision.
+pub(crate) async fn authorize_files<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    grant: &Grant,
+    uri: &Uri,
+    files: &[FileHash],
+) -> Result<(), ApiError> {
+    if !grant.is_limited() {
+        return Ok(());
+    }
     let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, "forbidden", m);
-    let file: FileHash = parse_hash(hash)?;
     let repo = query(uri, "repo").ok_or_else(|| {
         forbidden(
             "this token is limited to repositories: name the one the file is in \
@@ -202,9 +215,8 @@ pub(crate) async fn authorize_file<O: ObjectStore, I: Index>(
         return Err(forbidden(format!("this token does not grant {repo}")));
     }
     let rev = query(uri, "rev").unwrap_or_else(|| RefName::main().to_string());
-    if app.core.in_revision(&repo, &rev, file).await? {
-        Ok(())
-    } else {
-        Err(forbidden(format!("file {file} is not in {repo} at {rev}")))
+    match app.core.not_in_revision(&repo, &rev, files).await? {
+        None => Ok(()),
+        Some(file) => Err(forbidden(format!("file {file} is not in {repo} at {rev}"))),
     }
 }

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use cas_protocol::messages::{DedupQuery, MAX_DEDUP_BATCH};
+use cas_protocol::messages::{DedupQuery, ReconstructionQuery, MAX_BATCH_FILES, MAX_DEDUP_BATCH};
 use cas_protocol::repo::CommitId;
 use cas_protocol::shard::MAX_SHARD_BYTES;
 use cas_protocol::xorb::{StreamVerifier, XorbError, MAX_XORB_SERIALIZED};
-use cas_protocol::{Encoding, FileHash, Message, XorbHash};
+use cas_protocol::{ByteRange, Encoding, FileHash, Message, XorbHash};
 use futures_util::TryStreamExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
@@ -22,8 +22,8 @@ use super::body::{
 };
 use super::error::ApiError;
 use super::{empty, full, json, repos, App, Body, XorbReads, BINARY, JSON, REDIRECT_TTL};
-use crate::auth::{Grant, Scope};
-use crate::core::{CoreError, XorbUpload};
+use crate::auth::{Grant, Scope, SigningKey};
+use crate::core::{CoreError, FetchGrain, XorbUpload};
 use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::store::ObjectStore;
@@ -32,6 +32,8 @@ use crate::store::ObjectStore;
 const MAX_DEDUP_BODY: usize = 64 + MAX_DEDUP_BATCH * 70;
 /// The purpose of content URL MACs ([`crate::auth::SigningKey::url_mac`]).
 const CONTENT_MAC: &str = "content";
+/// The purpose of xorb grant MACs: bytes `start..end` of one xorb.
+const XORB_RANGE_MAC: &str = "xorb-range";
 /// The commit a content URL was handed out for, echoed by its answers
 /// (huggingface_hub reads it after following a redirect on one origin).
 pub(crate) const X_REPO_COMMIT: HeaderName = HeaderName::from_static("x-repo-commit");
@@ -67,6 +69,7 @@ pub enum Route {
     XorbHead,
     Shard,
     Reconstruction,
+    ReconstructionBatch,
     File,
     XorbCheck,
     RepoList,
@@ -85,10 +88,12 @@ pub enum Route {
     RepoDelete,
     BranchDelete,
     TagDelete,
+    XorbGrantGet,
+    XorbGrantHead,
 }
 
 impl Route {
-    pub const ALL: [Route; 26] = [
+    pub const ALL: [Route; 29] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -97,6 +102,7 @@ impl Route {
         Route::XorbHead,
         Route::Shard,
         Route::Reconstruction,
+        Route::ReconstructionBatch,
         Route::File,
         Route::XorbCheck,
         Route::RepoList,
@@ -115,6 +121,8 @@ impl Route {
         Route::RepoDelete,
         Route::BranchDelete,
         Route::TagDelete,
+        Route::XorbGrantGet,
+        Route::XorbGrantHead,
     ];
 
     pub fn name(self) -> &'static str {
@@ -127,6 +135,7 @@ impl Route {
             Route::XorbHead => "xorb_head",
             Route::Shard => "shard",
             Route::Reconstruction => "reconstruction",
+            Route::ReconstructionBatch => "reconstruction_batch",
             Route::File => "file",
             Route::XorbCheck => "xorb_check",
             Route::RepoList => "repo_list",
@@ -145,6 +154,8 @@ impl Route {
             Route::RepoDelete => "repo_delete",
             Route::BranchDelete => "branch_delete",
             Route::TagDelete => "tag_delete",
+            Route::XorbGrantGet => "xorb_grant_get",
+            Route::XorbGrantHead => "xorb_grant_head",
         }
     }
 }
@@ -159,7 +170,9 @@ pub enum NoRoute {
 
 impl Route {
     /// The token scope a route needs (when the server checks tokens).
-    /// Xorb and content reads need none: their URLs are capabilities.
+    /// Grant and content reads need none: their URLs are capabilities. A
+    /// plain xorb read needs a token that is not limited to repositories
+    /// (checked in [`dispatch`]).
     pub fn scope(self) -> Option<Scope> {
         match self {
             Route::Dedup
@@ -175,7 +188,10 @@ impl Route {
             | Route::TagDelete => Some(Scope::Write),
             // A reader reports bytes that failed verification.
             Route::Reconstruction
+            | Route::ReconstructionBatch
             | Route::File
+            | Route::XorbGet
+            | Route::XorbHead
             | Route::XorbCheck
             | Route::RepoList
             | Route::RepoInfo
@@ -183,12 +199,12 @@ impl Route {
             | Route::RepoLog => Some(Scope::Read),
             Route::Healthz
             | Route::Metrics
-            | Route::XorbGet
-            | Route::XorbHead
             | Route::ContentGet
             | Route::ContentHead
             | Route::SignedContentGet
-            | Route::SignedContentHead => None,
+            | Route::SignedContentHead
+            | Route::XorbGrantGet
+            | Route::XorbGrantHead => None,
         }
     }
 }
@@ -210,9 +226,17 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
             ],
             vec![*h],
         ),
+        ["v1", "reconstructions"] => (&[(Method::POST, Route::ReconstructionBatch)], vec![]),
         ["v1", "reconstructions", h] => (&[(Method::GET, Route::Reconstruction)], vec![*h]),
         ["v1", "files", h] => (&[(Method::GET, Route::File)], vec![*h]),
         ["v1", "xorbs", h, "check"] => (&[(Method::POST, Route::XorbCheck)], vec![*h]),
+        ["v1", "xorbs", h, r, m] => (
+            &[
+                (Method::GET, Route::XorbGrantGet),
+                (Method::HEAD, Route::XorbGrantHead),
+            ],
+            vec![*h, *r, *m],
+        ),
         ["v1", "content", h] => (
             &[
                 (Method::GET, Route::ContentGet),
@@ -349,12 +373,26 @@ async fn dispatch<O: ObjectStore, I: Index>(
         )),
         Route::Dedup => dedup(app, req).await,
         Route::XorbPut => put_xorb(app, h, req).await,
-        Route::XorbGet | Route::XorbHead => get_xorb(app, h, &req).await,
+        Route::XorbGet | Route::XorbHead => {
+            if grant.is_limited() {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "this token is limited to repositories: it reads xorb bytes only \
+                     through the grant URLs of its reconstructions",
+                ));
+            }
+            get_xorb(app, h, None, &req).await
+        }
+        Route::XorbGrantGet | Route::XorbGrantHead => {
+            get_xorb(app, h, Some((params[1], params[2])), &req).await
+        }
         Route::Shard => post_shard(app, req).await,
         Route::Reconstruction => {
             repos::authorize_file(app, grant, req.uri(), h).await?;
-            reconstruct(app, h, &req, local).await
+            reconstruct(app, h, grant, &req, local).await
         }
+        Route::ReconstructionBatch => reconstruct_batch(app, grant, req, local).await,
         Route::File => {
             repos::authorize_file(app, grant, req.uri(), h).await?;
             file_info(app, h).await
@@ -526,67 +564,207 @@ async fn receive_verified<O: ObjectStore, I: Index>(
         .await)
 }
 
+/// Where a reconstruction for `grant` names the bytes it fetches from a
+/// server reached at `local`, and how its fetch entries are cut: with a
+/// signing key, grant URLs (a token limited to repositories gets one per
+/// range it needs, any other token one per whole xorb); without a key,
+/// plain xorb URLs.
+pub(crate) fn read_urls<O, I>(
+    app: &App<O, I>,
+    grant: &Grant,
+    local: SocketAddr,
+) -> (
+    FetchGrain,
+    impl Fn(&XorbHash, ByteRange) -> String + Send + 'static,
+) {
+    let base = super::read_base(app, local);
+    let key = app.access.key().cloned();
+    let grain = match (&key, grant.is_limited()) {
+        (Some(_), true) => FetchGrain::Range,
+        _ => FetchGrain::Xorb,
+    };
+    let url = move |xorb: &XorbHash, bytes: ByteRange| match &key {
+        Some(key) => format!(
+            "{base}/v1/xorbs/{xorb}/{}/{}",
+            grant_segment(bytes),
+            key.url_mac(XORB_RANGE_MAC, &grant_subject(xorb, bytes))
+        ),
+        None => format!("{base}/v1/xorbs/{xorb}"),
+    };
+    (grain, url)
+}
+
+/// A grant URL's range segment: `start-end` (end exclusive), decimal.
+fn grant_segment(bytes: ByteRange) -> String {
+    format!("{}-{}", bytes.start, bytes.end)
+}
+
+/// What a grant's MAC covers: the xorb and the range.
+fn grant_subject(xorb: &XorbHash, bytes: ByteRange) -> String {
+    format!("{xorb}:{}", grant_segment(bytes))
+}
+
+/// The range of a grant URL whose segments are `range` and `mac`, if the
+/// MAC is this server's for exactly that xorb and range (written the one
+/// way [`read_urls`] writes it, so every grant has one URL and one cache
+/// entry).
+fn check_grant(key: &SigningKey, xorb: &XorbHash, range: &str, mac: &str) -> Option<ByteRange> {
+    let (start, end) = range.split_once('-')?;
+    let bytes = ByteRange::new(start.parse().ok()?, end.parse().ok()?)?;
+    (grant_segment(bytes) == range
+        && !bytes.is_empty()
+        && key.verify_url_mac(XORB_RANGE_MAC, &grant_subject(xorb, bytes), mac))
+    .then_some(bytes)
+}
+
+/// A 404 that says nothing more and is never cached: the answer to an
+/// unknown object and to a capability URL that is not one.
+fn no_such(what: &str) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such {what}"),
+    );
+    e.headers
+        .push((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
+    e
+}
+
+/// A GET or HEAD of a stored xorb: the whole xorb (`grant: None`; the
+/// route has checked the token), or the bytes a grant URL's `(range,
+/// MAC)` segments name, as an object of its own: `Range` is relative to
+/// the grant's start, and nothing outside it is served. A grant that is
+/// not valid (wrong MAC, range not written canonically, past the xorb's
+/// end, a server without a key) is a 404 like an unknown xorb's.
 async fn get_xorb<O: ObjectStore, I: Index>(
     app: &App<O, I>,
     hash: &str,
+    grant: Option<(&str, &str)>,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let hash: XorbHash = parse_hash(hash)?;
-    if app.xorb_reads == XorbReads::Redirect && req.method() == Method::GET {
-        if let Some(url) = app.core.presign_xorb(hash, REDIRECT_TTL).await? {
-            let location =
-                HeaderValue::from_str(&url).map_err(|e| CoreError::Io(std::io::Error::other(e)))?;
-            return Ok(Response::builder()
-                .status(StatusCode::TEMPORARY_REDIRECT)
-                .header(header::LOCATION, location)
-                // The URL expires: no cache may keep this answer.
-                .header(header::CACHE_CONTROL, "no-store")
-                .body(empty())
-                .expect("valid response"));
-        }
-    }
-    let size = app.core.xorb_len(hash).await?.ok_or_else(|| {
+    let not_found = |hash: &XorbHash| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
             format!("xorb {hash} not found"),
         )
-    })?;
-    let etag = format!("\"{hash}\"");
-    let (builder, range) = match object_head(req.headers(), size, &etag, "xorb")? {
-        ObjectHead::NotModified(r) => return Ok(r),
-        ObjectHead::Send(b, range) => (b, range),
     };
-    if req.method() == Method::HEAD {
-        return Ok(builder.body(empty()).expect("valid response"));
+    let (hash, window) = match grant {
+        None => {
+            let hash: XorbHash = parse_hash(hash)?;
+            (hash, None)
+        }
+        Some((range, mac)) => {
+            let hash: XorbHash = parse_hash(hash).map_err(|_| no_such("grant"))?;
+            let bytes = app
+                .access
+                .key()
+                .and_then(|key| check_grant(key, &hash, range, mac))
+                .ok_or_else(|| no_such("grant"))?;
+            (hash, Some(bytes))
+        }
+    };
+    // Redirected to the bucket: a plain read (its token allowed the whole
+    // xorb) at once; a grant only when it is the whole xorb, since a
+    // presigned URL reads all of it.
+    let redirect = app.xorb_reads == XorbReads::Redirect && req.method() == Method::GET;
+    if redirect && window.is_none() {
+        if let Some(r) = redirect_to_bucket(app, hash).await? {
+            return Ok(r);
+        }
     }
-    let reader = app.core.read_xorb(hash, range).await?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
-    Ok(builder
-        .body(counted_stream(stream, app.metrics.clone(), |m| {
-            &m.xorb_bytes_out
-        }))
-        .expect("valid response"))
+    let size = app
+        .core
+        .xorb_len(hash)
+        .await?
+        .ok_or_else(|| not_found(&hash))?;
+    if redirect && window.is_some_and(|w| w.start == 0 && w.end == size) {
+        if let Some(r) = redirect_to_bucket(app, hash).await? {
+            return Ok(r);
+        }
+    }
+    let (window, etag) = match window {
+        None => (
+            ByteRange {
+                start: 0,
+                end: size,
+            },
+            format!("\"{hash}\""),
+        ),
+        Some(w) if w.end <= size => (w, format!("\"{}\"", grant_subject(&hash, w))),
+        Some(_) => return Err(no_such("grant")),
+    };
+    let mut resp = match object_head(req.headers(), window.len(), &etag, "xorb")? {
+        ObjectHead::NotModified(r) => r,
+        ObjectHead::Send(builder, _) if req.method() == Method::HEAD => {
+            builder.body(empty()).expect("valid response")
+        }
+        ObjectHead::Send(builder, range) => {
+            let in_xorb = ByteRange {
+                start: window.start + range.start,
+                end: window.start + range.end,
+            };
+            let reader = app.core.read_xorb(hash, in_xorb).await?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
+            builder
+                .body(counted_stream(stream, app.metrics.clone(), |m| {
+                    &m.xorb_bytes_out
+                }))
+                .expect("valid response")
+        }
+    };
+    // A plain read on a server with a key was allowed by the caller's
+    // token: no shared cache may keep it for others.
+    if grant.is_none() && app.access.key().is_some() {
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, max-age=31536000, immutable"),
+        );
+    }
+    Ok(resp)
+}
+
+/// A `307` to a presigned URL of the xorb in the bucket, valid for
+/// [`REDIRECT_TTL`], if the store can presign.
+async fn redirect_to_bucket<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    hash: XorbHash,
+) -> Result<Option<Response<Body>>, ApiError> {
+    let Some(url) = app.core.presign_xorb(hash, REDIRECT_TTL).await? else {
+        return Ok(None);
+    };
+    let location =
+        HeaderValue::from_str(&url).map_err(|e| CoreError::Io(std::io::Error::other(e)))?;
+    Ok(Some(
+        Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, location)
+            // The URL expires: no cache may keep this answer.
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(empty())
+            .expect("valid response"),
+    ))
 }
 
 /// The URL of a stored file's bytes under `base`: with a signing key a
 /// capability (`/v1/content/<hash>/<MAC of the hash>`: unforgeable, and
 /// the same for every reader, so caches share it), else `/v1/content/<hash>`
-/// (a server without a key serves loopback clients only). `commit` is
-/// echoed as `X-Repo-Commit` by the answer.
+/// (a server without a key serves loopback clients only). `commit`, if
+/// any, is echoed as `X-Repo-Commit` by the answer.
 pub(crate) fn content_url<O, I>(
     app: &App<O, I>,
     base: &str,
     file: &FileHash,
-    commit: &CommitId,
+    commit: Option<&CommitId>,
 ) -> String {
     let hex = file.to_string();
-    match app.access.key() {
-        Some(key) => format!(
-            "{base}/v1/content/{hex}/{}?commit={commit}",
-            key.url_mac(CONTENT_MAC, &hex)
-        ),
-        None => format!("{base}/v1/content/{hex}?commit={commit}"),
+    let url = match app.access.key() {
+        Some(key) => format!("{base}/v1/content/{hex}/{}", key.url_mac(CONTENT_MAC, &hex)),
+        None => format!("{base}/v1/content/{hex}"),
+    };
+    match commit {
+        Some(c) => format!("{url}?commit={c}"),
+        None => url,
     }
 }
 
@@ -601,12 +779,7 @@ async fn get_content<O: ObjectStore, I: Index>(
     mac: Option<&str>,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let not_found = || {
-        let mut e = ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such content");
-        e.headers
-            .push((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
-        e
-    };
+    let not_found = || no_such("content");
     let file: FileHash = parse_hash(hash).map_err(|_| not_found())?;
     let allowed = match (app.access.key(), mac) {
         (Some(key), Some(mac)) => key.verify_url_mac(CONTENT_MAC, hash, mac),
@@ -670,29 +843,64 @@ async fn post_shard<O: ObjectStore, I: Index>(
 async fn reconstruct<O: ObjectStore, I: Index>(
     app: &App<O, I>,
     hash: &str,
+    grant: &Grant,
     req: &Request<Incoming>,
     local: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let hash: FileHash = parse_hash(hash)?;
     let range = range_header(req.headers())?;
-    let base = super::read_base(app, local);
-    let r = app
-        .core
-        .reconstruct(hash, range, move |x| format!("{base}/v1/xorbs/{x}"))
-        .await?;
-    // JSON unless the client asks for the binary form (and not for JSON).
-    let h = req.headers();
-    let encoding = if header_contains(h, header::ACCEPT, BINARY)
-        && !header_contains(h, header::ACCEPT, JSON)
-    {
-        Encoding::Binary
-    } else {
-        Encoding::Json
-    };
-    let mut resp = message_response(encoding, &r);
+    let (grain, url) = read_urls(app, grant, local);
+    let r = app.core.reconstruct(hash, range, grain, url).await?;
+    let mut resp = message_response(answer_encoding(req.headers()), &r);
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// Largest batched reconstruction query body (binary or JSON).
+const MAX_BATCH_QUERY_BODY: usize = 64 + MAX_BATCH_FILES * 70;
+
+/// Whole-file reconstructions of many files in one answer (as many as fit
+/// about 8 MiB; the client asks again for the rest).
+async fn reconstruct_batch<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    grant: &Grant,
+    req: Request<Incoming>,
+    local: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
+    let uri = req.uri().clone();
+    let encoding = answer_encoding(req.headers());
+    let query_encoding = body_encoding(req.headers());
+    let body = read_body(
+        req,
+        MAX_BATCH_QUERY_BODY,
+        app.body_rules(),
+        &app.budget,
+        &app.metrics,
+    )
+    .await?;
+    let query =
+        ReconstructionQuery::decode_as(&body.bytes, query_encoding).map_err(CoreError::from)?;
+    drop(body);
+    repos::authorize_files(app, grant, &uri, &query.files).await?;
+    let (grain, url) = read_urls(app, grant, local);
+    let batch = app
+        .core
+        .reconstruct_batch(query.files, encoding, grain, url)
+        .await?;
+    let mut resp = message_response(encoding, &batch);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// JSON unless the client asks for the binary form (and not for JSON).
+fn answer_encoding(h: &hyper::HeaderMap) -> Encoding {
+    if header_contains(h, header::ACCEPT, BINARY) && !header_contains(h, header::ACCEPT, JSON) {
+        Encoding::Binary
+    } else {
+        Encoding::Json
+    }
 }
 
 async fn file_info<O: ObjectStore, I: Index>(
@@ -738,6 +946,7 @@ mod tests {
                 .replace("{rev}", "main")
                 .replace("{tag}", "v1")
                 .replace("{branch}", "dev")
+                .replace("{range}", "0-1")
                 .replace("{mac}", &"0".repeat(32));
             for (method, op) in ops.as_object().expect("operations") {
                 if method == "parameters" {
@@ -771,5 +980,35 @@ mod tests {
             ]))
         );
         assert_eq!(route(&Method::GET, "/v1/nothing"), Err(NoRoute::NotFound));
+    }
+
+    /// A grant is valid only for the xorb and range its MAC covers, as
+    /// written by `read_urls`; every other spelling is refused.
+    #[test]
+    fn grants_bind_xorb_and_range() {
+        let key = SigningKey::generate();
+        let x = XorbHash::from_bytes([3; 32]);
+        let y = XorbHash::from_bytes([4; 32]);
+        let r = ByteRange { start: 10, end: 20 };
+        let mac = key.url_mac(XORB_RANGE_MAC, &grant_subject(&x, r));
+        assert_eq!(check_grant(&key, &x, "10-20", &mac), Some(r));
+        assert_eq!(check_grant(&key, &y, "10-20", &mac), None, "another xorb");
+        for range in [
+            "10-21", "9-20", "0-20", "010-20", "+10-20", "10-020", "10 -20", "10-20-", "-20",
+            "10-", "20-10", "10-10", "",
+        ] {
+            assert_eq!(check_grant(&key, &x, range, &mac), None, "{range:?}");
+        }
+        assert_eq!(
+            check_grant(&SigningKey::generate(), &x, "10-20", &mac),
+            None,
+            "another key"
+        );
+        let content = key.url_mac(CONTENT_MAC, &grant_subject(&x, r));
+        assert_eq!(
+            check_grant(&key, &x, "10-20", &content),
+            None,
+            "another purpose"
+        );
     }
 }

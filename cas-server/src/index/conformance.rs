@@ -116,6 +116,11 @@ pub fn check_written(index: &impl Index, w: &Written) {
         })
     );
     assert_eq!(index.file(&w.recipe.hash).unwrap(), Some(w.recipe.clone()));
+    assert_eq!(
+        index.file_by_sha256(&w.recipe.sha256).unwrap(),
+        Some(w.recipe.hash)
+    );
+    assert_eq!(index.file_by_sha256(&Sha256::of(b"absent")).unwrap(), None);
     assert_eq!(index.chunk(&ChunkHash::of(b"absent")).unwrap(), None);
     assert_eq!(
         index.totals().unwrap(),

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::FileRecipe;
-use cas_protocol::{ChunkHash, FileHash, XorbHash};
+use cas_protocol::{ChunkHash, FileHash, Kind, Sha256, XorbHash};
 
 use super::{Index, IndexError, Totals, XorbRecord, XorbSummary};
 
@@ -19,6 +19,7 @@ struct State {
     xorbs: HashMap<XorbHash, XorbRecord>,
     chunks: HashMap<ChunkHash, ChunkLocation>,
     files: HashMap<FileHash, FileRecipe>,
+    by_sha256: HashMap<Sha256, FileHash>,
     damaged: HashSet<XorbHash>,
 }
 
@@ -90,8 +91,15 @@ impl Index for MemIndex {
         let mut s = self.state();
         for f in files {
             s.files.insert(f.hash, f.clone());
+            if f.kind == Kind::File {
+                s.by_sha256.insert(f.sha256, f.hash);
+            }
         }
         Ok(())
+    }
+
+    fn file_by_sha256(&self, sha256: &Sha256) -> Result<Option<FileHash>, IndexError> {
+        Ok(self.state().by_sha256.get(sha256).copied())
     }
 
     fn totals(&self) -> Result<Totals, IndexError> {

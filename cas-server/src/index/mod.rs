@@ -13,7 +13,7 @@ mod rocks;
 use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::FileRecipe;
 use cas_protocol::xorb::{encode_header, serialized_len, IndexEntry, XorbError};
-use cas_protocol::{ChunkHash, FileHash, MessageError, XorbHash};
+use cas_protocol::{ChunkHash, FileHash, MessageError, Sha256, XorbHash};
 
 #[cfg(any(test, feature = "test-util"))]
 pub use mem::MemIndex;
@@ -30,6 +30,8 @@ pub enum IndexError {
     CorruptFile(#[from] MessageError),
     #[error("corrupt chunk entry")]
     CorruptChunk,
+    #[error("corrupt SHA-256 entry")]
+    CorruptSha256,
 }
 
 /// A stored xorb as the index knows it.
@@ -89,8 +91,14 @@ pub trait Index: Send + Sync + 'static {
     /// replaced by a verified copy).
     fn add_xorb(&self, hash: &XorbHash, record: &XorbRecord) -> Result<(), IndexError>;
     /// Records files (replacing earlier recipes of the same hashes), all or
-    /// none. Which recipes may be written is the core's decision.
+    /// none, and makes each regular file ([`cas_protocol::Kind::File`])
+    /// findable by its SHA-256 ([`Index::file_by_sha256`]). Which recipes
+    /// may be written is the core's decision.
     fn add_files(&self, files: &[FileRecipe]) -> Result<(), IndexError>;
+    /// The regular file whose bytes have this SHA-256 (a Git LFS object
+    /// id), as recorded by [`Index::add_files`]: rebuildable from the
+    /// shards like every other entry.
+    fn file_by_sha256(&self, sha256: &Sha256) -> Result<Option<FileHash>, IndexError>;
     /// Marks a recorded xorb damaged (its object is missing or corrupt) and
     /// stops offering its chunks for dedup, atomically. `Ok(false)` when it
     /// is unknown or already marked.

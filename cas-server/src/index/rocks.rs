@@ -3,14 +3,15 @@
 //!   entries: exactly the bytes at the start of the xorb object);
 //! - `c` + chunk hash -> xorb hash (32) || chunk index (u32 LE);
 //! - `f` + file hash  -> the recipe, encoded as a one-file shard message;
-//! - `d` + xorb hash  -> empty: the xorb is damaged (missing or corrupt).
+//! - `d` + xorb hash  -> empty: the xorb is damaged (missing or corrupt);
+//! - `s` + SHA-256    -> file hash of the regular file with those bytes.
 
 use std::path::Path;
 
 use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::{FileRecipe, Shard};
 use cas_protocol::xorb::parse_header;
-use cas_protocol::{ChunkHash, FileHash, Message, XorbHash};
+use cas_protocol::{ChunkHash, FileHash, Kind, Message, Sha256, XorbHash};
 
 use super::{Index, IndexError, Totals, XorbRecord, XorbSummary};
 
@@ -150,8 +151,19 @@ impl Index for RocksIndex {
         let mut batch = rocksdb::WriteBatch::default();
         for f in files {
             batch.put(key(b'f', f.hash.as_bytes()), recipe_value(f));
+            if f.kind == Kind::File {
+                batch.put(key(b's', f.sha256.as_bytes()), f.hash.as_bytes());
+            }
         }
         self.write(batch)
+    }
+
+    fn file_by_sha256(&self, sha256: &Sha256) -> Result<Option<FileHash>, IndexError> {
+        let Some(v) = self.db.get_pinned(key(b's', sha256.as_bytes()))? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 32] = v[..].try_into().map_err(|_| IndexError::CorruptSha256)?;
+        Ok(Some(FileHash::from_bytes(bytes)))
     }
 
     fn totals(&self) -> Result<Totals, IndexError> {

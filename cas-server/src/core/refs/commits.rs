@@ -16,7 +16,7 @@ use crate::store::{Expect, ObjectKey, ObjectStore, RefError};
 
 /// Tries of a commit without an expected parent, each rebuilt on the head
 /// that won the race before it.
-const COMMIT_ATTEMPTS: usize = 32;
+pub(super) const COMMIT_ATTEMPTS: usize = 32;
 
 impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Stores a commit (once: ids are content addresses). A stored commit

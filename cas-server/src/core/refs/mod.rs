@@ -15,6 +15,8 @@
 //! the repository's own refs: a commit of another repository is not found
 //! through this one.
 //!
+//! - `changes`: commits built on the server from changes by path (the
+//!   Hub's commit API), new branches;
 //! - `cache`: commits and parsed trees, kept in memory (both immutable);
 //! - `commits`: storing and reading commits, committing to a branch,
 //!   tagging;
@@ -25,6 +27,7 @@
 //!   access check of tokens limited to repositories.
 
 mod cache;
+mod changes;
 mod commits;
 mod delete;
 mod resolve;
@@ -44,6 +47,7 @@ use crate::store::{Expect, KeyPrefix, ObjectKey, ObjectStore, RefError, RefVersi
 
 pub(crate) use cache::Caches;
 pub use cache::TreeListing;
+pub use changes::{Change, ChangeRequest};
 pub use resolve::MAX_LOG_PAGE;
 
 /// A repository's record in the object store.

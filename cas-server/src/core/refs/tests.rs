@@ -368,14 +368,17 @@ async fn a_commit_of_another_repository_is_not_resolvable_through_this_one() {
     assert_eq!(head(&core, &theirs, &t.id.to_string()).await, t.id);
     assert_eq!(head(&core, &mine, &m.id.to_string()).await, m.id);
     // The access check of scoped tokens: the tree and its entries only.
-    assert!(core.in_revision(&mine, "main", tree).await.unwrap());
-    assert!(core.in_revision(&mine, "main", files[0]).await.unwrap());
+    let outside = |files: Vec<FileHash>| {
+        let (core, mine) = (&core, &mine);
+        async move { core.not_in_revision(mine, "main", &files).await.unwrap() }
+    };
+    assert_eq!(outside(vec![tree, files[0]]).await, None);
     let (other_tree, other_files) = store_tree(&core, &[("b", b"b")]).await;
-    assert!(!core.in_revision(&mine, "main", other_tree).await.unwrap());
-    assert!(!core
-        .in_revision(&mine, "main", other_files[0])
-        .await
-        .unwrap());
+    assert_eq!(outside(vec![other_tree]).await, Some(other_tree));
+    assert_eq!(
+        outside(vec![tree, other_files[0], files[0]]).await,
+        Some(other_files[0])
+    );
 }
 
 #[tokio::test]

@@ -84,15 +84,20 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         Ok(listing)
     }
 
-    /// Whether `file` is the tree of revision `rev` of `repo` or one of its
-    /// entries: what a token limited to repositories may read.
-    pub async fn in_revision(
+    /// The first of `files` that is neither the tree of revision `rev` of
+    /// `repo` nor one of its entries (what a token limited to repositories
+    /// may read), if any. The revision is resolved once.
+    pub async fn not_in_revision(
         &self,
         repo: &RepoId,
         rev: &str,
-        file: FileHash,
-    ) -> Result<bool, CoreError> {
+        files: &[FileHash],
+    ) -> Result<Option<FileHash>, CoreError> {
         let tree = self.resolve(repo, rev).await?.commit.tree;
-        Ok(tree == file || self.tree(tree).await?.names(&file))
+        let listing = self.tree(tree).await?;
+        Ok(files
+            .iter()
+            .find(|&&f| f != tree && !listing.names(&f))
+            .copied())
     }
 }

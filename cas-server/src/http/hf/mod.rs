@@ -21,6 +21,7 @@
 //! turns into its typed exceptions.
 
 mod wire;
+mod write;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,6 +69,12 @@ pub enum Route {
     Commits,
     PathsInfo,
     Resolve,
+    RepoCreate,
+    Preupload,
+    Commit,
+    Branch,
+    Tag,
+    ValidateYaml,
 }
 
 impl Route {
@@ -79,12 +86,34 @@ impl Route {
             Route::Commits => "hf_commits",
             Route::PathsInfo => "hf_paths_info",
             Route::Resolve => "hf_resolve",
+            Route::RepoCreate => "hf_repo_create",
+            Route::Preupload => "hf_preupload",
+            Route::Commit => "hf_commit",
+            Route::Branch => "hf_branch",
+            Route::Tag => "hf_tag",
+            Route::ValidateYaml => "hf_validate_yaml",
+        }
+    }
+
+    /// The token scope the route needs: writes need `write`.
+    fn scope(self) -> Scope {
+        match self {
+            Route::RepoCreate | Route::Preupload | Route::Commit | Route::Branch | Route::Tag => {
+                Scope::Write
+            }
+            _ => Scope::Read,
         }
     }
 
     fn methods(self) -> &'static [Method] {
         match self {
-            Route::PathsInfo => &[Method::POST],
+            Route::PathsInfo
+            | Route::RepoCreate
+            | Route::Preupload
+            | Route::Commit
+            | Route::Branch
+            | Route::Tag
+            | Route::ValidateYaml => &[Method::POST],
             Route::Resolve => &[Method::GET, Method::HEAD],
             _ => &[Method::GET],
         }
@@ -139,9 +168,15 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Option<Routed<'a>> {
                 ["refs"] => Ok((Route::Refs, target(t, org, name, None, ""))),
                 ["commits", rev] => Ok((Route::Commits, target(t, org, name, Some(*rev), ""))),
                 ["paths-info", rev] => Ok((Route::PathsInfo, target(t, org, name, Some(*rev), ""))),
+                ["preupload", rev] => Ok((Route::Preupload, target(t, org, name, Some(*rev), ""))),
+                ["commit", rev] => Ok((Route::Commit, target(t, org, name, Some(*rev), ""))),
+                ["branch", b] => Ok((Route::Branch, target(t, org, name, Some(*b), ""))),
+                ["tag", rev] => Ok((Route::Tag, target(t, org, name, Some(*rev), ""))),
                 _ => Err(NoRoute::NotFound),
             }
         }
+        ["api", "repos", "create"] => Ok((Route::RepoCreate, target("", "", "", None, ""))),
+        ["api", "validate-yaml"] => Ok((Route::ValidateYaml, target("", "", "", None, ""))),
         // A repository id without an organisation (`gpt2`): none exists here.
         ["api", t, name] => Ok((Route::Info, target(t, "", name, None, ""))),
         ["api", ..] => Err(NoRoute::NotFound),
@@ -316,7 +351,7 @@ pub(crate) async fn handle<O: ObjectStore, I: Index>(
 ) -> (&'static str, Response<Body>) {
     let (label, result) = match routed {
         Ok((r, target)) => {
-            let result = match super::check_access(app, &req, peer, Some(Scope::Read)) {
+            let result = match super::check_access(app, &req, peer, Some(r.scope())) {
                 Err(denied) => {
                     drain(req).await;
                     Err(denied.into())
@@ -440,9 +475,19 @@ async fn dispatch<O: ObjectStore, I: Index>(
     req: Request<Incoming>,
     local: SocketAddr,
 ) -> Result<Response<Body>, HfError> {
+    match route {
+        Route::RepoCreate => return write::create_repo(app, grant, req, local).await,
+        Route::ValidateYaml => return write::validate_yaml(app, req).await,
+        _ => {}
+    }
     let repo = target.repo(grant)?;
     let core = &app.core;
     match route {
+        Route::RepoCreate | Route::ValidateYaml => unreachable!("answered above"),
+        Route::Preupload => write::preupload(app, req).await,
+        Route::Commit => write::commit(app, &repo, target, req, local).await,
+        Route::Branch => write::branch(app, &repo, target, req).await,
+        Route::Tag => write::tag(app, &repo, target, req).await,
         Route::Info => info(app, &repo, target, req.uri()).await,
         Route::Refs => {
             let details = core.repo_details(&repo).await?;
@@ -704,7 +749,12 @@ async fn resolve<O: ObjectStore, I: Index>(
         .ok_or_else(|| HfError::entry_not_found(&path, Some(&commit.id)))?;
     let info = app.core.file_info(entry.file).await?;
     let etag = format!("\"{}\"", info.sha256);
-    let location = content_url(app, &super::read_base(app, local), &entry.file, &commit.id);
+    let location = content_url(
+        app,
+        &super::read_base(app, local),
+        &entry.file,
+        Some(&commit.id),
+    );
     let mut r = full(StatusCode::FOUND, JSON, "");
     let h = r.headers_mut();
     h.remove(header::CONTENT_TYPE);
@@ -788,6 +838,33 @@ mod tests {
             get("/api/models/gpt2").map(|r| r.map(|(r, _)| r)),
             Some(Ok(Route::Info))
         );
+        let post = |p| route(&Method::POST, p).map(|r| r.map(|(r, t)| (r, t.rev)));
+        assert_eq!(
+            post("/api/repos/create"),
+            Some(Ok((Route::RepoCreate, None)))
+        );
+        assert_eq!(
+            post("/api/models/org/m/preupload/main"),
+            Some(Ok((Route::Preupload, Some("main"))))
+        );
+        assert_eq!(
+            post("/api/datasets/org/m/commit/dev%2Fx"),
+            Some(Ok((Route::Commit, Some("dev%2Fx"))))
+        );
+        assert_eq!(
+            post("/api/models/org/m/branch/dev"),
+            Some(Ok((Route::Branch, Some("dev"))))
+        );
+        assert_eq!(
+            post("/api/models/org/m/tag/main"),
+            Some(Ok((Route::Tag, Some("main"))))
+        );
+        assert_eq!(
+            post("/api/validate-yaml"),
+            Some(Ok((Route::ValidateYaml, None)))
+        );
+        assert_eq!(Route::Commit.scope(), Scope::Write);
+        assert_eq!(Route::Tree.scope(), Scope::Read);
         assert_eq!(get("/api/spaces"), Some(Err(NoRoute::NotFound)));
         assert_eq!(
             get("/api/models/org/m/nothing"),

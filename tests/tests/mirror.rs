@@ -1,0 +1,360 @@
+//! `cas-client mirror` against a stand-in Hub (tests/src/standin.rs, its
+//! faithfulness checked here with the stock `huggingface_hub`): a model
+//! and a dataset of thousands of small files mirrored into the real
+//! `cas-server` and read back byte-identical with `cas-client` and with
+//! `huggingface_hub` through our server; the token kept from the CDN;
+//! wrong bytes, gated and unknown repositories and revisions refused in
+//! one line; 429 and a stalled connection survived; the same revision
+//! again downloads nothing.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use cas_e2e::hub::{assert_same_files, Hf};
+use cas_e2e::standin::StandIn;
+use cas_e2e::{bin, fails, json_of, ok, ServerProcess};
+use cas_protocol::Sha256;
+use serde_json::{json, Value};
+
+type Files = BTreeMap<String, Vec<u8>>;
+
+/// Deterministic noise (incompressible, no repeats).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// A model: small JSON files, an empty file, a one-range LFS file and a
+/// 20 MiB one read in three ranges.
+fn model(seed: u64) -> Files {
+    let mut f = Files::new();
+    f.insert("config.json".into(), br#"{"hidden_size": 64}"#.to_vec());
+    f.insert(
+        ".gitattributes".into(),
+        b"*.safetensors filter=lfs\n".to_vec(),
+    );
+    f.insert("empty.txt".into(), vec![]);
+    f.insert("tokenizer.json".into(), noise(seed, 300 << 10));
+    f.insert("model.safetensors".into(), noise(seed + 1, 20 << 20));
+    f
+}
+
+/// `n` small files in a few directories.
+fn dataset(n: usize) -> Files {
+    (0..n)
+        .map(|i| {
+            (
+                format!("data/part-{:02}/row-{i:05}.txt", i % 17),
+                format!("row {i}: {}\n", "x".repeat(i % 700)).into_bytes(),
+            )
+        })
+        .collect()
+}
+
+const SHA1: &str = "1111111111111111111111111111111111111111";
+const SHA2: &str = "2222222222222222222222222222222222222222";
+
+/// A stand-in Hub, a real server, a scratch directory.
+struct Env {
+    hub: StandIn,
+    server: ServerProcess,
+    root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let data = root.join("server");
+        std::fs::create_dir(&data).unwrap();
+        Self {
+            hub: StandIn::start(),
+            server: ServerProcess::start(&data),
+            root,
+            _dir: dir,
+        }
+    }
+
+    /// `cas-client ARGS` against the server, the stand-in as `HF_ENDPOINT`.
+    fn cas(&self, args: &[&str]) -> Command {
+        let mut c = bin("cas-client");
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k.starts_with("CAS_") || k.starts_with("HF_") {
+                c.env_remove(k);
+            }
+        }
+        c.current_dir(&self.root)
+            .env("CAS_ENDPOINT", &self.server.url)
+            .env("CAS_AUTHOR", "tester")
+            .env("CAS_RETRIES", "3")
+            .env("HF_ENDPOINT", &self.hub.url)
+            .env("HF_HOME", self.root.join("hf-home-of-mirror"))
+            .args(args)
+            .arg("--no-cache");
+        c
+    }
+
+    fn mirror(&self, args: &[&str]) -> Value {
+        let mut a = vec!["mirror", "--json"];
+        a.extend_from_slice(args);
+        json_of(ok(self.cas(&a)))
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        let d = self.root.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// `cas-client fetch SPEC` into a fresh directory, its files.
+    fn fetch(&self, spec: &str, name: &str) -> PathBuf {
+        let out = self.root.join(name);
+        ok(self.cas(&["fetch", spec, "-o", out.to_str().unwrap()]));
+        out
+    }
+}
+
+/// The stand-in serves what the stock client expects (`snapshot_download`
+/// gets every byte, the large file through the CDN redirect); `mirror`
+/// copies it into our server, and both `cas-client fetch` and
+/// `snapshot_download` through our server give back the same bytes. The
+/// token reaches the upstream and never the CDN. Mirroring the same
+/// revision again downloads nothing and commits nothing.
+#[test]
+fn a_model_mirrors_byte_identical_and_the_token_stays_upstream() {
+    let env = Env::new();
+    let files = model(1);
+    env.hub.commit("models/org/model", "main", SHA1, &files);
+
+    // The stand-in is faithful: the stock client downloads it whole.
+    let hf = Hf::new(&env.hub.url, None, &env.root.join("hf-upstream"));
+    let snap = hf.ok("snapshot_download", json!({"repo": "org/model"}));
+    let snap = PathBuf::from(snap.as_str().unwrap());
+    assert!(
+        snap.ends_with(format!("snapshots/{SHA1}")),
+        "{}",
+        snap.display()
+    );
+    assert_same_files(&files, &snap);
+    assert!(
+        env.hub.seen().cdn_requests > 0,
+        "the large files came from the CDN"
+    );
+    env.hub.reset_seen();
+
+    let mut c = env.cas(&["mirror", "org/model", "--json"]);
+    c.env("HF_TOKEN", "hf_secret");
+    let r = json_of(ok(c));
+    assert_eq!(r["upstream_commit"], SHA1);
+    assert_eq!(r["branch"], "main");
+    assert_eq!(r["files"], 5);
+    assert_eq!(r["unchanged"], false);
+    let total: usize = files.values().map(Vec::len).sum();
+    assert_eq!(r["bytes"], total as u64);
+    assert!(
+        r["commit"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("upstream commit {SHA1}")),
+        "{r}"
+    );
+    let seen = env.hub.seen();
+    assert!(seen.upstream_auth.iter().all(|a| a == "Bearer hf_secret"));
+    assert!(!seen.upstream_auth.is_empty());
+    assert!(
+        seen.cdn_requests >= 4,
+        "20 MiB in 8 MiB ranges and one more file: {seen:?}"
+    );
+    assert_eq!(seen.cdn_with_auth, 0, "the token reached the CDN: {seen:?}");
+    // Downloaded once: no byte fetched twice.
+    assert_eq!(
+        seen.cdn_bytes + seen.resolve_bytes,
+        total as u64,
+        "{seen:?}"
+    );
+    assert_eq!(r["downloaded_bytes"], total as u64);
+
+    let out = env.fetch("org/model", "fetched");
+    assert_same_files(&files, &out);
+    let ours = Hf::new(&env.server.url, None, &env.root.join("hf-ours"));
+    let snap = ours.ok("snapshot_download", json!({"repo": "org/model"}));
+    assert_same_files(&files, &PathBuf::from(snap.as_str().unwrap()));
+
+    // The same revision again: nothing downloaded, the same commit.
+    env.hub.reset_seen();
+    let again = env.mirror(&["org/model"]);
+    assert_eq!(again["unchanged"], true);
+    assert_eq!(again["commit"]["id"], r["commit"]["id"]);
+    assert_eq!(env.hub.seen().cdn_bytes + env.hub.seen().resolve_bytes, 0);
+}
+
+/// Three thousand small files, listed over several pages, fetched many at
+/// once: all of them arrive, byte-identical, under another name.
+#[test]
+fn a_dataset_of_thousands_of_small_files_mirrors() {
+    let env = Env::new();
+    let files = dataset(3000);
+    env.hub.commit("datasets/org/rows", "main", SHA1, &files);
+    let started = Instant::now();
+    let r = env.mirror(&["datasets/org/rows", "--as", "team/rows-copy"]);
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("3000 small files mirrored in {seconds:.1} s");
+    assert_eq!(r["files"], 3000);
+    assert_eq!(
+        r["repo"],
+        json!({"id": "team/rows-copy", "type": "dataset"})
+    );
+    let seen = env.hub.seen();
+    assert!(seen.api_requests >= 4, "several listing pages: {seen:?}");
+    let out = env.fetch("datasets/team/rows-copy", "rows");
+    assert_same_files(&files, &out);
+
+    // --include / --exclude choose files.
+    let part = env.mirror(&[
+        "datasets/org/rows",
+        "--as",
+        "team/rows-part",
+        "--include",
+        "data/part-01/",
+        "--exclude",
+        "*-0001?.txt",
+    ]);
+    let expected: Files = files
+        .iter()
+        .filter(|(p, _)| p.starts_with("data/part-01/"))
+        .filter(|(p, _)| {
+            let n = &p[p.len() - 9..p.len() - 4];
+            !n.starts_with("0001")
+        })
+        .map(|(p, d)| (p.clone(), d.clone()))
+        .collect();
+    assert_eq!(part["files"], expected.len() as u64);
+    let out = env.fetch("datasets/team/rows-part", "rows-part");
+    assert_same_files(&expected, &out);
+}
+
+/// A large file and a small one served with a byte changed: each refused,
+/// naming the file, and nothing committed.
+#[test]
+fn wrong_bytes_are_refused_naming_the_file() {
+    let env = Env::new();
+    env.hub.commit("models/org/model", "main", SHA1, &model(2));
+    for path in ["model.safetensors", "config.json"] {
+        env.hub.corrupt(path);
+        let err = fails(env.cas(&["mirror", "org/model"]));
+        let line = err.trim();
+        assert_eq!(line.lines().count(), 1, "{err}");
+        assert!(
+            line.contains(path)
+                && line.contains("do not match")
+                && line.contains("nothing was committed"),
+            "{err}"
+        );
+        let e = fails(env.cas(&["log", "org/model"]));
+        assert!(e.contains("404"), "{e}");
+        env.hub.clear_corrupt();
+    }
+}
+
+/// Gated (no token, wrong token), unknown repository, unknown revision:
+/// one line each saying what to do.
+#[test]
+fn upstream_refusals_are_one_clear_line() {
+    let env = Env::new();
+    env.hub.commit("models/org/gated", "main", SHA1, &model(3));
+    env.hub.gate("models/org/gated", "hf_right");
+    let one_line = |mut c: Command, want: &[&str]| {
+        let err = fails({
+            c.env("CAS_RETRIES", "0");
+            c
+        });
+        let line = err.trim();
+        assert_eq!(line.lines().count(), 1, "{err}");
+        for w in want {
+            assert!(line.contains(w), "{w:?} not in {line:?}");
+        }
+    };
+    one_line(
+        env.cas(&["mirror", "org/gated"]),
+        &["401", "accept the license", "token"],
+    );
+    let mut c = env.cas(&["mirror", "org/gated"]);
+    c.env("HF_TOKEN", "hf_wrong");
+    one_line(c, &["403", "accept the license", "refused"]);
+    one_line(
+        env.cas(&["mirror", "org/nothing"]),
+        &["org/nothing", "not found"],
+    );
+    one_line(
+        env.cas(&[
+            "mirror",
+            "org/gated",
+            "--revision",
+            "v9",
+            "--hf-token",
+            "hf_right",
+        ]),
+        &["no such revision"],
+    );
+    let mut c = env.cas(&["mirror", "org/gated", "--from", "http://127.0.0.1:9"]);
+    c.env("HF_TOKEN", "hf_right");
+    one_line(c, &["unreachable"]);
+    // The right token, from the file huggingface_hub writes.
+    let home = env.dir("hf-home-of-mirror");
+    std::fs::write(home.join("token"), "hf_right\n").unwrap();
+    let r = env.mirror(&["org/gated"]);
+    assert_eq!(r["files"], 5);
+}
+
+/// 429 with `Retry-After` is waited out; a CDN connection that stalls is
+/// abandoned after the stall timeout and its range fetched again.
+#[test]
+fn rate_limits_and_stalls_are_survived() {
+    let env = Env::new();
+    let files = model(4);
+    env.hub.commit("models/org/model", "main", SHA1, &files);
+    let big = Sha256::of(&files["model.safetensors"]).to_string();
+    env.hub.rate_limit(2, 1);
+    env.hub.stall(&big, 1 << 20, 1);
+    let started = Instant::now();
+    let mut c = env.cas(&["mirror", "org/model", "--json"]);
+    c.env("CAS_MIRROR_STALL_SECS", "2");
+    let r = json_of(ok(c));
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        seconds >= 2.0,
+        "waited for Retry-After and the stall: {seconds}"
+    );
+    assert!(seconds < 30.0, "{seconds}");
+    let seen = env.hub.seen();
+    assert_eq!(seen.rate_limited, 2);
+    assert_eq!(r["files"], 5);
+    let out = env.fetch("org/model", "out");
+    assert_same_files(&files, &out);
+
+    // A newer upstream revision: only its new chunks are sent.
+    let mut v2 = files.clone();
+    v2.insert("extra.json".into(), b"{}".to_vec());
+    v2.insert("tokenizer.json".into(), noise(99, 300 << 10));
+    env.hub.commit("models/org/model", "main", SHA2, &v2);
+    let r2 = env.mirror(&["org/model"]);
+    assert_eq!(r2["upstream_commit"], SHA2);
+    let new = r2["upload"]["new_bytes"].as_u64().unwrap();
+    assert!(
+        new < 1 << 20,
+        "only the changed files' chunks are new: {new}"
+    );
+    let out = env.fetch("org/model", "out2");
+    assert_same_files(&v2, &out);
+}
