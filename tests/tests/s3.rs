@@ -69,10 +69,13 @@ fn upload_and_fetch_through_the_bucket() {
         !dir.path().join("a/objects").exists(),
         "no objects on the node's disk"
     );
+    // An upload without --repo is kept by a garbage collection root.
+    let roots = weed.keys("team/models/roots/");
+    assert_eq!(roots.len(), 1, "{roots:?}");
     let m = Metrics::fetch(&node.url);
     assert_eq!(
         m.get("cas_store_requests_total{op=\"put\"}"),
-        (xorbs.len() + shards.len()) as u64,
+        (xorbs.len() + shards.len() + roots.len()) as u64,
         "one PUT per object"
     );
     assert!(m.get("cas_store_requests_total{op=\"get_range\"}") > 0);
