@@ -183,6 +183,16 @@ impl FileRecipe {
 }
 
 impl Shard {
+    /// Every xorb the shard names, in its chunk tables and in its recipes'
+    /// terms (repeats included): what must be stored before it commits.
+    pub fn named_xorbs(&self) -> impl Iterator<Item = XorbHash> + '_ {
+        self.xorbs.iter().map(|t| t.hash).chain(
+            self.files
+                .iter()
+                .flat_map(|f| f.terms.iter().map(|t| t.xorb)),
+        )
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.files.len() > MAX_SHARD_FILES {
             return Err(format!(

@@ -210,17 +210,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             }
         };
         let mut done = CatchUp::default();
-        let named: HashSet<XorbHash> = shard
-            .xorbs
-            .iter()
-            .map(|t| t.hash)
-            .chain(
-                shard
-                    .files
-                    .iter()
-                    .flat_map(|f| f.terms.iter().map(|t| t.xorb)),
-            )
-            .collect();
+        let named: HashSet<XorbHash> = shard.named_xorbs().collect();
         let mut absent = HashSet::new();
         for h in named {
             let known = self.with_index(move |i| Ok(i.xorb(&h)?)).await?.is_some();

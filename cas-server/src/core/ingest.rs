@@ -116,17 +116,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             Arc::new(blocking(move || Ok(Shard::decode_as(&decode_body, encoding)?)).await?);
         if self.shares_store() {
             // Xorbs another node stored: indexed from the bucket.
-            let named: HashSet<XorbHash> = shard
-                .xorbs
-                .iter()
-                .map(|t| t.hash)
-                .chain(
-                    shard
-                        .files
-                        .iter()
-                        .flat_map(|f| f.terms.iter().map(|t| t.xorb)),
-                )
-                .collect();
+            let named: HashSet<XorbHash> = shard.named_xorbs().collect();
             for h in named {
                 self.index_stored_xorb(h).await?;
             }
@@ -216,13 +206,7 @@ fn decide(index: &impl Index, f: &FileRecipe) -> Result<Decision, CoreError> {
 /// recipe's file hash.
 fn check_shard(index: &impl Index, shard: &Shard) -> Result<(), CoreError> {
     let mut records = Records::new(index);
-    let named = shard.xorbs.iter().map(|t| t.hash);
-    for h in named.chain(
-        shard
-            .files
-            .iter()
-            .flat_map(|f| f.terms.iter().map(|t| t.xorb)),
-    ) {
+    for h in shard.named_xorbs() {
         records.get(h)?;
     }
     let tables: HashMap<XorbHash, Vec<ChunkInfo>> = records
