@@ -38,6 +38,9 @@ pub const MAX_TOKEN_LEN: usize = 1024;
 pub enum Scope {
     Read,
     Write,
+    /// Operating the store (garbage collection runs); implies neither
+    /// reading nor writing data.
+    Admin,
 }
 
 impl fmt::Display for Scope {
@@ -45,6 +48,7 @@ impl fmt::Display for Scope {
         f.write_str(match self {
             Scope::Read => "read",
             Scope::Write => "write",
+            Scope::Admin => "admin",
         })
     }
 }
@@ -55,7 +59,8 @@ impl std::str::FromStr for Scope {
         match s {
             "read" => Ok(Scope::Read),
             "write" => Ok(Scope::Write),
-            _ => Err(format!("unknown scope {s:?} (read or write)")),
+            "admin" => Ok(Scope::Admin),
+            _ => Err(format!("unknown scope {s:?} (read, write or admin)")),
         }
     }
 }

@@ -51,6 +51,9 @@ pub struct Config {
     /// not yet rooted) is leased against garbage collection, and the
     /// grace period of the server's own gc runs.
     pub gc_grace: Duration,
+    /// Run garbage collection (with `gc_grace`) this often inside the
+    /// server; `None`: only when asked (`POST /v1/admin/gc`).
+    pub gc_interval: Option<Duration>,
 }
 
 /// Where the objects live.
@@ -214,6 +217,34 @@ fn spawn_catch_up<O: store::ObjectStore, I: Index>(core: Core<O, I>, empty: bool
     });
 }
 
+/// Runs garbage collection every `every` (the first run after one
+/// period), logging what each run did; a failed run is retried at the next.
+fn spawn_gc<O: store::ObjectStore, I: Index>(core: Core<O, I>, every: Duration, grace: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let options = core::gc::GcOptions::default().with_grace(grace);
+            match core.gc(&options, false).await {
+                Ok(run) => {
+                    let r = run.report.unwrap_or_default();
+                    tracing::info!(
+                        files_removed = r.files_removed,
+                        condemned = r.condemned.xorbs,
+                        recovered = r.recovered.xorbs,
+                        deleted = r.deleted.xorbs,
+                        bytes_freed = r.deleted.bytes,
+                        kept_leased = r.skipped_leased + r.files_leased,
+                        "scheduled garbage collection run"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "scheduled garbage collection run failed"),
+            }
+        }
+    });
+}
+
 /// `cas-server rebuild-index`: the index of `config`'s data dir rebuilt
 /// from its store (the server must not run on it: RocksDB's lock).
 pub async fn rebuild_index(config: &Config) -> Result<CatchUp, StartError> {
@@ -291,6 +322,9 @@ impl Server {
                 totals == Totals::default(),
                 config.catch_up_every,
             );
+        }
+        if let Some(every) = config.gc_interval {
+            spawn_gc(core.clone(), every, config.gc_grace);
         }
         let mut app = App::new(
             core,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use cas_server::auth::{self, Claims, RepoPattern, Scope, SigningKey};
+use cas_server::core::gc::GcRun;
 use cas_server::http::XorbReads;
 use cas_server::store::S3Config;
 use cas_server::{Limits, StoreConfig};
@@ -108,6 +109,10 @@ struct Args {
     /// collection, and the grace period of gc runs the server makes.
     #[arg(long, env = "CAS_GC_GRACE", default_value_t = Span(cas_server::core::gc::DEFAULT_GRACE))]
     gc_grace: Span,
+    /// Run garbage collection this often inside the server (with
+    /// --gc-grace); default: only when asked (cas-server gc --endpoint).
+    #[arg(long, env = "CAS_GC_INTERVAL")]
+    gc_interval: Option<Span>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `cas_server=debug`.
     #[arg(long, env = "CAS_LOG", default_value = "info")]
     log: String,
@@ -135,8 +140,9 @@ enum Command {
     },
     /// Collect garbage: files and xorbs no branch, tag or root reaches.
     /// A dead xorb is condemned first (it leaves dedup) and deleted by a
-    /// run after the grace period, if still unreferenced. Runs on the
-    /// --data-dir of a stopped server (see docs/OPERATIONS.md).
+    /// run after the grace period, if still unreferenced. With --endpoint
+    /// a running server does the run (an admin token); without, it runs
+    /// on the --data-dir of a stopped server (see docs/OPERATIONS.md).
     Gc {
         /// Print the plan (what would be freed, by reason) and change nothing.
         #[arg(long)]
@@ -147,6 +153,12 @@ enum Command {
         /// How long a condemned xorb waits before it is deleted.
         #[arg(long, default_value_t = Span(cas_server::core::gc::DEFAULT_GRACE))]
         grace: Span,
+        /// A running server (http://HOST:PORT) to run on (POST /v1/admin/gc).
+        #[arg(long, env = "CAS_ENDPOINT")]
+        endpoint: Option<String>,
+        /// Bearer token with the admin scope for --endpoint.
+        #[arg(long, env = "CAS_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Check that index and objects agree (exit code 0 only when clean);
     /// names damaged files and repositories.
@@ -172,7 +184,8 @@ enum Command {
 enum TokenCommand {
     /// Print a token signed with --signing-key-file.
     Create {
-        /// Scopes it grants: read (fetch), write (upload); repeat for both.
+        /// Scopes it grants: read (fetch), write (upload), admin (gc through
+        /// the API); repeat for more.
         #[arg(long = "scope", required = true)]
         scopes: Vec<Scope>,
         /// Lifetime: a number with s, m, h or d, e.g. 24h.
@@ -364,9 +377,59 @@ fn print_json(value: &impl serde::Serialize) {
     println!("{}", serde_json::to_string(value).expect("json"));
 }
 
+fn print_gc(run: &GcRun, json: bool) {
+    if json {
+        print_json(run);
+    } else {
+        report::gc_plan(&run.plan);
+        if let Some(r) = &run.report {
+            report::gc_report(r);
+        }
+    }
+}
+
+/// `gc --endpoint`: the run a server makes (`POST /v1/admin/gc`).
+async fn remote_gc(
+    endpoint: &str,
+    token: Option<&str>,
+    dry_run: bool,
+    grace: Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let url = format!("{}/v1/admin/gc", endpoint.trim_end_matches('/'));
+    let body = serde_json::json!({ "dry_run": dry_run, "grace_secs": grace.as_secs() });
+    let mut req = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.with_context(|| format!("POST {url}"))?;
+    let status = resp.status();
+    let text = resp.text().await.with_context(|| format!("POST {url}"))?;
+    if !status.is_success() {
+        anyhow::bail!("POST {url}: {status}: {}", text.trim());
+    }
+    let run: GcRun = serde_json::from_str(&text)
+        .with_context(|| format!("POST {url}: not a garbage collection run"))?;
+    print_gc(&run, json);
+    Ok(())
+}
+
 /// `gc`, `fsck` and `repair` on a data directory no server runs on.
 async fn maintain(command: Command, args: &Args) -> anyhow::Result<()> {
     use cas_server::core::gc::{FsckOptions, GcOptions};
+    if let Command::Gc {
+        endpoint: Some(endpoint),
+        token,
+        dry_run,
+        grace,
+        json,
+    } = &command
+    {
+        return remote_gc(endpoint, token.as_deref(), *dry_run, grace.0, *json).await;
+    }
     let core = cas_server::open_offline(&offline_config(args)?)
         .map_err(|e| anyhow!("{e} (is a server running on this data dir? stop it first)"))?;
     match command {
@@ -374,23 +437,12 @@ async fn maintain(command: Command, args: &Args) -> anyhow::Result<()> {
             dry_run,
             json,
             grace,
+            ..
         } => {
-            let plan = core
-                .gc_plan(&GcOptions::default().with_grace(grace.0))
+            let run = core
+                .gc(&GcOptions::default().with_grace(grace.0), dry_run)
                 .await?;
-            if !json {
-                report::gc_plan(&plan);
-            }
-            let report = if dry_run {
-                None
-            } else {
-                Some(plan.clone().execute(&core).await?)
-            };
-            if json {
-                print_json(&serde_json::json!({ "plan": plan, "report": report }));
-            } else if let Some(r) = &report {
-                report::gc_report(r);
-            }
+            print_gc(&run, json);
         }
         Command::Fsck { full, json } => {
             let report = core.fsck(&FsckOptions::default().with_full(full)).await?;
@@ -451,6 +503,7 @@ fn offline_config(args: &Args) -> anyhow::Result<cas_server::Config> {
         signing_key: None,
         limits: Limits::default(),
         gc_grace: args.gc_grace.0,
+        gc_interval: None,
     })
 }
 
@@ -535,6 +588,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         signing_key: key(args.signing_key_file.as_ref())?,
         limits,
         gc_grace: args.gc_grace.0,
+        gc_interval: args.gc_interval.map(|s| s.0),
     };
     let logged_limits = format!("{:?}", config.limits);
     let tokens = config.signing_key.is_some();

@@ -26,6 +26,12 @@ pub struct Metrics {
     pub files: AtomicU64,
     /// Xorbs found missing or corrupt (and taken out of dedup).
     pub xorbs_damaged: AtomicU64,
+    /// Garbage collection runs that executed (dry runs not counted).
+    pub gc_runs: AtomicU64,
+    /// Xorb bytes garbage collection deleted.
+    pub gc_bytes_freed: AtomicU64,
+    /// Xorbs garbage collection condemned (withdrawn from dedup).
+    pub gc_xorbs_condemned: AtomicU64,
     /// Object store calls by operation (`store::Metered` counts them).
     store_requests: Mutex<BTreeMap<&'static str, u64>>,
     /// Object store calls that failed (not counting absent objects).
@@ -105,7 +111,7 @@ impl Metrics {
         for (op, n) in self.store_requests.lock().expect("metrics lock").iter() {
             writeln!(s, "cas_store_requests_total{{op=\"{op}\"}} {n}").unwrap();
         }
-        let scalars: [(&str, &str, &str, &AtomicU64); 13] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 16] = [
             (
                 "cas_bytes_in_total",
                 "counter",
@@ -167,6 +173,24 @@ impl Metrics {
                 "counter",
                 "Xorbs found missing or corrupt (no longer offered for dedup).",
                 &self.xorbs_damaged,
+            ),
+            (
+                "cas_gc_runs_total",
+                "counter",
+                "Garbage collection runs executed (not dry runs).",
+                &self.gc_runs,
+            ),
+            (
+                "cas_gc_bytes_freed_total",
+                "counter",
+                "Xorb bytes deleted by garbage collection.",
+                &self.gc_bytes_freed,
+            ),
+            (
+                "cas_gc_xorbs_condemned_total",
+                "counter",
+                "Xorbs condemned by garbage collection (withdrawn from dedup, deleted after the grace period).",
+                &self.gc_xorbs_condemned,
             ),
             (
                 "cas_store_errors_total",

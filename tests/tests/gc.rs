@@ -2,15 +2,21 @@
 //! branches, repositories and roots; `cas-server gc` (dry run, two-phase
 //! deletion after the grace period) freeing exactly the bytes of what only
 //! the deleted names referenced; `fsck` finding missing and corrupt xorbs;
-//! `repair`, a re-upload, and a clean `fsck` again.
+//! `repair`, a re-upload, and a clean `fsck` again; online gc
+//! (`--endpoint`, admin scope) collecting while an upload that shares its
+//! garbage's chunks runs; `gc` killed with SIGKILL at every point of its
+//! crash ordering.
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cas_e2e::client::{assert_same_tree, cas_as};
-use cas_e2e::{bin, json_of, ok, show, ServerProcess};
+use cas_e2e::{bin, json_of, ok, show, token, ServerProcess};
 use serde_json::Value;
 
 /// A data directory with a server that can be stopped (offline `gc` and
@@ -304,4 +310,236 @@ fn fsck_finds_damage_repair_and_reupload_heal_it() {
         std::fs::read(out.join("a.bin")).unwrap(),
         std::fs::read(dir.join("a.bin")).unwrap()
     );
+}
+
+/// `cas-server gc --grace 1s` on the stopped store, halted after its
+/// `n`-th change (`CAS_GC_HALT_AFTER`) and then killed with SIGKILL; false
+/// when the run finished before making `n` changes.
+fn gc_killed_after(env: &Env, n: u64) -> bool {
+    let mut c = env.server_cmd("gc", &["--grace", "1s"]);
+    c.env("CAS_GC_HALT_AFTER", n.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        if line.unwrap().starts_with("gc halted after") {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return true;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "gc failed: {status}");
+    false
+}
+
+/// Kills `gc` after its 1st, 2nd, ... change until a run finishes; after
+/// every kill `fsck` is clean. Returns how many runs were killed.
+fn kill_at_every_point(env: &Env) -> u64 {
+    let mut n = 1;
+    while gc_killed_after(env, n) {
+        let (report, clean) = env.fsck(&[]);
+        assert!(clean, "after a kill at change {n}: {report}");
+        n += 1;
+        assert!(n < 40, "gc never finished");
+    }
+    n - 1
+}
+
+/// `gc` is killed with SIGKILL at every point of its crash ordering, while
+/// condemning (mark written, chunks withdrawn) and while deleting (index
+/// entry, object, mark): after every kill `fsck` is clean, the next runs
+/// finish the work, and the live repository fetches byte-identical.
+#[test]
+fn gc_killed_at_every_point_leaves_a_clean_store() {
+    let mut env = Env::new();
+    let v1 = env.root.join("v1");
+    let before_v1 = env.xorbs();
+    for (i, name) in ["a.bin", "b.bin", "c.bin"].iter().enumerate() {
+        env.write(
+            &format!("v1/{name}"),
+            &cas_bench::random_bytes(20 + i as u64, 1 << 20),
+        );
+        // One upload each: a xorb each.
+        env.cas_json(
+            "upload",
+            &["--repo", "org/k", "--branch", "v1", s(&v1.join(name))],
+        );
+    }
+    let v1_only: BTreeSet<PathBuf> = env.xorbs().difference(&before_v1).cloned().collect();
+    assert_eq!(v1_only.len(), 3, "a xorb per upload");
+    let v2 = env.root.join("v2");
+    env.write("v2/d.bin", &cas_bench::random_bytes(30, 1 << 20));
+    env.cas_json("upload", &["--repo", "org/k", s(&v2)]);
+    let mut c = env.cas("branch");
+    c.args(["delete", "org/k", "v1"]);
+    ok(c);
+    env.stop();
+    let all = env.xorbs();
+
+    // Files leave the index; then per xorb: mark, withdrawal.
+    let condemning = kill_at_every_point(&env);
+    assert!(condemning >= 2, "{condemning}");
+    std::thread::sleep(Duration::from_millis(1100));
+    // Per xorb: index entry, object, mark.
+    let deleting = kill_at_every_point(&env);
+    assert!(deleting >= 2, "{deleting}");
+    std::thread::sleep(Duration::from_millis(1100));
+    env.gc(&[]);
+    let last = env.gc(&[]);
+    assert_eq!(last["plan"]["xorbs"].as_array().unwrap().len(), 0, "{last}");
+    let left = env.xorbs();
+    assert_eq!(
+        all.difference(&left).cloned().collect::<BTreeSet<_>>(),
+        v1_only
+    );
+    let (report, clean) = env.fsck(&["--full"]);
+    assert!(clean, "{report}");
+
+    env.start();
+    let out = env.root.join("out");
+    let mut c = env.cas("fetch");
+    c.args(["org/k", "-o", s(&out)]);
+    ok(c);
+    assert_same_tree(&v2, &out);
+}
+
+/// Online gc (`cas-server gc --endpoint`, admin scope) runs again and
+/// again with no grace period while an upload runs whose chunks the
+/// garbage shares: the dedup answers, the xorbs being uploaded and the
+/// unrooted commit are leased, so the upload succeeds and fetches
+/// byte-identical; the garbage only it held is freed; fsck is clean.
+#[test]
+fn an_upload_survives_online_gc_running_beside_it() {
+    let mut env = Env::new();
+    let key = env.root.join("signing.key");
+    ok({
+        let mut c = bin("cas-server");
+        c.args(["key", "create"]).arg(&key);
+        c
+    });
+    let args = ["--signing-key-file", s(&key), "--gc-grace", "10m"];
+    env.stop();
+    env.server = Some(ServerProcess::start_with(&env.data, &args));
+    let writer = token(&key, &["--scope", "read", "--scope", "write"]);
+    let admin = token(&key, &["--scope", "admin"]);
+    let cas = |env: &Env, sub: &str| {
+        let mut c = env.cas(sub);
+        c.env("CAS_TOKEN", &writer);
+        c
+    };
+
+    // Garbage: a.bin (which the upload below shares) and c.bin, uploaded
+    // as roots and removed; a restart drops their leases.
+    let model = env.root.join("model");
+    let a = env.write("model/a.bin", &cas_bench::random_bytes(40, 4 << 20));
+    let c_bin = env.write("garbage/c.bin", &cas_bench::random_bytes(41, 2 << 20));
+    for f in [&a, &c_bin] {
+        let mut c = cas(&env, "upload");
+        c.args([s(f), "--json"]);
+        let hash = json_of(ok(c))["roots"][0]["hash"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let mut rm = cas(&env, "rm");
+        rm.arg(&hash);
+        ok(rm);
+    }
+    env.write("model/b.bin", &cas_bench::random_bytes(42, 4 << 20));
+    let garbage = env.xorbs();
+    env.server.as_mut().unwrap().restart_with(&args);
+    let url = env.url();
+
+    let gc = |token: &str| {
+        let mut c = bin("cas-server");
+        c.args([
+            "gc",
+            "--json",
+            "--grace",
+            "1ms",
+            "--endpoint",
+            &url,
+            "--token",
+            token,
+        ]);
+        c
+    };
+    let denied = gc(&writer).output().unwrap();
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("403"),
+        "{}",
+        show(&denied)
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let runs = {
+        let (stop, run) = (stop.clone(), gc(&admin));
+        let program = run.get_program().to_owned();
+        let run_args: Vec<_> = run.get_args().map(|a| a.to_owned()).collect();
+        std::thread::spawn(move || {
+            let mut reports = vec![];
+            while !stop.load(Ordering::SeqCst) {
+                let mut c = Command::new(&program);
+                c.args(&run_args);
+                let out = c.output().unwrap();
+                if out.status.success() {
+                    reports.push(json_of(out.stdout)["report"].clone());
+                } else {
+                    // Only "another run is in progress" may refuse one.
+                    assert!(
+                        String::from_utf8_lossy(&out.stderr).contains("409"),
+                        "{}",
+                        show(&out)
+                    );
+                }
+            }
+            reports
+        })
+    };
+    let mut up = cas(&env, "upload");
+    up.args(["--repo", "org/m", s(&model), "--json"]);
+    let uploaded = up.output().unwrap();
+    stop.store(true, Ordering::SeqCst);
+    let reports = runs.join().unwrap();
+    assert!(uploaded.status.success(), "{}", show(&uploaded));
+    assert!(!reports.is_empty(), "gc ran while the upload did");
+
+    // Two more runs: c.bin's xorb (garbage nobody shares) is condemned,
+    // then deleted.
+    let mut freed: u64 = reports
+        .iter()
+        .map(|r| r["deleted"]["bytes"].as_u64().unwrap())
+        .sum();
+    for _ in 0..2 {
+        freed += json_of(ok(gc(&admin)))["report"]["deleted"]["bytes"]
+            .as_u64()
+            .unwrap();
+    }
+    assert!(freed > 0, "the garbage was freed");
+    assert!(
+        !garbage.is_subset(&env.xorbs()),
+        "some garbage xorb is gone"
+    );
+    let metrics = ok({
+        let mut c = Command::new("curl");
+        c.args(["-sf", &format!("{url}/metrics")]);
+        c
+    });
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(metrics.contains("cas_gc_runs_total"), "{metrics}");
+    assert!(
+        !metrics.contains("cas_gc_bytes_freed_total 0\n"),
+        "{metrics}"
+    );
+
+    let out = env.root.join("out");
+    let mut c = cas(&env, "fetch");
+    c.args(["org/m", "-o", s(&out)]);
+    ok(c);
+    assert_same_tree(&model, &out);
+    env.stop();
+    let (report, clean) = env.fsck(&["--full"]);
+    assert!(clean, "{report}");
 }

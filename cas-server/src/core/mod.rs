@@ -173,6 +173,8 @@ pub struct Core<O, I> {
     inflight: Arc<objects::InFlight>,
     catch_up: Arc<catch_up::CatchUpState>,
     leases: Arc<lease::Leases>,
+    /// One garbage collection run at a time.
+    gc_running: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl<O, I> Clone for Core<O, I> {
@@ -187,6 +189,7 @@ impl<O, I> Clone for Core<O, I> {
             inflight: self.inflight.clone(),
             catch_up: self.catch_up.clone(),
             leases: self.leases.clone(),
+            gc_running: self.gc_running.clone(),
         }
     }
 }
@@ -209,6 +212,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             inflight: Arc::default(),
             catch_up: Arc::default(),
             leases: Arc::new(lease::Leases::new(Clock::default(), gc::DEFAULT_GRACE)),
+            gc_running: Arc::default(),
         }
     }
 

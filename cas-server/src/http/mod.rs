@@ -14,6 +14,7 @@
 //!   and `ETag` headers; [`budget`]: the memory budget of all bodies;
 //! - [`conn`]: the connection cap and the idle and header timeouts.
 
+pub mod admin;
 pub mod body;
 pub mod budget;
 pub mod conn;

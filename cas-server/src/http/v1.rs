@@ -90,10 +90,11 @@ pub enum Route {
     TagDelete,
     XorbGrantGet,
     XorbGrantHead,
+    AdminGc,
 }
 
 impl Route {
-    pub const ALL: [Route; 29] = [
+    pub const ALL: [Route; 30] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -123,6 +124,7 @@ impl Route {
         Route::TagDelete,
         Route::XorbGrantGet,
         Route::XorbGrantHead,
+        Route::AdminGc,
     ];
 
     pub fn name(self) -> &'static str {
@@ -156,6 +158,7 @@ impl Route {
             Route::TagDelete => "tag_delete",
             Route::XorbGrantGet => "xorb_grant_get",
             Route::XorbGrantHead => "xorb_grant_head",
+            Route::AdminGc => "admin_gc",
         }
     }
 }
@@ -186,6 +189,7 @@ impl Route {
             | Route::RepoDelete
             | Route::BranchDelete
             | Route::TagDelete => Some(Scope::Write),
+            Route::AdminGc => Some(Scope::Admin),
             // A reader reports bytes that failed verification.
             Route::Reconstruction
             | Route::ReconstructionBatch
@@ -218,6 +222,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
         ["metrics"] => (&[(Method::GET, Route::Metrics)], vec![]),
         ["v1", "dedup"] => (&[(Method::POST, Route::Dedup)], vec![]),
         ["v1", "shards"] => (&[(Method::POST, Route::Shard)], vec![]),
+        ["v1", "admin", "gc"] => (&[(Method::POST, Route::AdminGc)], vec![]),
         ["v1", "xorbs", h] => (
             &[
                 (Method::PUT, Route::XorbPut),
@@ -421,6 +426,16 @@ async fn dispatch<O: ObjectStore, I: Index>(
         Route::RootDelete => {
             app.core.delete_root(parse_hash(h)?).await?;
             Ok(full(StatusCode::NO_CONTENT, JSON, ""))
+        }
+        Route::AdminGc => {
+            if grant.is_limited() {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "this token is limited to repositories; garbage collection acts on the whole store",
+                ));
+            }
+            super::admin::gc(app, req).await
         }
         Route::ContentGet | Route::ContentHead => get_content(app, h, None, &req).await,
         Route::SignedContentGet | Route::SignedContentHead => {

@@ -9,12 +9,74 @@ use cas_protocol::XorbHash;
 use super::plan::CondemnedRecord;
 use super::{GcPlan, GcReport, XorbAction};
 use crate::core::lease::Leased;
+use crate::core::Clock;
 use crate::core::{Core, CoreError};
 use crate::index::Index;
 use crate::store::{ObjectKey, ObjectStore};
 
 /// Files removed from the index in one batch.
 const FILE_BATCH: usize = 4096;
+
+/// A plan is carried out only while it is younger than the lease term:
+/// whatever a request built on after planning is leased at least that
+/// long, so until then every such dependency is visible to the checks;
+/// after it, one that a plan did not see may have lost its lease.
+struct Fresh<'a> {
+    clock: &'a Clock,
+    until_ms: u64,
+    term: std::time::Duration,
+}
+
+impl<'a> Fresh<'a> {
+    fn new<O: ObjectStore, I: Index>(plan: &GcPlan, core: &'a Core<O, I>) -> Self {
+        let term = core.leases.term();
+        Self {
+            clock: core.leases.clock(),
+            until_ms: plan.started_ms.saturating_add(term.as_millis() as u64),
+            term,
+        }
+    }
+
+    fn check(&self) -> Result<(), CoreError> {
+        if self.clock.now_ms() < self.until_ms {
+            return Ok(());
+        }
+        Err(CoreError::Conflict(format!(
+            "the plan is older than the lease term ({:?}); plan again",
+            self.term
+        )))
+    }
+}
+
+/// Counts a run's changes to store and index. With `CAS_GC_HALT_AFTER=N`
+/// in the environment the run stops after its N-th change, says so on
+/// stderr (`gc halted after N changes`) and waits to be killed: the
+/// crash tests kill -9 it at each point of the crash ordering.
+struct Changes {
+    done: u64,
+    halt_after: Option<u64>,
+}
+
+impl Changes {
+    fn from_env() -> Self {
+        Self {
+            done: 0,
+            halt_after: std::env::var("CAS_GC_HALT_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        }
+    }
+
+    fn made(&mut self) {
+        self.done += 1;
+        if self.halt_after == Some(self.done) {
+            eprintln!("gc halted after {} changes", self.done);
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    }
+}
 
 impl GcPlan {
     /// Carries the plan out: dead files leave the index, dead xorbs are
@@ -26,9 +88,12 @@ impl GcPlan {
         core: &Core<O, I>,
     ) -> Result<GcReport, CoreError> {
         let mut report = GcReport::default();
+        let fresh = Fresh::new(&self, core);
+        let mut changes = Changes::from_env();
         // Xorbs that files kept for their leases use.
         let mut keep: HashSet<XorbHash> = HashSet::new();
         for batch in self.dead_files.chunks(FILE_BATCH) {
+            fresh.check()?;
             let files = batch.to_vec();
             let leases = core.leases.clone();
             let (removed, kept) = core
@@ -46,11 +111,13 @@ impl GcPlan {
                     ))
                 })
                 .await?;
+            changes.made();
             report.files_removed += removed;
             report.files_leased += kept.0;
             keep.extend(kept.1);
         }
         for d in &self.xorbs {
+            fresh.check()?;
             let xorb = d.xorb;
             let mark = ObjectKey::condemned(&xorb);
             let leased = [Leased::Xorb(xorb)];
@@ -68,6 +135,7 @@ impl GcPlan {
                         at_ms: core.leases.clock().now_ms(),
                     };
                     core.objects.put(&mark, record.bytes()).await?;
+                    changes.made();
                     let leases = core.leases.clone();
                     let withdrawn = core
                         .with_index(move |i| {
@@ -82,6 +150,7 @@ impl GcPlan {
                         report.skipped_leased += 1;
                         continue;
                     }
+                    changes.made();
                     report.condemned.add(d.bytes);
                 }
                 XorbAction::Recover => {
@@ -94,7 +163,9 @@ impl GcPlan {
                         Ok(())
                     })
                     .await?;
+                    changes.made();
                     core.objects.delete(&mark).await?;
+                    changes.made();
                     report.recovered.add(d.bytes);
                 }
                 XorbAction::Delete => {
@@ -112,12 +183,16 @@ impl GcPlan {
                         report.skipped_leased += 1;
                         continue;
                     };
+                    changes.made();
                     core.objects.delete(&ObjectKey::xorb(&xorb)).await?;
+                    changes.made();
                     core.objects.delete(&mark).await?;
+                    changes.made();
                     report.deleted.add(d.bytes);
                 }
                 XorbAction::Forget => {
                     core.objects.delete(&mark).await?;
+                    changes.made();
                     report.forgotten += 1;
                 }
             }

@@ -37,12 +37,19 @@ mod fsck;
 mod mark;
 mod plan;
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use cas_protocol::{FileHash, XorbHash};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::core::{Core, CoreError};
+use crate::index::Index;
+use crate::store::ObjectStore;
 
 pub use fsck::{FsckOptions, FsckReport, Problem, RepairReport};
 
@@ -74,7 +81,7 @@ impl GcOptions {
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// What a run does with a xorb that is not simply kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum XorbAction {
     /// Dead and not yet condemned: condemn it (it leaves dedup).
@@ -90,7 +97,7 @@ pub enum XorbAction {
 }
 
 /// Why a xorb is dead (or alive again).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// No live file uses any of its chunks.
@@ -105,7 +112,7 @@ pub enum Reason {
 }
 
 /// One xorb's decision.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct XorbDecision {
     pub xorb: XorbHash,
     pub action: XorbAction,
@@ -117,7 +124,7 @@ pub struct XorbDecision {
 }
 
 /// A live xorb some of whose chunks no live file uses.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PartialXorb {
     pub xorb: XorbHash,
     pub bytes: u64,
@@ -127,7 +134,7 @@ pub struct PartialXorb {
 }
 
 /// A count of xorbs and their bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally {
     pub xorbs: u64,
     pub bytes: u64,
@@ -141,7 +148,7 @@ impl Tally {
 }
 
 /// What the roots are.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct RootCount {
     /// Branches and tags.
     pub refs: u64,
@@ -152,7 +159,7 @@ pub struct RootCount {
 }
 
 /// What a run would do; [`GcPlan::execute`] does it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GcPlan {
     /// When planning started (milliseconds since the epoch).
     pub started_ms: u64,
@@ -176,7 +183,7 @@ pub struct GcPlan {
 }
 
 /// What [`GcPlan::execute`] did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GcReport {
     pub files_removed: u64,
     /// Dead files kept because a request leased them since planning (a
@@ -190,4 +197,37 @@ pub struct GcReport {
     /// Xorbs not condemned or deleted because a dedup answer, an upload
     /// or a commit leased them (or a kept file uses them).
     pub skipped_leased: u64,
+}
+
+/// A run: its plan and, unless it was a dry run, what executing it did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GcRun {
+    pub plan: GcPlan,
+    pub report: Option<GcReport>,
+}
+
+impl<O: ObjectStore, I: Index> Core<O, I> {
+    /// Plans a run and (unless `dry_run`) executes it; counted in the
+    /// metrics. One run at a time: another one meanwhile is a
+    /// [`CoreError::Conflict`].
+    pub async fn gc(&self, options: &GcOptions, dry_run: bool) -> Result<GcRun, CoreError> {
+        let Ok(_one) = self.gc_running.try_lock() else {
+            return Err(CoreError::Conflict(
+                "a garbage collection run is in progress; try again when it is over".into(),
+            ));
+        };
+        let plan = self.gc_plan(options).await?;
+        let report = if dry_run {
+            None
+        } else {
+            let report = plan.clone().execute(self).await?;
+            let m = &self.metrics;
+            m.gc_runs.fetch_add(1, Relaxed);
+            m.gc_bytes_freed.fetch_add(report.deleted.bytes, Relaxed);
+            m.gc_xorbs_condemned
+                .fetch_add(report.condemned.xorbs, Relaxed);
+            Some(report)
+        };
+        Ok(GcRun { plan, report })
+    }
 }
