@@ -101,6 +101,10 @@ struct Upload {
     asked_ms: u64,
 }
 
+/// What a branch's history names: its regular files (with their bytes)
+/// and its trees.
+type History = (BTreeMap<FileHash, Vec<u8>>, BTreeSet<FileHash>);
+
 struct Sim {
     core: MemCore,
     clock: Clock,
@@ -109,9 +113,7 @@ struct Sim {
     uploads: Vec<Upload>,
     /// Roots: file and its bytes.
     roots: BTreeMap<FileHash, Vec<u8>>,
-    /// Per branch: every file its history names (bytes known for regular
-    /// files) and every tree.
-    branches: BTreeMap<usize, (BTreeMap<FileHash, Vec<u8>>, BTreeSet<FileHash>)>,
+    branches: BTreeMap<usize, History>,
     plan: Option<GcPlan>,
     step: usize,
     /// What happened, counted (printed at the end).
