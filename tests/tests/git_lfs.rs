@@ -243,6 +243,7 @@ fn basic_transfer_pushes_and_clones_two_versions_byte_identical() {
     let v2_in = s.bytes_in() - before;
     // Basic transfer sends every changed file whole: the shard holding
     // the retrained tensor.
+    eprintln!("basic: v1 sent {v1_in} bytes, v2 {v2_in} ({CHANGED_BYTES} changed)");
     assert!(
         (SHARD_BYTES..SHARD_BYTES + (1 << 20)).contains(&v2_in),
         "v2 sent {v2_in} bytes, changed {CHANGED_BYTES}"
