@@ -425,10 +425,19 @@ impl Metrics {
 
     /// The value of the sample named exactly `name` (labels included).
     pub fn get(&self, name: &str) -> u64 {
+        self.find(name)
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{}", self.0))
+    }
+
+    /// A labelled counter: 0 until its first increment adds the sample.
+    pub fn count(&self, name: &str) -> u64 {
+        self.find(name).unwrap_or(0)
+    }
+
+    fn find(&self, name: &str) -> Option<u64> {
         self.0
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing in\n{}", self.0))
     }
 
     pub fn xorb_bytes_out(&self) -> u64 {

@@ -36,6 +36,34 @@ fn fetch(url: &str, hash: &str, dest: &Path, cwd: &Path) {
     ok(c);
 }
 
+/// Waits until the node at `url` has stored `n` objects (its S3 PUTs),
+/// while `child` (the upload) still runs.
+fn wait_for_puts(url: &str, n: u64, child: &mut std::process::Child) {
+    let start = Instant::now();
+    loop {
+        if Metrics::fetch(url).count("cas_store_requests_total{op=\"put\"}") >= n {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the upload ended before {n} PUTs"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "no {n} PUTs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The one `cas-client: ...` line a failed client ends with (after its
+/// retries' warnings).
+fn the_error_line(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "{}", cas_e2e::show(out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("cas-client: ")).collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{stderr}");
+    assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
+    errors[0].to_owned()
+}
+
 fn healthz(url: &str) -> String {
     let (status, text) = body(agent().get(format!("{url}/healthz")).call().unwrap());
     assert_eq!(status, 200, "healthz stays up");
@@ -167,6 +195,76 @@ fn store_outage_is_503_then_recovers() {
     assert_same_bytes(&data, &out);
 }
 
+/// SeaweedFS dies in the middle of an upload: one xorb stored, the next
+/// on its way (the upload crosses a slow link, one xorb at a time). The
+/// client fails with one clear line; nothing of the file is visible (no
+/// shard, no root, the node answers 404 for it, and every object that
+/// made it into the bucket is a whole, valid xorb); once SeaweedFS is back
+/// the same upload succeeds and fetches byte-identical.
+#[test]
+fn the_bucket_dies_mid_upload_then_the_same_upload_succeeds() {
+    let mut weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let node = weed.node(&dir.path().join("a"), "m", &["--store-retry-timeout", "2s"]);
+    // Random bytes: three xorbs (64 + 64 + 12 MiB).
+    let data = random(140 << 20, 30);
+    let src = dir.path().join("model.bin");
+    std::fs::write(&src, &data).unwrap();
+    let slow = cas_e2e::s3::Throttle::uploads(&node.url, 32 << 20);
+    let mut c = cas_as(None, &slow.url, None, "upload", dir.path());
+    c.env("CAS_UPLOADS", "1")
+        .arg("--json")
+        .arg(&src)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_for_puts(&node.url, 1, &mut child);
+    assert!(
+        slow.relayed() < data.len() as u64,
+        "the next xorb is on its way"
+    );
+    weed.kill();
+    let out = child.wait_with_output().unwrap();
+    let error = the_error_line(&out);
+    assert!(
+        error.contains("store_unavailable") && error.contains("503"),
+        "{error}"
+    );
+
+    weed.restart();
+    let stored = weed.keys("m/");
+    assert!(!stored.is_empty(), "the first xorb landed");
+    for key in &stored {
+        let hex = key
+            .strip_prefix("m/xorbs/")
+            .unwrap_or_else(|| panic!("only xorbs, no shard or root: {stored:?}"));
+        let url = format!("{}/{}/{key}", weed.endpoint(), cas_e2e::s3::BUCKET);
+        let (status, bytes) = body(agent().get(url).call().unwrap());
+        assert_eq!(status, 200);
+        let view = cas_protocol::xorb::XorbView::parse(&bytes).expect("a whole xorb");
+        view.verify(hex.parse().unwrap()).expect("its bytes verify");
+    }
+    let mut h = cas_e2e::bin("cas-client");
+    h.args(["hash", "--json"]).arg(&src);
+    let hash = json_of(cas_e2e::ok(h))["file_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = body(
+        agent()
+            .get(format!("{}/v1/files/{hash}", node.url))
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 404, "the file is not visible");
+
+    assert_eq!(upload(&node.url, &src, dir.path()), hash);
+    let out = dir.path().join("out.bin");
+    fetch(&node.url, &hash, &out, dir.path());
+    assert_same_bytes(&data, &out);
+    assert_eq!(healthz(&node.url), "ok\n");
+}
+
 /// Three nodes on one bucket: a file uploaded through A is fetched through
 /// C at once (a miss catches up), and B's dedup learns A's chunks within
 /// its catch-up period, so uploading the same file through B sends nothing.
@@ -242,7 +340,53 @@ fn a_fetch_survives_the_loss_of_its_node() {
     assert!(stderr.contains("moving to"), "{stderr}");
 }
 
-/// A node's index is a cache: wiped, `rebuild-index` recreates it from the
+/// Three nodes on one bucket; an upload through A (behind a slow link,
+/// one xorb at a time) while A is killed with SIGKILL once it stored a
+/// xorb: the client moves to B, the upload completes there, and the file
+/// fetched through C is byte-identical.
+#[test]
+fn an_upload_survives_the_loss_of_its_node() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = weed.node(&dir.path().join("a"), "u", &[]);
+    let b = weed.node(&dir.path().join("b"), "u", &[]);
+    let c = weed.node(&dir.path().join("c"), "u", &["--catch-up-every", "1h"]);
+    let data = random(140 << 20, 31);
+    let src = dir.path().join("model.bin");
+    std::fs::write(&src, &data).unwrap();
+    let slow = cas_e2e::s3::Throttle::uploads(&a.url, 32 << 20);
+    let endpoints = format!("{},{},{}", slow.url, b.url, c.url);
+    let mut up = cas_as(None, &endpoints, None, "upload", dir.path());
+    up.env("CAS_UPLOADS", "1")
+        .arg("--json")
+        .arg(&src)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = up.spawn().unwrap();
+    wait_for_puts(&a.url, 1, &mut child);
+    assert!(
+        slow.relayed() < data.len() as u64,
+        "the next xorb is on its way"
+    );
+    a.kill9();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", cas_e2e::show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("moving to"), "{stderr}");
+    assert!(
+        Metrics::fetch(&b.url).count("cas_store_requests_total{op=\"put\"}") >= 2,
+        "B stored the rest of the xorbs and the shard"
+    );
+    let hash = json_of(out.stdout)["roots"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fetched = dir.path().join("via-c.bin");
+    fetch(&c.url, &hash, &fetched, dir.path());
+    assert_same_bytes(&data, &fetched);
+}
+
+/// A node's index is a cache: wiped, `index rebuild` recreates it from the
 /// bucket and every file is served again; a node started on an empty data
 /// dir rebuilds by itself (its dedup knows every chunk).
 #[test]
@@ -272,7 +416,7 @@ fn the_index_rebuilds_from_the_bucket() {
         .arg("--data-dir")
         .arg(&a_dir)
         .args(["--store", "s3://cas/r", "--s3-endpoint", &weed.endpoint()])
-        .arg("rebuild-index");
+        .args(["index", "rebuild"]);
     let done = json_of(cas_e2e::ok(rebuild));
     assert_eq!(done["shards"], 4, "{done}");
     assert_eq!(done["new_files"], 4, "{done}");
