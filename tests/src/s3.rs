@@ -265,7 +265,9 @@ fn pump(
     slow: Option<(u64, std::sync::Arc<std::sync::atomic::AtomicU64>)>,
 ) {
     use std::io::{Read, Write};
-    let piece = slow.as_ref().map_or(64 << 10, |(rate, _)| (rate / 20).max(1) as usize);
+    let piece = slow
+        .as_ref()
+        .map_or(64 << 10, |(rate, _)| (rate / 20).max(1) as usize);
     let mut buf = vec![0u8; piece];
     loop {
         let n = match from.read(&mut buf) {

@@ -58,7 +58,10 @@ fn wait_for_puts(url: &str, n: u64, child: &mut std::process::Child) {
 fn the_error_line(out: &std::process::Output) -> String {
     assert!(!out.status.success(), "{}", cas_e2e::show(out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("cas-client: ")).collect();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("cas-client: "))
+        .collect();
     assert_eq!(errors.len(), 1, "one error line:\n{stderr}");
     assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
     errors[0].to_owned()
