@@ -108,16 +108,25 @@ impl Weed {
         self.wait_ready(Duration::from_secs(60));
     }
 
-    /// Waits until the S3 gateway answers a listing of the buckets.
+    /// Waits until the S3 gateway answers a listing of the buckets and the
+    /// volume server has joined the master (before that, a restarted
+    /// SeaweedFS lists objects but answers 500 to reading them).
     fn wait_ready(&self, limit: Duration) {
         let start = Instant::now();
         let a = agent();
         loop {
-            let ok = a
+            let s3 = a
                 .get(format!("{}/", self.endpoint()))
                 .call()
                 .is_ok_and(|r| r.status().as_u16() == 200);
-            if ok {
+            let volumes = s3
+                && a.get(format!("http://127.0.0.1:{}/dir/status", self.ports[0]))
+                    .call()
+                    .is_ok_and(|r| {
+                        let (status, text) = crate::body(r);
+                        status == 200 && String::from_utf8_lossy(&text).contains("\"DataNodes\"")
+                    });
+            if volumes {
                 return;
             }
             assert!(
