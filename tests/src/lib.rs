@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod hub;
+pub mod nginx;
 pub mod s3;
 pub mod standin;
 
@@ -42,6 +43,15 @@ pub fn bin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `cas-server` on a free loopback port; killed when dropped.

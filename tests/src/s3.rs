@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{agent, bin, ServerProcess};
+use crate::{agent, bin, free_port, ServerProcess};
 
 /// The bucket every test creates in its own SeaweedFS.
 pub const BUCKET: &str = "cas";
@@ -29,15 +29,6 @@ pub fn weed_path() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running SeaweedFS (master, volume, filer and S3 gateway in one

@@ -307,7 +307,7 @@ fn a_fetch_survives_the_loss_of_its_node() {
     std::fs::write(&src, &data).unwrap();
     let hash = upload(&b.url, &src, dir.path());
     // A answers through a slow proxy; its xorb URLs name the proxy.
-    let a_addr = format!("127.0.0.1:{}", cas_e2e::s3::free_port());
+    let a_addr = format!("127.0.0.1:{}", cas_e2e::free_port());
     let throttle = cas_e2e::s3::Throttle::start(&format!("http://{a_addr}"), 4 << 20);
     let a = weed.node(
         &dir.path().join("a"),
@@ -544,4 +544,136 @@ fn concurrent_commits_through_two_nodes_keep_every_commit() {
     history.sort();
     made.sort();
     assert_eq!(history, made, "every commit is in the history");
+}
+
+/// The documented scale-out layout: nginx running
+/// docs/nginx/cas-cache.conf with three nodes on one bucket as its
+/// upstream servers, `--public-url` naming nginx on every node.
+struct Layout {
+    nginx: cas_e2e::nginx::Nginx,
+    nodes: Vec<cas_e2e::ServerProcess>,
+    weed: Weed,
+    root: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Layout {
+    fn start(extra_args: &[&str]) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        cas_e2e::nginx::nginx_bin(); // fail with the instruction first
+        let weed = Weed::start();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        // nginx's workers (`nobody` when the tests run as root) reach
+        // their cache and temp directories through this one.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let port = cas_e2e::free_port();
+        let public = format!("http://127.0.0.1:{port}");
+        let mut args = vec!["--public-url", &public];
+        args.extend_from_slice(extra_args);
+        let nodes: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|n| weed.node(&root.join(n), "n", &args))
+            .collect();
+        let origins: Vec<&str> = nodes
+            .iter()
+            .map(|n| n.url.strip_prefix("http://").unwrap())
+            .collect();
+        let nginx = cas_e2e::nginx::Nginx::balancing(port, &origins, &root.join("nginx"));
+        assert_eq!(nginx.url, public);
+        Self {
+            nginx,
+            nodes,
+            weed,
+            root,
+            _dir: dir,
+        }
+    }
+
+    /// Writes `data` and uploads it through nginx; the file hash.
+    fn upload(&self, name: &str, data: &[u8]) -> String {
+        let src = self.root.join(name);
+        std::fs::write(&src, data).unwrap();
+        upload(&self.nginx.url, &src, &self.root)
+    }
+
+    /// Fetches `hash` through nginx (no local cache) and checks the bytes.
+    fn fetch(&self, hash: &str, data: &[u8]) {
+        let out = self.root.join(format!("{hash}.out"));
+        let _ = std::fs::remove_file(&out);
+        fetch(&self.nginx.url, hash, &out, &self.root);
+        assert_same_bytes(data, &out);
+    }
+
+    /// Requests the nodes answered, summed.
+    fn requests(&self, route: &str) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| Metrics::fetch(&n.url).requests(route))
+            .sum()
+    }
+}
+
+/// nginx in front of three nodes: uploads and fetches through it are
+/// byte-identical, the nodes share the work, xorb reads fill the cache;
+/// with one node killed (SIGKILL) nginx skips it: a cached file and one
+/// never read before both fetch byte-identical.
+#[test]
+fn nginx_balances_three_nodes_and_survives_losing_one() {
+    let mut layout = Layout::start(&[]);
+    let first = random(6 << 20, 40);
+    let second = random(5 << 20, 41);
+    let h1 = layout.upload("first.bin", &first);
+    let h2 = layout.upload("second.bin", &second);
+    layout.fetch(&h1, &first);
+    assert!(
+        !layout.nginx.cached_files().is_empty(),
+        "xorb reads went through the cache"
+    );
+    let busy = layout
+        .nodes
+        .iter()
+        .filter(|n| {
+            let m = Metrics::fetch(&n.url);
+            ["xorb_put", "shard", "reconstruction", "file", "xorb_get"]
+                .iter()
+                .any(|r| m.requests(r) > 0)
+        })
+        .count();
+    assert!(busy >= 2, "nginx spread the API calls over the nodes");
+
+    layout.nodes.remove(0).kill9();
+    let before = layout.requests("xorb_get");
+    layout.fetch(&h1, &first);
+    layout.fetch(&h2, &second);
+    assert!(
+        layout.requests("xorb_get") > before,
+        "the file never read came from the live nodes"
+    );
+}
+
+/// `--xorb-reads redirect` behind nginx: the nodes answer xorb reads with
+/// a presigned S3 URL that nginx passes on uncached, the client follows it
+/// to the bucket, and the file fetched through nginx is byte-identical; no
+/// xorb byte crosses a node or enters the cache.
+#[test]
+fn redirect_mode_behind_nginx() {
+    let layout = Layout::start(&["--xorb-reads", "redirect"]);
+    let data = random(6 << 20, 42);
+    let hash = layout.upload("m.bin", &data);
+    layout.fetch(&hash, &data);
+    layout.fetch(&hash, &data);
+    let mut redirects = 0;
+    for n in &layout.nodes {
+        let m = Metrics::fetch(&n.url);
+        assert_eq!(m.xorb_bytes_out(), 0, "no xorb bytes through a node");
+        redirects += m.answered("xorb_get", 307);
+    }
+    assert!(redirects >= 2, "both fetches were redirected: {redirects}");
+    assert!(
+        layout.nginx.cached_files().is_empty(),
+        "redirects are not cached: {:?}",
+        layout.nginx.cached_files()
+    );
+    assert!(!layout.weed.keys("n/xorbs/").is_empty());
 }
