@@ -245,7 +245,7 @@ fn spawn_gc<O: store::ObjectStore, I: Index>(core: Core<O, I>, every: Duration, 
     });
 }
 
-/// `cas-server rebuild-index`: the index of `config`'s data dir rebuilt
+/// `cas-server index rebuild`: the index of `config`'s data dir rebuilt
 /// from its store (the server must not run on it: RocksDB's lock).
 pub async fn rebuild_index(config: &Config) -> Result<CatchUp, StartError> {
     let index_dir = config.data_dir.join("index");
