@@ -676,4 +676,50 @@ fn redirect_mode_behind_nginx() {
         layout.nginx.cached_files()
     );
     assert!(!layout.weed.keys("n/xorbs/").is_empty());
+
+/// Garbage collection over the bucket, online: a removed root's xorb is
+/// condemned (a record in the bucket) by one run and deleted from the
+/// bucket by the next (`cas-server gc --endpoint`, no grace; a restart
+/// first drops the node's leases), while the live file's xorb stays and
+/// fetches byte-identical.
+#[test]
+fn online_gc_frees_a_dead_xorb_in_the_bucket() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("a");
+    let node = weed.node(&node_dir, "gc", &[]);
+    let keep = random(2 << 20, 60);
+    let (keep_src, gone_src) = (dir.path().join("keep.bin"), dir.path().join("gone.bin"));
+    std::fs::write(&keep_src, &keep).unwrap();
+    std::fs::write(&gone_src, random(2 << 20, 61)).unwrap();
+    let keep_hash = upload(&node.url, &keep_src, dir.path());
+    let gone_hash = upload(&node.url, &gone_src, dir.path());
+    let mut rm = cas_as(None, &node.url, None, "rm", dir.path());
+    rm.arg(&gone_hash);
+    ok(rm);
+    let xorbs = weed.keys("gc/xorbs/");
+    assert_eq!(xorbs.len(), 2, "{xorbs:?}");
+    drop(node);
+    let node = weed.node(&node_dir, "gc", &[]);
+
+    let gc = || {
+        let mut c = cas_e2e::bin("cas-server");
+        c.args(["gc", "--json", "--grace", "1ms", "--endpoint", &node.url]);
+        json_of(ok(c))
+    };
+    let first = gc();
+    assert_eq!(first["report"]["condemned"]["xorbs"], 1, "{first}");
+    assert_eq!(weed.keys("gc/condemned/").len(), 1);
+    let second = gc();
+    assert_eq!(second["report"]["deleted"]["xorbs"], 1, "{second}");
+    let left = weed.keys("gc/xorbs/");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(xorbs.contains(&left[0]));
+    assert!(weed.keys("gc/condemned/").is_empty());
+    let out = dir.path().join("out.bin");
+    fetch(&node.url, &keep_hash, &out, dir.path());
+    assert_same_bytes(&keep, &out);
+    let m = Metrics::fetch(&node.url);
+    assert_eq!(m.get("cas_gc_runs_total"), 2);
+    assert!(m.get("cas_gc_bytes_freed_total") > 0);
 }
