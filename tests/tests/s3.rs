@@ -676,6 +676,7 @@ fn redirect_mode_behind_nginx() {
         layout.nginx.cached_files()
     );
     assert!(!layout.weed.keys("n/xorbs/").is_empty());
+}
 
 /// Garbage collection over the bucket, online: a removed root's xorb is
 /// condemned (a record in the bucket) by one run and deleted from the
