@@ -182,26 +182,39 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// The stored regular file whose bytes have this SHA-256, if its
     /// recipe is readable (none of its xorbs damaged).
     pub async fn object_by_sha256(&self, sha256: Sha256) -> Result<Option<ObjectPut>, CoreError> {
+        let mut found = self.objects_by_sha256(vec![sha256]).await?;
+        Ok(found.pop().flatten())
+    }
+
+    /// [`object_by_sha256`](Self::object_by_sha256) of each of `sha256s`,
+    /// in order, in one trip to the index.
+    pub async fn objects_by_sha256(
+        &self,
+        sha256s: Vec<Sha256>,
+    ) -> Result<Vec<Option<ObjectPut>>, CoreError> {
         self.with_index(move |i| {
-            let Some(file) = i.file_by_sha256(&sha256)? else {
-                return Ok(None);
-            };
-            let Some(recipe) = i.file(&file)? else {
-                return Ok(None);
-            };
-            for t in &recipe.terms {
-                if i.is_damaged(&t.xorb)? {
+            let readable = |sha256: Sha256| -> Result<Option<ObjectPut>, CoreError> {
+                let Some(file) = i.file_by_sha256(&sha256)? else {
                     return Ok(None);
+                };
+                let Some(recipe) = i.file(&file)? else {
+                    return Ok(None);
+                };
+                for t in &recipe.terms {
+                    if i.is_damaged(&t.xorb)? {
+                        return Ok(None);
+                    }
                 }
-            }
-            Ok(Some(ObjectPut {
-                file,
-                sha256,
-                size: recipe.size,
-                created: false,
-                xorbs_stored: 0,
-                bytes_stored: 0,
-            }))
+                Ok(Some(ObjectPut {
+                    file,
+                    sha256,
+                    size: recipe.size,
+                    created: false,
+                    xorbs_stored: 0,
+                    bytes_stored: 0,
+                }))
+            };
+            sha256s.into_iter().map(readable).collect()
         })
         .await
     }
