@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use cas_client::repo::parse_spec;
@@ -62,6 +63,10 @@ struct Remote {
     /// Retries of a request that failed transiently (5xx, timeout, reset).
     #[arg(long, env = "CAS_RETRIES", default_value_t = 5)]
     retries: u32,
+    /// Drop a connection that delivers no bytes for this long (e.g. 30s,
+    /// 2m) and retry its range, on the next node if there are several.
+    #[arg(long, env = "CAS_STALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    stall_timeout: Duration,
 }
 
 /// The type of repositories named `ORG/NAME`.
@@ -257,10 +262,6 @@ enum Command {
         /// Leave out files matching a glob; repeatable.
         #[arg(long)]
         exclude: Vec<String>,
-        /// Abandon (and retry) an upstream connection with no progress for
-        /// this many seconds.
-        #[arg(long, env = "CAS_MIRROR_STALL_SECS", default_value_t = 30)]
-        stall_secs: u64,
         /// Commit author [default: the user name].
         #[arg(long, env = "CAS_AUTHOR")]
         author: Option<String>,
@@ -304,6 +305,15 @@ fn repo_only(spec: &str, kind: &RepoTypeArg, what: &str) -> Result<RepoId> {
         bail!("{what} takes ORG/NAME, not ORG/NAME@REV");
     }
     Ok(repo)
+}
+
+/// A duration as people write it: `30s`, `2m`, `1h 30m`; never zero.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (write e.g. 30s, 2m)")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -372,6 +382,7 @@ impl Remote {
             upload_concurrency: self.uploads,
             retry: RetryPolicy {
                 attempts: self.retries + 1,
+                stall: self.stall_timeout,
                 ..RetryPolicy::default()
             },
         };
@@ -780,7 +791,6 @@ async fn run(command: Command) -> Result<()> {
             target,
             include,
             exclude,
-            stall_secs,
             author,
             json: as_json,
         } => {
@@ -802,7 +812,7 @@ async fn run(command: Command) -> Result<()> {
                 include,
                 exclude,
                 connections: remote.connections.unwrap_or(16),
-                stall: std::time::Duration::from_secs(stall_secs.max(1)),
+                stall: remote.stall_timeout,
                 author: author_or_user(author),
             };
             let r = remote.client()?.mirror(&options).await?;

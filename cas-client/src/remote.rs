@@ -29,6 +29,10 @@ pub struct RetryPolicy {
     pub attempts: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
+    /// A connection that delivers no bytes for this long is dropped and
+    /// its request retried (on the next node, when there are several):
+    /// a stalled peer or proxy must not hold a transfer forever.
+    pub stall: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -37,6 +41,7 @@ impl Default for RetryPolicy {
             attempts: 6,
             base_delay: Duration::from_millis(250),
             max_delay: Duration::from_secs(8),
+            stall: Duration::from_secs(30),
         }
     }
 }
@@ -129,7 +134,7 @@ impl Remote {
             .transpose()?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
+            .read_timeout(retry.stall)
             .pool_max_idle_per_host(32)
             .build()
             .map_err(|e| bad(e.to_string()))?;
@@ -631,6 +636,7 @@ mod tests {
             attempts: 4,
             base_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(2),
+            ..RetryPolicy::default()
         };
         let server = |status| Error::Server {
             what: "x".into(),

@@ -47,6 +47,10 @@ pub struct Config {
     /// are served.
     pub signing_key: Option<SigningKey>,
     pub limits: Limits,
+    /// How long what requests build on (dedup answers, uploads, commits
+    /// not yet rooted) is leased against garbage collection, and the
+    /// grace period of the server's own gc runs.
+    pub gc_grace: Duration,
 }
 
 /// Where the objects live.
@@ -278,7 +282,8 @@ impl Server {
                 })?;
         let metrics = Arc::new(Metrics::new(totals));
         let objects = Metered::new(objects, metrics.clone());
-        let mut core = Core::with_metrics(objects, index, metrics.clone());
+        let mut core = Core::with_metrics(objects, index, metrics.clone())
+            .with_leases(config.gc_grace, core::Clock::default());
         if let StoreConfig::S3(_) = config.store {
             core = core.shared();
             spawn_catch_up(

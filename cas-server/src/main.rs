@@ -103,6 +103,11 @@ struct Args {
     /// is answered 503.
     #[arg(long, env = "CAS_QUEUE_TIMEOUT", default_value_t = Span(Limits::default().queue_timeout))]
     queue_timeout: Span,
+    /// How long what requests build on (the xorbs a dedup answer names,
+    /// uploads, shard commits not yet rooted) is protected from garbage
+    /// collection, and the grace period of gc runs the server makes.
+    #[arg(long, env = "CAS_GC_GRACE", default_value_t = Span(cas_server::core::gc::DEFAULT_GRACE))]
+    gc_grace: Span,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `cas_server=debug`.
     #[arg(long, env = "CAS_LOG", default_value = "info")]
     log: String,
@@ -445,6 +450,7 @@ fn offline_config(args: &Args) -> anyhow::Result<cas_server::Config> {
         public_url: None,
         signing_key: None,
         limits: Limits::default(),
+        gc_grace: args.gc_grace.0,
     })
 }
 
@@ -528,6 +534,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         public_url: args.public_url,
         signing_key: key(args.signing_key_file.as_ref())?,
         limits,
+        gc_grace: args.gc_grace.0,
     };
     let logged_limits = format!("{:?}", config.limits);
     let tokens = config.signing_key.is_some();

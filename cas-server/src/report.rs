@@ -44,10 +44,10 @@ pub fn gc_report(r: &GcReport) {
         r.recovered.xorbs,
         r.deleted.xorbs,
         r.deleted.bytes,
-        if r.skipped_leased > 0 {
+        if r.skipped_leased + r.files_leased > 0 {
             format!(
-                "; {} skipped (referenced by uploads since the plan)",
-                r.skipped_leased
+                "; {} xorbs and {} files kept (leased by uploads or commits since the plan)",
+                r.skipped_leased, r.files_leased
             )
         } else {
             String::new()

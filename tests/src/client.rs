@@ -340,6 +340,69 @@ pub fn find_journal(dir: &Path) -> Option<PathBuf> {
     None
 }
 
+/// A forward HTTP proxy (what `HTTP_PROXY` names) that counts the
+/// connections it relays: each connection goes to the host of its first
+/// request's absolute URL.
+pub struct ForwardProxy {
+    pub url: String,
+    connections: Arc<Mutex<u64>>,
+}
+
+impl ForwardProxy {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let connections: Arc<Mutex<u64>> = Arc::default();
+        let count = connections.clone();
+        std::thread::spawn(move || {
+            for down in listener.incoming().flatten() {
+                *count.lock().unwrap() += 1;
+                std::thread::spawn(move || Self::serve(down));
+            }
+        });
+        Self { url, connections }
+    }
+
+    /// Connections relayed so far.
+    pub fn connections(&self) -> u64 {
+        *self.connections.lock().unwrap()
+    }
+
+    fn serve(mut down: TcpStream) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n") {
+            match down.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return,
+            }
+        }
+        // "GET http://host:port/path HTTP/1.1": the origin is the host.
+        let line = String::from_utf8_lossy(&head).into_owned();
+        let Some(host) = line
+            .split(' ')
+            .nth(1)
+            .and_then(|u| u.strip_prefix("http://"))
+            .and_then(|u| u.split('/').next())
+        else {
+            return;
+        };
+        let Ok(mut up) = TcpStream::connect(host) else {
+            return;
+        };
+        if up.write_all(&head).is_err() {
+            return;
+        }
+        let (mut down2, mut up2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut up2, &mut down2);
+            let _ = down2.shutdown(Shutdown::Both);
+        });
+        let _ = std::io::copy(&mut down, &mut up);
+        let _ = up.shutdown(Shutdown::Both);
+    }
+}
+
 /// What a [`Gate`] does at the moment.
 #[derive(Default)]
 struct GateState {
@@ -351,6 +414,9 @@ struct GateState {
     held: bool,
     /// Everything flows from now on.
     open: bool,
+    /// Only the first connection to reach the budget stalls; the others
+    /// (the client's retries) flow.
+    once: bool,
     /// The gate is gone: waiting connections close.
     stop: bool,
 }
@@ -380,6 +446,14 @@ impl Gate {
     /// A gate that holds the first request containing `pattern`.
     pub fn holding(server: &mut ServerProcess, pattern: &str) -> Self {
         Self::new(server, u64::MAX, Some(pattern.as_bytes().to_vec()))
+    }
+
+    /// A gate where one answer stalls for good after `budget` bytes and
+    /// every other connection flows: a peer that hangs mid-body.
+    pub fn stalling_once(server: &mut ServerProcess, budget: u64) -> Self {
+        let gate = Self::new(server, budget, None);
+        gate.state.0.lock().unwrap().once = true;
+        gate
     }
 
     /// Removes the gate and restarts the server without it, so that xorb
@@ -420,7 +494,7 @@ impl Gate {
                 });
                 std::thread::spawn(move || {
                     Self::relay(up, down, &s2, |st, buf| {
-                        if st.open {
+                        if st.open || (st.once && st.stalled) {
                             return buf.len();
                         }
                         let allowed = budget.saturating_sub(st.passed).min(buf.len() as u64);

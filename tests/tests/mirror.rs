@@ -338,7 +338,7 @@ fn rate_limits_and_stalls_are_survived() {
     env.hub.stall(&big, 1 << 20, 1);
     let started = Instant::now();
     let mut c = env.cas(&["mirror", "org/model", "--json"]);
-    c.env("CAS_MIRROR_STALL_SECS", "2");
+    c.env("CAS_STALL_TIMEOUT", "2s");
     let r = json_of(ok(c));
     let seconds = started.elapsed().as_secs_f64();
     assert!(

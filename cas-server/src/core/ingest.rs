@@ -11,6 +11,7 @@ use cas_protocol::shard::{FileRecipe, Shard};
 use cas_protocol::xorb::{IndexEntry, XorbView};
 use cas_protocol::{ChunkInfo, Encoding, Message, Sha256, XorbHash};
 
+use super::lease::Leased;
 use super::{blocking, Core, CoreError, Records, ShardCommit, XorbUpload};
 use crate::index::{Index, XorbRecord};
 use crate::store::{ObjectKey, ObjectStore};
@@ -37,17 +38,23 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 
     /// The answer to an upload of a xorb that is stored and not damaged
-    /// (nothing to read, verify or write), or `None`.
+    /// (nothing to read, verify or write), or `None`. A stored one is
+    /// leased: the uploader's shard will name it.
     pub async fn stored_xorb(&self, hash: XorbHash) -> Result<Option<XorbUpload>, CoreError> {
+        let hold = self.leases.hold([Leased::Xorb(hash)]).await;
         let (known, damaged) = self
             .with_index(move |i| Ok((i.xorb(&hash)?, i.is_damaged(&hash)?)))
             .await?;
-        Ok(known.filter(|_| !damaged).map(|r| XorbUpload {
+        let up = known.filter(|_| !damaged).map(|r| XorbUpload {
             xorb: hash,
             created: false,
             chunks: r.entries.len(),
             bytes: r.object_len(),
-        }))
+        });
+        if up.is_some() {
+            hold.keep();
+        }
+        Ok(up)
     }
 
     /// Stores and indexes a xorb whose every chunk and whose hash the
@@ -59,6 +66,9 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         body: Bytes,
         entries: Vec<IndexEntry>,
     ) -> Result<XorbUpload, CoreError> {
+        // Held from before the object is written (gc would take it for
+        // an orphan) until its shard commits (leased).
+        let hold = self.leases.hold([Leased::Xorb(hash)]).await;
         let damaged = self.with_index(move |i| Ok(i.is_damaged(&hash)?)).await?;
         let record = XorbRecord { entries };
         let bytes = body.len() as u64;
@@ -75,6 +85,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         if damaged {
             tracing::info!(xorb = %hash, "damaged xorb repaired by an upload");
         }
+        hold.keep();
         Ok(XorbUpload {
             xorb: hash,
             created: created && !damaged,
@@ -83,14 +94,20 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         })
     }
 
-    /// Which queried chunks are stored, and where.
+    /// Which queried chunks are stored, and where. The xorbs named are
+    /// leased: the client will reference them without uploading them.
     pub async fn dedup(&self, query: DedupQuery) -> Result<DedupAnswer, CoreError> {
+        let leases = self.leases.clone();
         self.with_index(move |i| {
-            let found = query
+            // Read and leased in one step: gc withdraws a xorb from dedup
+            // either before the read or after the lease (and then sees it).
+            let _fence = leases.read_fence();
+            let found: Vec<_> = query
                 .chunks
                 .iter()
                 .map(|h| i.chunk(h))
                 .collect::<Result<_, _>>()?;
+            leases.lease(found.iter().flatten().map(|l| Leased::Xorb(l.xorb)));
             Ok(DedupAnswer { found })
         })
         .await
@@ -99,6 +116,11 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// Checks a shard (in either encoding) against the stored xorbs and
     /// commits its files atomically; nothing changes if any check fails.
     /// The shard object is always stored in the binary form.
+    ///
+    /// The xorbs and files it names are held from before the check and
+    /// leased after a commit: a garbage collection run leaves them alone
+    /// until a root or a repository commit names the files. A xorb gc
+    /// deleted before the hold fails the check ([`CoreError::UnknownXorb`]).
     ///
     /// A committed recipe is immutable: a file the store has keeps its
     /// recipe and SHA-256, with two exceptions that cannot change its bytes
@@ -114,6 +136,15 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         let decode_body = body.clone();
         let shard =
             Arc::new(blocking(move || Ok(Shard::decode_as(&decode_body, encoding)?)).await?);
+        let hold = self
+            .leases
+            .hold(
+                shard
+                    .named_xorbs()
+                    .map(Leased::Xorb)
+                    .chain(shard.files.iter().map(|f| Leased::File(f.hash))),
+            )
+            .await;
         if self.shares_store() {
             // Xorbs another node stored: indexed from the bucket.
             let named: HashSet<XorbHash> = shard.named_xorbs().collect();
@@ -168,6 +199,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             xorbs: shard.xorbs.len(),
         };
         self.with_index(move |i| Ok(i.add_files(&write)?)).await?;
+        hold.keep();
         self.metrics.files.fetch_add(new_files as u64, Relaxed);
         Ok(commit)
     }

@@ -14,6 +14,8 @@
 //! - [`refs`]: repositories, branches, tags and commits; revisions;
 //! - [`roots`]: files and trees uploaded without a repository, kept as
 //!   garbage collection roots;
+//! - [`lease`]: what a running server's requests build on (dedup answers,
+//!   uploads, unrooted commits), which garbage collection leaves alone;
 //! - [`gc`]: garbage collection (plan, then execute), fsck and repair;
 //! - [`objects`]: whole objects (Git LFS, Hub commits) chunked,
 //!   deduplicated and packed on the server, found by SHA-256;
@@ -23,6 +25,7 @@ mod catch_up;
 pub mod gc;
 mod health;
 mod ingest;
+mod lease;
 pub mod objects;
 mod reconstruct;
 pub mod refs;
@@ -32,6 +35,7 @@ mod stream;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use cas_protocol::repo::RepoId;
 use cas_protocol::shard::{FileRecipe, RecipeError};
@@ -45,6 +49,7 @@ use crate::store::ObjectStore;
 
 pub use catch_up::CatchUp;
 pub use health::XorbCheck;
+pub use lease::Clock;
 pub use reconstruct::{FetchGrain, RangeRequest};
 
 /// Why the core refused or failed a request.
@@ -167,6 +172,7 @@ pub struct Core<O, I> {
     metrics: Arc<Metrics>,
     inflight: Arc<objects::InFlight>,
     catch_up: Arc<catch_up::CatchUpState>,
+    leases: Arc<lease::Leases>,
 }
 
 impl<O, I> Clone for Core<O, I> {
@@ -180,6 +186,7 @@ impl<O, I> Clone for Core<O, I> {
             metrics: self.metrics.clone(),
             inflight: self.inflight.clone(),
             catch_up: self.catch_up.clone(),
+            leases: self.leases.clone(),
         }
     }
 }
@@ -201,7 +208,21 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             metrics,
             inflight: Arc::default(),
             catch_up: Arc::default(),
+            leases: Arc::new(lease::Leases::new(Clock::default(), gc::DEFAULT_GRACE)),
         }
+    }
+
+    /// Leases last `term` (the grace period: a client has this long from
+    /// a dedup answer or an upload to the commit that roots it), timed by
+    /// `clock`.
+    pub fn with_leases(mut self, term: Duration, clock: Clock) -> Self {
+        self.leases = Arc::new(lease::Leases::new(clock, term));
+        self
+    }
+
+    /// How long leases last.
+    pub fn lease_term(&self) -> Duration {
+        self.leases.term()
     }
 
     /// This core's index caches a store that other nodes write too: a

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, Weak};
 use bytes::Bytes;
 use cas_protocol::chunking::StreamChunker;
 use cas_protocol::hash::Sha256Hasher;
+use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::xorb::{Compression, EncodedChunk, XorbBuilder, XorbView};
 use cas_protocol::{
@@ -31,6 +32,7 @@ use cas_protocol::{
 use serde::Serialize;
 use tokio::sync::{mpsc, OwnedMutexGuard};
 
+use super::lease::Leased;
 use super::{Core, CoreError};
 use crate::index::Index;
 use crate::store::ObjectStore;
@@ -338,7 +340,7 @@ impl<O: ObjectStore, I: Index> Ingest<O, I> {
             self.add_term(building, i, info.len);
             return Ok(());
         }
-        if let Some(loc) = self.core.index.chunk(&info.hash)? {
+        if let Some(loc) = self.stored_chunk(&info.hash)? {
             self.add_term(Place::Stored(loc.xorb), loc.index, info.len);
             return Ok(());
         }
@@ -358,6 +360,16 @@ impl<O: ObjectStore, I: Index> Ingest<O, I> {
         self.building.at.insert(info.hash, i);
         self.add_term(Place::Building(self.stored.len()), i, info.len);
         Ok(())
+    }
+
+    /// Where a chunk is stored, leasing its xorb (a dedup answer the
+    /// object's shard builds on, see `core::lease`).
+    fn stored_chunk(&self, hash: &ChunkHash) -> Result<Option<ChunkLocation>, CoreError> {
+        let leases = &self.core.leases;
+        let _fence = leases.read_fence();
+        let loc = self.core.index.chunk(hash)?;
+        leases.lease(loc.iter().map(|l| Leased::Xorb(l.xorb)));
+        Ok(loc)
     }
 
     /// Extends the last term when the chunk follows it in the same xorb.

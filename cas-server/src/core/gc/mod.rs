@@ -179,20 +179,15 @@ pub struct GcPlan {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GcReport {
     pub files_removed: u64,
+    /// Dead files kept because a request leased them since planning (a
+    /// shard commit, a root or commit naming them).
+    pub files_leased: u64,
     pub condemned: Tally,
     pub recovered: Tally,
     /// Deleted xorbs: the bytes freed.
     pub deleted: Tally,
     pub forgotten: u64,
-    /// Candidates skipped because an upload or a dedup answer referenced
-    /// them after planning.
+    /// Xorbs not condemned or deleted because a dedup answer, an upload
+    /// or a commit leased them (or a kept file uses them).
     pub skipped_leased: u64,
-}
-
-/// Milliseconds since the epoch.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

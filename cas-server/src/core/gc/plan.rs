@@ -7,7 +7,7 @@ use bytes::Bytes;
 use cas_protocol::{ChunkRange, FileHash, XorbHash};
 use serde::{Deserialize, Serialize};
 
-use super::{now_ms, GcOptions, GcPlan, PartialXorb, Reason, Tally, XorbAction, XorbDecision};
+use super::{GcOptions, GcPlan, PartialXorb, Reason, Tally, XorbAction, XorbDecision};
 use crate::core::{Core, CoreError};
 use crate::index::{Index, XorbSummary};
 use crate::store::{KeyPrefix, ObjectKey, ObjectKind, ObjectStore};
@@ -32,6 +32,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     /// The xorbs condemned so far, with when.
     async fn condemned(&self) -> Result<HashMap<XorbHash, u64>, CoreError> {
         let mut out = HashMap::new();
+        let now_ms = self.leases.clock().now_ms();
         for key in self
             .objects
             .list(&KeyPrefix::kind(ObjectKind::Condemned))
@@ -44,8 +45,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                 continue;
             };
             // An unreadable mark starts its grace period again.
-            let at = serde_json::from_slice::<CondemnedRecord>(&bytes)
-                .map_or_else(|_| now_ms(), |r| r.at_ms);
+            let at = serde_json::from_slice::<CondemnedRecord>(&bytes).map_or(now_ms, |r| r.at_ms);
             out.insert(hash, at);
         }
         Ok(out)
@@ -65,7 +65,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
 
     /// Plans a garbage collection run: reads everything, changes nothing.
     pub async fn gc_plan(&self, options: &GcOptions) -> Result<GcPlan, CoreError> {
-        let started_ms = now_ms();
+        let started_ms = self.leases.clock().now_ms();
         let grace_ms = options.grace.as_millis() as u64;
         let live = self.mark().await?;
         let (xorbs, file_hashes) = self

@@ -8,7 +8,7 @@ use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, XorbBuilder};
 use cas_protocol::{ChunkRange, Encoding, FileHash, Kind, Message, Sha256};
 
 use super::*;
-use crate::core::Core;
+use crate::core::{Clock, Core, CoreError};
 use crate::index::{Index, MemIndex};
 use crate::store::{MemStore, ObjectKey, ObjectStore};
 
@@ -74,12 +74,28 @@ fn zero_grace() -> GcOptions {
     GcOptions::default().with_grace(Duration::ZERO)
 }
 
+/// How long leases last in these tests.
+const TERM: Duration = Duration::from_secs(3600);
+
+/// A core whose clock moves only when a test says so.
+fn core() -> (MemCore, Clock) {
+    let clock = Clock::manual(1_000_000);
+    let core =
+        MemCore::new(MemStore::default(), MemIndex::default()).with_leases(TERM, clock.clone());
+    (core, clock)
+}
+
+/// Past every lease taken so far.
+fn after_leases(clock: &Clock) {
+    clock.advance(TERM + Duration::from_millis(1));
+}
+
 /// A root keeps its file and xorb; once removed, a run condemns the xorb
 /// (out of dedup, still stored), a run after the grace period deletes it;
 /// a xorb still partly used is kept and its dead fraction reported.
 #[tokio::test]
 async fn roots_keep_and_two_runs_free() {
-    let core = MemCore::new(MemStore::default(), MemIndex::default());
+    let (core, clock) = core();
     let a = xorb(&[1, 2]);
     let b = xorb(&[3, 4, 5, 6]);
     let fa = file(&core, &a, ChunkRange { start: 0, end: 2 }).await;
@@ -96,6 +112,7 @@ async fn roots_keep_and_two_runs_free() {
 
     core.delete_root(fa.hash).await.unwrap();
     assert!(core.delete_root(fa.hash).await.is_err(), "removed once");
+    after_leases(&clock);
     let plan = core.gc_plan(&zero_grace()).await.unwrap();
     assert_eq!(plan.dead_files, vec![fa.hash]);
     assert_eq!(plan.condemn.xorbs, 1);
@@ -133,10 +150,11 @@ async fn roots_keep_and_two_runs_free() {
 /// recovered, not deleted.
 #[tokio::test]
 async fn a_condemned_xorb_referenced_again_is_recovered() {
-    let core = MemCore::new(MemStore::default(), MemIndex::default());
+    let (core, clock) = core();
     let a = xorb(&[7, 8]);
     let all = ChunkRange { start: 0, end: 2 };
     file(&core, &a, all).await;
+    after_leases(&clock);
     core.gc_plan(&GcOptions::default())
         .await
         .unwrap()
@@ -155,4 +173,149 @@ async fn a_condemned_xorb_referenced_again_is_recovered() {
     assert!(core.dedup(q).await.unwrap().found[0].is_some());
     let plan = core.gc_plan(&zero_grace()).await.unwrap();
     assert!(plan.xorbs.is_empty());
+}
+
+fn query(x: &BuiltXorb) -> cas_protocol::messages::DedupQuery {
+    cas_protocol::messages::DedupQuery {
+        chunks: vec![x.chunks[0].hash],
+    }
+}
+
+async fn stored(core: &MemCore, x: &BuiltXorb) -> bool {
+    core.objects
+        .len(&ObjectKey::xorb(&x.hash))
+        .await
+        .unwrap()
+        .is_some()
+}
+
+/// A dedup answer, an upload and an unrooted shard commit each protect
+/// what they name for the lease term: gc (with no grace at all) neither
+/// condemns nor removes it; after the term it does.
+#[tokio::test]
+async fn leases_protect_dedup_answers_uploads_and_unrooted_commits() {
+    let (core, clock) = core();
+    // A dedup answer: c's file was committed long ago and is dead, but a
+    // client was just told c holds its chunk.
+    let c = xorb(&[14, 15]);
+    file(&core, &c, ChunkRange { start: 0, end: 2 }).await;
+    after_leases(&clock);
+    assert!(core.dedup(query(&c)).await.unwrap().found[0].is_some());
+    // An unrooted commit (its files and xorb).
+    let a = xorb(&[11, 12]);
+    let fa = file(&core, &a, ChunkRange { start: 0, end: 2 }).await;
+    // An upload whose shard is not committed yet.
+    let b = xorb(&[13]);
+    core.put_xorb(b.hash, Bytes::from(b.bytes.clone()))
+        .await
+        .unwrap();
+
+    for _ in 0..2 {
+        let report = core
+            .gc_plan(&zero_grace())
+            .await
+            .unwrap()
+            .execute(&core)
+            .await
+            .unwrap();
+        assert_eq!(
+            report.condemned.xorbs + report.deleted.xorbs,
+            0,
+            "{report:?}"
+        );
+        assert_eq!(report.files_leased, 1, "fa is kept");
+    }
+    for x in [&a, &b, &c] {
+        assert!(stored(&core, x).await);
+        assert!(core.dedup(query(x)).await.unwrap().found[0].is_some());
+    }
+    assert!(core.file_info(fa.hash).await.is_ok());
+
+    // The client roots fa in time: it survives the term.
+    core.put_root(fa.hash).await.unwrap();
+    after_leases(&clock);
+    let report = core
+        .gc_plan(&zero_grace())
+        .await
+        .unwrap()
+        .execute(&core)
+        .await
+        .unwrap();
+    assert_eq!(report.condemned.xorbs, 2, "b and c: {report:?}");
+    let report = core
+        .gc_plan(&zero_grace())
+        .await
+        .unwrap()
+        .execute(&core)
+        .await
+        .unwrap();
+    assert_eq!(report.deleted.xorbs, 2);
+    assert!(stored(&core, &a).await);
+    assert!(!stored(&core, &b).await && !stored(&core, &c).await);
+    assert!(core.fsck(&FsckOptions::default()).await.unwrap().clean);
+}
+
+/// The fence between gc's deletion and a shard commit: a commit that
+/// comes first keeps its xorb (the plan to delete it is not carried
+/// out); one that comes after the deletion is refused, never committed
+/// over a missing xorb.
+#[tokio::test]
+async fn deletion_and_commit_exclude_each_other() {
+    let (core, clock) = core();
+    let a = xorb(&[21, 22]);
+    let all = ChunkRange { start: 0, end: 2 };
+    let f = file(&core, &a, all).await;
+    after_leases(&clock);
+    let report = core
+        .gc_plan(&zero_grace())
+        .await
+        .unwrap()
+        .execute(&core)
+        .await
+        .unwrap();
+    assert_eq!((report.condemned.xorbs, report.files_removed), (1, 1));
+    after_leases(&clock);
+
+    // Planned to delete; then the file is committed again (naming the
+    // condemned xorb) and rooted before the plan is carried out.
+    let plan = core.gc_plan(&zero_grace()).await.unwrap();
+    assert_eq!(plan.delete.xorbs, 1);
+    let shard = Shard {
+        xorbs: vec![],
+        files: vec![f.clone()],
+    };
+    core.commit_shard(shard.to_bytes().into(), Encoding::Binary)
+        .await
+        .unwrap();
+    core.put_root(f.hash).await.unwrap();
+    let report = plan.execute(&core).await.unwrap();
+    assert_eq!((report.deleted.xorbs, report.skipped_leased), (0, 1));
+    // The next run finds it referenced again: recovered into dedup.
+    let plan = core.gc_plan(&zero_grace()).await.unwrap();
+    assert_eq!(plan.recover.xorbs, 1);
+    plan.execute(&core).await.unwrap();
+    assert!(core.dedup(query(&a)).await.unwrap().found[0].is_some());
+
+    // Deleted first: a shard naming it is refused.
+    core.delete_root(f.hash).await.unwrap();
+    after_leases(&clock);
+    for _ in 0..2 {
+        core.gc_plan(&zero_grace())
+            .await
+            .unwrap()
+            .execute(&core)
+            .await
+            .unwrap();
+    }
+    assert!(!stored(&core, &a).await);
+    let err = core
+        .commit_shard(shard.to_bytes().into(), Encoding::Binary)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CoreError::UnknownXorb(h) if h == a.hash),
+        "{err}"
+    );
+    assert!(core.put_root(f.hash).await.is_err(), "its file is gone too");
+    assert!(core.fsck(&FsckOptions::default()).await.unwrap().clean);
 }

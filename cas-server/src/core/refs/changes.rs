@@ -17,6 +17,7 @@ use cas_protocol::tree::{check_path, Tree, TreeEntry};
 use cas_protocol::{FileHash, Kind, Message};
 
 use super::commits::COMMIT_ATTEMPTS;
+use crate::core::lease::{LeaseGuard, Leased};
 use crate::core::{Core, CoreError};
 use crate::index::Index;
 use crate::store::{Expect, ObjectKey, ObjectStore, RefError};
@@ -107,6 +108,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         req: ChangeRequest,
     ) -> Result<CommitInfo, CoreError> {
         self.repo_info(repo).await?;
+        let hold = self.hold_put_files(&req.changes).await?;
         let key = ObjectKey::git_ref(repo, RefKind::Branch, &req.branch);
         let branch = &req.branch;
         for attempt in 0..COMMIT_ATTEMPTS {
@@ -143,7 +145,10 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             let expect = head.map_or(Expect::Absent, |(_, v)| Expect::Version(v));
             let value = Bytes::from(info.id.to_hex());
             match self.objects.put_ref(&key, value, expect).await {
-                Ok(_) => return Ok(info),
+                Ok(_) => {
+                    hold.keep();
+                    return Ok(info);
+                }
                 Err(RefError::Conflict) if req.parent.is_none() => {
                     tracing::debug!(%repo, %branch, attempt, "branch moved; rebuilding the tree on its new head");
                 }
@@ -158,6 +163,36 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         Err(CoreError::Conflict(format!(
             "branch {branch} of {repo} moved {COMMIT_ATTEMPTS} times while this commit was being made; try again"
         )))
+    }
+
+    /// Holds the files `changes` put (see `core::lease`) and checks they
+    /// are stored: a garbage collection run may have taken an unrooted
+    /// file out of the index since the caller found it.
+    async fn hold_put_files(&self, changes: &[Change]) -> Result<LeaseGuard, CoreError> {
+        let files: Vec<FileHash> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Put { file, .. } => Some(*file),
+                _ => None,
+            })
+            .collect();
+        let hold = self
+            .leases
+            .hold(files.iter().map(|f| Leased::File(*f)))
+            .await;
+        self.catch_up_for(&files).await?;
+        self.with_index(move |i| {
+            for f in files {
+                if i.file(&f)?.is_none() {
+                    return Err(CoreError::InvalidChange(format!(
+                        "file {f} is not stored (garbage collection may have removed it: upload it again)"
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(hold)
     }
 
     /// Creates branch `name` at revision `rev` (without one, the default

@@ -86,7 +86,7 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                 kind: Commit::KIND,
                 reason,
             })?;
-        self.check_tree(req.tree).await?;
+        let hold = self.check_tree(req.tree).await?;
         self.create_repo(repo).await?;
         let key = ObjectKey::git_ref(repo, RefKind::Branch, &req.branch);
         let branch = &req.branch;
@@ -115,7 +115,10 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             let expect = head.map_or(Expect::Absent, |(_, v)| Expect::Version(v));
             let value = Bytes::from(info.id.to_hex());
             match self.objects.put_ref(&key, value, expect).await {
-                Ok(_) => return Ok(info),
+                Ok(_) => {
+                    hold.keep();
+                    return Ok(info);
+                }
                 Err(RefError::Conflict) if req.parent.is_none() => {
                     tracing::debug!(%repo, %branch, attempt, "branch moved; rebuilding the commit on its new head");
                 }

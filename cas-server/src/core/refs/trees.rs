@@ -12,18 +12,33 @@ use cas_protocol::{ByteRange, FileHash, Kind, Message};
 use futures_util::TryStreamExt;
 
 use super::{corrupt, TreeListing};
+use crate::core::lease::{LeaseGuard, Leased};
 use crate::core::{blocking, Core, CoreError};
 use crate::index::Index;
 use crate::store::ObjectStore;
 
 impl<O: ObjectStore, I: Index> Core<O, I> {
     /// The tree must be stored as a tree, and each of its entries as a
-    /// regular file of the entry's size.
-    pub(super) async fn check_tree(&self, tree: FileHash) -> Result<(), CoreError> {
+    /// regular file of the entry's size. The tree and its files are held
+    /// from before the check (a garbage collection run that took one out
+    /// of the index first makes the check fail); the caller keeps the
+    /// hold once its commit is durable.
+    pub(super) async fn check_tree(&self, tree: FileHash) -> Result<LeaseGuard, CoreError> {
+        let tree_hold = self.leases.hold([Leased::File(tree)]).await;
         let listing = self.tree(tree).await?;
         let files: Vec<FileHash> = listing.tree.entries.iter().map(|e| e.file).collect();
+        let hold = self
+            .leases
+            .hold(files.iter().copied().chain([tree]).map(Leased::File))
+            .await;
+        drop(tree_hold);
         self.catch_up_for(&files).await?;
         self.with_index(move |i| {
+            // The listing may come from the cache: the tree must still be
+            // in the index too.
+            if i.file(&tree)?.is_none() {
+                return Err(CoreError::NotFound(format!("tree {tree}")));
+            }
             for e in &listing.tree.entries {
                 match i.file(&e.file)? {
                     Some(r) if r.kind == Kind::File && r.size == e.size => {}
@@ -40,7 +55,8 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
             }
             Ok(())
         })
-        .await
+        .await?;
+        Ok(hold)
     }
 
     /// A stored tree, parsed: read through [`Core::file_stream`] (every
