@@ -189,12 +189,16 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
     }
 
     /// [`object_by_sha256`](Self::object_by_sha256) of each of `sha256s`,
-    /// in order, in one trip to the index.
+    /// in order, in one trip to the index. The files found are leased: the
+    /// asker may name them in a tree without uploading them.
     pub async fn objects_by_sha256(
         &self,
         sha256s: Vec<Sha256>,
     ) -> Result<Vec<Option<ObjectPut>>, CoreError> {
+        let leases = self.leases.clone();
         self.with_index(move |i| {
+            // Read and leased in one step, as a dedup answer.
+            let _fence = leases.read_fence();
             let readable = |sha256: Sha256| -> Result<Option<ObjectPut>, CoreError> {
                 let Some(file) = i.file_by_sha256(&sha256)? else {
                     return Ok(None);
@@ -216,7 +220,12 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
                     bytes_stored: 0,
                 }))
             };
-            sha256s.into_iter().map(readable).collect()
+            let found: Vec<Option<ObjectPut>> = sha256s
+                .into_iter()
+                .map(readable)
+                .collect::<Result<_, _>>()?;
+            leases.lease(found.iter().flatten().map(|o| Leased::File(o.file)));
+            Ok(found)
         })
         .await
     }
