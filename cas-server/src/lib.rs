@@ -214,7 +214,7 @@ fn spawn_catch_up<O: store::ObjectStore, I: Index>(core: Core<O, I>, empty: bool
     });
 }
 
-/// `cas-server rebuild-index`: the index of `config`'s data dir rebuilt
+/// `cas-server index rebuild`: the index of `config`'s data dir rebuilt
 /// from its store (the server must not run on it: RocksDB's lock).
 pub async fn rebuild_index(config: &Config) -> Result<CatchUp, StartError> {
     let index_dir = config.data_dir.join("index");

@@ -119,9 +119,13 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Rebuild the index in --data-dir from the objects in --store (give
-    /// those flags before the subcommand); the server must be stopped.
-    /// A server on S3 with an empty index does this by itself at start.
+    /// The node's index (a cache of the store).
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
+    },
+    /// `index rebuild` under its first name.
+    #[command(hide = true)]
     RebuildIndex,
     /// Manage tokens.
     Token {
@@ -166,6 +170,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Rebuild the index in --data-dir from the objects in --store (give
+    /// those flags before `index`); the server must be stopped. A server
+    /// on S3 with an empty index does this by itself at start.
+    Rebuild,
 }
 
 #[derive(Subcommand)]
@@ -328,7 +340,7 @@ fn admin(command: Command, key_file: Option<&PathBuf>) -> anyhow::Result<()> {
         Command::Gc { .. } | Command::Fsck { .. } | Command::Repair { .. } => {
             unreachable!("maintenance commands run in maintain()")
         }
-        Command::RebuildIndex => unreachable!("run by main"),
+        Command::Index { .. } | Command::RebuildIndex => unreachable!("run by main"),
         Command::Key {
             command: KeyCommand::Create { path },
         } => create_key(&path).map_err(|e| match e.kind() {
@@ -411,7 +423,10 @@ async fn maintain(command: Command, args: &Args) -> anyhow::Result<()> {
                 report::repair(&report);
             }
         }
-        Command::Token { .. } | Command::Key { .. } | Command::RebuildIndex => {
+        Command::Token { .. }
+        | Command::Key { .. }
+        | Command::Index { .. }
+        | Command::RebuildIndex => {
             unreachable!("not maintenance")
         }
     }
@@ -426,7 +441,7 @@ fn parse_xorb_reads(s: &str) -> Result<XorbReads, String> {
     }
 }
 
-/// `rebuild-index`: prints what it indexed (JSON) and the time it took.
+/// `index rebuild`: prints what it indexed (JSON) and the time it took.
 fn rebuild_index(args: &Args) -> anyhow::Result<()> {
     let config = offline_config(args)?;
     let start = std::time::Instant::now();
@@ -473,7 +488,12 @@ fn store_config(args: &Args) -> anyhow::Result<(PathBuf, StoreConfig)> {
 fn main() -> std::process::ExitCode {
     let mut args = Args::parse();
     let result = match args.command.take() {
-        Some(Command::RebuildIndex) => rebuild_index(&args),
+        Some(
+            Command::Index {
+                command: IndexCommand::Rebuild,
+            }
+            | Command::RebuildIndex,
+        ) => rebuild_index(&args),
         Some(c @ (Command::Gc { .. } | Command::Fsck { .. } | Command::Repair { .. })) => {
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             runtime.block_on(maintain(c, &args))

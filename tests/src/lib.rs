@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod hub;
+pub mod nginx;
 pub mod s3;
 pub mod standin;
 
@@ -42,6 +43,15 @@ pub fn bin_path(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `cas-server` on a free loopback port; killed when dropped.
@@ -425,10 +435,19 @@ impl Metrics {
 
     /// The value of the sample named exactly `name` (labels included).
     pub fn get(&self, name: &str) -> u64 {
+        self.find(name)
+            .unwrap_or_else(|| panic!("metric {name} missing in\n{}", self.0))
+    }
+
+    /// A labelled counter: 0 until its first increment adds the sample.
+    pub fn count(&self, name: &str) -> u64 {
+        self.find(name).unwrap_or(0)
+    }
+
+    fn find(&self, name: &str) -> Option<u64> {
         self.0
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("metric {name} missing in\n{}", self.0))
     }
 
     pub fn xorb_bytes_out(&self) -> u64 {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{agent, bin, ServerProcess};
+use crate::{agent, bin, free_port, ServerProcess};
 
 /// The bucket every test creates in its own SeaweedFS.
 pub const BUCKET: &str = "cas";
@@ -29,15 +29,6 @@ pub fn weed_path() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A running SeaweedFS (master, volume, filer and S3 gateway in one
@@ -108,16 +99,25 @@ impl Weed {
         self.wait_ready(Duration::from_secs(60));
     }
 
-    /// Waits until the S3 gateway answers a listing of the buckets.
+    /// Waits until the S3 gateway answers a listing of the buckets and the
+    /// volume server has joined the master (before that, a restarted
+    /// SeaweedFS lists objects but answers 500 to reading them).
     fn wait_ready(&self, limit: Duration) {
         let start = Instant::now();
         let a = agent();
         loop {
-            let ok = a
+            let s3 = a
                 .get(format!("{}/", self.endpoint()))
                 .call()
                 .is_ok_and(|r| r.status().as_u16() == 200);
-            if ok {
+            let volumes = s3
+                && a.get(format!("http://127.0.0.1:{}/dir/status", self.ports[0]))
+                    .call()
+                    .is_ok_and(|r| {
+                        let (status, text) = crate::body(r);
+                        status == 200 && String::from_utf8_lossy(&text).contains("\"DataNodes\"")
+                    });
+            if volumes {
                 return;
             }
             assert!(
@@ -202,19 +202,28 @@ impl Drop for Weed {
     }
 }
 
-/// A TCP proxy that relays answers at most `rate` bytes a second (so a
-/// transfer is still running when the test kills the node behind it) and
-/// counts them. Connections close with either side.
+/// A TCP proxy that relays one direction at most `rate` bytes a second
+/// (so a transfer is still running when the test kills something behind
+/// it) and counts the bytes it slowed. Connections close with either side.
 pub struct Throttle {
     pub url: String,
     relayed: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Throttle {
+    /// Slows the answers (a fetch).
     pub fn start(upstream: &str, rate: u64) -> Self {
-        use std::io::{Read, Write};
-        use std::net::{Shutdown, TcpStream};
-        use std::sync::atomic::{AtomicU64, Ordering};
+        Self::new(upstream, rate, false)
+    }
+
+    /// Slows the requests (an upload's bodies).
+    pub fn uploads(upstream: &str, rate: u64) -> Self {
+        Self::new(upstream, rate, true)
+    }
+
+    fn new(upstream: &str, rate: u64, requests: bool) -> Self {
+        use std::net::TcpStream;
+        use std::sync::atomic::AtomicU64;
         use std::sync::Arc;
         let upstream = upstream
             .strip_prefix("http://")
@@ -230,37 +239,49 @@ impl Throttle {
                 let Ok(server) = TcpStream::connect(&upstream) else {
                     continue;
                 };
-                let (mut c_in, mut s_out) =
-                    (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut c_in, &mut s_out);
-                    let _ = s_out.shutdown(Shutdown::Write);
-                });
-                let count = count.clone();
-                let (mut s_in, mut c_out) = (server, client);
-                std::thread::spawn(move || {
-                    let piece = (rate / 20).max(1) as usize;
-                    let mut buf = vec![0u8; piece];
-                    loop {
-                        let n = match s_in.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        if c_out.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                        count.fetch_add(n as u64, Ordering::Relaxed);
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    let _ = c_out.shutdown(Shutdown::Both);
-                });
+                let (c_in, s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (slow_up, slow_down) = match requests {
+                    true => (Some((rate, count.clone())), None),
+                    false => (None, Some((rate, count.clone()))),
+                };
+                std::thread::spawn(move || pump(c_in, s_out, slow_up));
+                std::thread::spawn(move || pump(server, client, slow_down));
             }
         });
         Self { url, relayed }
     }
 
-    /// Answer bytes relayed so far.
+    /// Bytes relayed so far in the slowed direction.
     pub fn relayed(&self) -> u64 {
         self.relayed.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// Copies `from` to `to` until either closes, then closes both ways;
+/// with `slow`, at most `rate` bytes a second, counted.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    slow: Option<(u64, std::sync::Arc<std::sync::atomic::AtomicU64>)>,
+) {
+    use std::io::{Read, Write};
+    let piece = slow
+        .as_ref()
+        .map_or(64 << 10, |(rate, _)| (rate / 20).max(1) as usize);
+    let mut buf = vec![0u8; piece];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some((_, count)) = &slow {
+            count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
 }

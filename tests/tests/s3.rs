@@ -36,6 +36,37 @@ fn fetch(url: &str, hash: &str, dest: &Path, cwd: &Path) {
     ok(c);
 }
 
+/// Waits until the node at `url` has stored `n` objects (its S3 PUTs),
+/// while `child` (the upload) still runs.
+fn wait_for_puts(url: &str, n: u64, child: &mut std::process::Child) {
+    let start = Instant::now();
+    loop {
+        if Metrics::fetch(url).count("cas_store_requests_total{op=\"put\"}") >= n {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the upload ended before {n} PUTs"
+        );
+        assert!(start.elapsed() < Duration::from_secs(120), "no {n} PUTs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The one `cas-client: ...` line a failed client ends with (after its
+/// retries' warnings).
+fn the_error_line(out: &std::process::Output) -> String {
+    assert!(!out.status.success(), "{}", cas_e2e::show(out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("cas-client: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "one error line:\n{stderr}");
+    assert_eq!(stderr.lines().last(), Some(errors[0]), "{stderr}");
+    errors[0].to_owned()
+}
+
 fn healthz(url: &str) -> String {
     let (status, text) = body(agent().get(format!("{url}/healthz")).call().unwrap());
     assert_eq!(status, 200, "healthz stays up");
@@ -167,6 +198,76 @@ fn store_outage_is_503_then_recovers() {
     assert_same_bytes(&data, &out);
 }
 
+/// SeaweedFS dies in the middle of an upload: one xorb stored, the next
+/// on its way (the upload crosses a slow link, one xorb at a time). The
+/// client fails with one clear line; nothing of the file is visible (no
+/// shard, no root, the node answers 404 for it, and every object that
+/// made it into the bucket is a whole, valid xorb); once SeaweedFS is back
+/// the same upload succeeds and fetches byte-identical.
+#[test]
+fn the_bucket_dies_mid_upload_then_the_same_upload_succeeds() {
+    let mut weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let node = weed.node(&dir.path().join("a"), "m", &["--store-retry-timeout", "2s"]);
+    // Random bytes: three xorbs (64 + 64 + 12 MiB).
+    let data = random(140 << 20, 30);
+    let src = dir.path().join("model.bin");
+    std::fs::write(&src, &data).unwrap();
+    let slow = cas_e2e::s3::Throttle::uploads(&node.url, 32 << 20);
+    let mut c = cas_as(None, &slow.url, None, "upload", dir.path());
+    c.env("CAS_UPLOADS", "1")
+        .arg("--json")
+        .arg(&src)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    wait_for_puts(&node.url, 1, &mut child);
+    assert!(
+        slow.relayed() < data.len() as u64,
+        "the next xorb is on its way"
+    );
+    weed.kill();
+    let out = child.wait_with_output().unwrap();
+    let error = the_error_line(&out);
+    assert!(
+        error.contains("store_unavailable") && error.contains("503"),
+        "{error}"
+    );
+
+    weed.restart();
+    let stored = weed.keys("m/");
+    assert!(!stored.is_empty(), "the first xorb landed");
+    for key in &stored {
+        let hex = key
+            .strip_prefix("m/xorbs/")
+            .unwrap_or_else(|| panic!("only xorbs, no shard or root: {stored:?}"));
+        let url = format!("{}/{}/{key}", weed.endpoint(), cas_e2e::s3::BUCKET);
+        let (status, bytes) = body(agent().get(url).call().unwrap());
+        assert_eq!(status, 200);
+        let view = cas_protocol::xorb::XorbView::parse(&bytes).expect("a whole xorb");
+        view.verify(hex.parse().unwrap()).expect("its bytes verify");
+    }
+    let mut h = cas_e2e::bin("cas-client");
+    h.args(["hash", "--json"]).arg(&src);
+    let hash = json_of(cas_e2e::ok(h))["file_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, _) = body(
+        agent()
+            .get(format!("{}/v1/files/{hash}", node.url))
+            .call()
+            .unwrap(),
+    );
+    assert_eq!(status, 404, "the file is not visible");
+
+    assert_eq!(upload(&node.url, &src, dir.path()), hash);
+    let out = dir.path().join("out.bin");
+    fetch(&node.url, &hash, &out, dir.path());
+    assert_same_bytes(&data, &out);
+    assert_eq!(healthz(&node.url), "ok\n");
+}
+
 /// Three nodes on one bucket: a file uploaded through A is fetched through
 /// C at once (a miss catches up), and B's dedup learns A's chunks within
 /// its catch-up period, so uploading the same file through B sends nothing.
@@ -206,7 +307,7 @@ fn a_fetch_survives_the_loss_of_its_node() {
     std::fs::write(&src, &data).unwrap();
     let hash = upload(&b.url, &src, dir.path());
     // A answers through a slow proxy; its xorb URLs name the proxy.
-    let a_addr = format!("127.0.0.1:{}", cas_e2e::s3::free_port());
+    let a_addr = format!("127.0.0.1:{}", cas_e2e::free_port());
     let throttle = cas_e2e::s3::Throttle::start(&format!("http://{a_addr}"), 4 << 20);
     let a = weed.node(
         &dir.path().join("a"),
@@ -242,7 +343,53 @@ fn a_fetch_survives_the_loss_of_its_node() {
     assert!(stderr.contains("moving to"), "{stderr}");
 }
 
-/// A node's index is a cache: wiped, `rebuild-index` recreates it from the
+/// Three nodes on one bucket; an upload through A (behind a slow link,
+/// one xorb at a time) while A is killed with SIGKILL once it stored a
+/// xorb: the client moves to B, the upload completes there, and the file
+/// fetched through C is byte-identical.
+#[test]
+fn an_upload_survives_the_loss_of_its_node() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a = weed.node(&dir.path().join("a"), "u", &[]);
+    let b = weed.node(&dir.path().join("b"), "u", &[]);
+    let c = weed.node(&dir.path().join("c"), "u", &["--catch-up-every", "1h"]);
+    let data = random(140 << 20, 31);
+    let src = dir.path().join("model.bin");
+    std::fs::write(&src, &data).unwrap();
+    let slow = cas_e2e::s3::Throttle::uploads(&a.url, 32 << 20);
+    let endpoints = format!("{},{},{}", slow.url, b.url, c.url);
+    let mut up = cas_as(None, &endpoints, None, "upload", dir.path());
+    up.env("CAS_UPLOADS", "1")
+        .arg("--json")
+        .arg(&src)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = up.spawn().unwrap();
+    wait_for_puts(&a.url, 1, &mut child);
+    assert!(
+        slow.relayed() < data.len() as u64,
+        "the next xorb is on its way"
+    );
+    a.kill9();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", cas_e2e::show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("moving to"), "{stderr}");
+    assert!(
+        Metrics::fetch(&b.url).count("cas_store_requests_total{op=\"put\"}") >= 2,
+        "B stored the rest of the xorbs and the shard"
+    );
+    let hash = json_of(out.stdout)["roots"][0]["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fetched = dir.path().join("via-c.bin");
+    fetch(&c.url, &hash, &fetched, dir.path());
+    assert_same_bytes(&data, &fetched);
+}
+
+/// A node's index is a cache: wiped, `index rebuild` recreates it from the
 /// bucket and every file is served again; a node started on an empty data
 /// dir rebuilds by itself (its dedup knows every chunk).
 #[test]
@@ -272,7 +419,7 @@ fn the_index_rebuilds_from_the_bucket() {
         .arg("--data-dir")
         .arg(&a_dir)
         .args(["--store", "s3://cas/r", "--s3-endpoint", &weed.endpoint()])
-        .arg("rebuild-index");
+        .args(["index", "rebuild"]);
     let done = json_of(cas_e2e::ok(rebuild));
     assert_eq!(done["shards"], 4, "{done}");
     assert_eq!(done["new_files"], 4, "{done}");
@@ -397,4 +544,136 @@ fn concurrent_commits_through_two_nodes_keep_every_commit() {
     history.sort();
     made.sort();
     assert_eq!(history, made, "every commit is in the history");
+}
+
+/// The documented scale-out layout: nginx running
+/// docs/nginx/cas-cache.conf with three nodes on one bucket as its
+/// upstream servers, `--public-url` naming nginx on every node.
+struct Layout {
+    nginx: cas_e2e::nginx::Nginx,
+    nodes: Vec<cas_e2e::ServerProcess>,
+    weed: Weed,
+    root: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Layout {
+    fn start(extra_args: &[&str]) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        cas_e2e::nginx::nginx_bin(); // fail with the instruction first
+        let weed = Weed::start();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        // nginx's workers (`nobody` when the tests run as root) reach
+        // their cache and temp directories through this one.
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let port = cas_e2e::free_port();
+        let public = format!("http://127.0.0.1:{port}");
+        let mut args = vec!["--public-url", &public];
+        args.extend_from_slice(extra_args);
+        let nodes: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|n| weed.node(&root.join(n), "n", &args))
+            .collect();
+        let origins: Vec<&str> = nodes
+            .iter()
+            .map(|n| n.url.strip_prefix("http://").unwrap())
+            .collect();
+        let nginx = cas_e2e::nginx::Nginx::balancing(port, &origins, &root.join("nginx"));
+        assert_eq!(nginx.url, public);
+        Self {
+            nginx,
+            nodes,
+            weed,
+            root,
+            _dir: dir,
+        }
+    }
+
+    /// Writes `data` and uploads it through nginx; the file hash.
+    fn upload(&self, name: &str, data: &[u8]) -> String {
+        let src = self.root.join(name);
+        std::fs::write(&src, data).unwrap();
+        upload(&self.nginx.url, &src, &self.root)
+    }
+
+    /// Fetches `hash` through nginx (no local cache) and checks the bytes.
+    fn fetch(&self, hash: &str, data: &[u8]) {
+        let out = self.root.join(format!("{hash}.out"));
+        let _ = std::fs::remove_file(&out);
+        fetch(&self.nginx.url, hash, &out, &self.root);
+        assert_same_bytes(data, &out);
+    }
+
+    /// Requests the nodes answered, summed.
+    fn requests(&self, route: &str) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| Metrics::fetch(&n.url).requests(route))
+            .sum()
+    }
+}
+
+/// nginx in front of three nodes: uploads and fetches through it are
+/// byte-identical, the nodes share the work, xorb reads fill the cache;
+/// with one node killed (SIGKILL) nginx skips it: a cached file and one
+/// never read before both fetch byte-identical.
+#[test]
+fn nginx_balances_three_nodes_and_survives_losing_one() {
+    let mut layout = Layout::start(&[]);
+    let first = random(6 << 20, 40);
+    let second = random(5 << 20, 41);
+    let h1 = layout.upload("first.bin", &first);
+    let h2 = layout.upload("second.bin", &second);
+    layout.fetch(&h1, &first);
+    assert!(
+        !layout.nginx.cached_files().is_empty(),
+        "xorb reads went through the cache"
+    );
+    let busy = layout
+        .nodes
+        .iter()
+        .filter(|n| {
+            let m = Metrics::fetch(&n.url);
+            ["xorb_put", "shard", "reconstruction", "file", "xorb_get"]
+                .iter()
+                .any(|r| m.requests(r) > 0)
+        })
+        .count();
+    assert!(busy >= 2, "nginx spread the API calls over the nodes");
+
+    layout.nodes.remove(0).kill9();
+    let before = layout.requests("xorb_get");
+    layout.fetch(&h1, &first);
+    layout.fetch(&h2, &second);
+    assert!(
+        layout.requests("xorb_get") > before,
+        "the file never read came from the live nodes"
+    );
+}
+
+/// `--xorb-reads redirect` behind nginx: the nodes answer xorb reads with
+/// a presigned S3 URL that nginx passes on uncached, the client follows it
+/// to the bucket, and the file fetched through nginx is byte-identical; no
+/// xorb byte crosses a node or enters the cache.
+#[test]
+fn redirect_mode_behind_nginx() {
+    let layout = Layout::start(&["--xorb-reads", "redirect"]);
+    let data = random(6 << 20, 42);
+    let hash = layout.upload("m.bin", &data);
+    layout.fetch(&hash, &data);
+    layout.fetch(&hash, &data);
+    let mut redirects = 0;
+    for n in &layout.nodes {
+        let m = Metrics::fetch(&n.url);
+        assert_eq!(m.xorb_bytes_out(), 0, "no xorb bytes through a node");
+        redirects += m.answered("xorb_get", 307);
+    }
+    assert!(redirects >= 2, "both fetches were redirected: {redirects}");
+    assert!(
+        layout.nginx.cached_files().is_empty(),
+        "redirects are not cached: {:?}",
+        layout.nginx.cached_files()
+    );
+    assert!(!layout.weed.keys("n/xorbs/").is_empty());
 }

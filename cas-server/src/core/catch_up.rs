@@ -15,7 +15,7 @@
 //!   delay of the periodic catch-up (correctness never depends on it: a
 //!   chunk uploaded again is stored once, by content address).
 //! - [`Core::rebuild_index`] also indexes every stored xorb (ones no shard
-//!   names yet, too): `cas-server rebuild-index`, and a start on an empty
+//!   names yet, too): `cas-server index rebuild`, and a start on an empty
 //!   index.
 //!
 //! The bucket is the truth and was verified on the way in; replay trusts

@@ -147,6 +147,17 @@ impl LfsError {
         Self::new(StatusCode::NOT_FOUND, "Repository or object not found")
     }
 
+    /// git-lfs (3.x) takes a 422 answer to an upload PUT for a server
+    /// that dislikes its `Content-Type`, prints a hint and carries on as if
+    /// the object were stored: the push succeeds without it. A refused
+    /// object is a 400, which fails the push.
+    fn fatal_to_git_lfs(mut self) -> Self {
+        if self.status == StatusCode::UNPROCESSABLE_ENTITY {
+            self.status = StatusCode::BAD_REQUEST;
+        }
+        self
+    }
+
     fn into_response(self) -> Response<Body> {
         let body = serde_json::json!({ "message": self.message });
         let mut r = full(
@@ -246,7 +257,9 @@ async fn serve<O: ObjectStore, I: Index>(
             target.repo(&grant)?;
             verify(app, req).await
         }
-        Route::Upload => upload(app, target, req, peer).await,
+        Route::Upload => upload(app, target, req, peer)
+            .await
+            .map_err(LfsError::fatal_to_git_lfs),
     }
 }
 
