@@ -882,7 +882,7 @@ async fn run(command: Command) -> Result<()> {
                 );
             } else {
                 eprintln!(
-                    "mirrored {}@{} (upstream commit {}): {} files, {} in {:.1} s ({}); {} downloaded",
+                    "mirrored {}@{} (upstream commit {}): {} files, {} in {:.1} s ({}); {} downloaded, {} files already stored",
                     r.upstream,
                     r.revision,
                     r.upstream_commit,
@@ -891,6 +891,7 @@ async fn run(command: Command) -> Result<()> {
                     r.seconds,
                     rate(r.bytes, r.seconds),
                     HumanBytes(r.downloaded_bytes),
+                    r.reused_files,
                 );
                 if let Some(u) = &r.upload {
                     print_upload(u, false)?;

@@ -11,6 +11,7 @@ use cas_protocol::messages::{
     FileReconstruction, Reconstruction, ReconstructionBatch, ReconstructionQuery, MAX_BATCH_FILES,
     MAX_RECONSTRUCTION_BYTES,
 };
+use cas_protocol::messages::{Sha256Answer, Sha256Query, StoredFile, MAX_SHA256_LOOKUP};
 use cas_protocol::shard::Shard;
 use cas_protocol::{ByteRange, ChunkHash, FileHash, Kind, Message, Sha256, XorbHash};
 use rand::Rng;
@@ -253,6 +254,49 @@ impl Remote {
                 });
             }
             out.extend(answer.found);
+        }
+        Ok(out)
+    }
+
+    /// The stored files whose bytes have these SHA-256s, in order (`None`:
+    /// not stored), [`MAX_SHA256_LOOKUP`] per request.
+    pub async fn files_by_sha256(&self, sha256s: &[Sha256]) -> Result<Vec<Option<StoredFile>>> {
+        let url = format!("{}/v1/sha256", self.endpoint());
+        let what = "SHA-256 lookup";
+        let mut out = Vec::with_capacity(sha256s.len());
+        for batch in sha256s.chunks(MAX_SHA256_LOOKUP) {
+            let body = Bytes::from(
+                serde_json::to_vec(&Sha256Query {
+                    sha256: batch.to_vec(),
+                })
+                .expect("json"),
+            );
+            let answer: Sha256Answer = self
+                .retry
+                .run(|| async {
+                    let rb = self
+                        .request(reqwest::Method::POST, &url)
+                        .header(CONTENT_TYPE, "application/json")
+                        .body(body.clone());
+                    let resp = self.send(what, &url, rb).await?;
+                    let body = read_limited(what, &url, resp, 64 + batch.len() * 120).await?;
+                    serde_json::from_slice(&body).map_err(|e| Error::BadAnswer {
+                        what: what.into(),
+                        reason: e.to_string(),
+                    })
+                })
+                .await?;
+            if answer.files.len() != batch.len() {
+                return Err(Error::BadAnswer {
+                    what: what.into(),
+                    reason: format!(
+                        "{} answers for {} SHA-256s",
+                        answer.files.len(),
+                        batch.len()
+                    ),
+                });
+            }
+            out.extend(answer.files);
         }
         Ok(out)
     }
