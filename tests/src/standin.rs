@@ -125,6 +125,9 @@ struct State {
     /// CDN requests for this blob stall after this many bytes, while the
     /// count lasts.
     stall: Option<(String, u64, u64)>,
+    /// Added to every `/resolve/` answer, as the round trip to the real
+    /// Hub adds it.
+    latency: Duration,
     /// The next this many CDN requests for this blob answer 403.
     expire: Option<(String, u64)>,
     /// Paths whose bytes are served with one byte changed.
@@ -224,6 +227,11 @@ impl StandIn {
     /// `after` bytes and then nothing (the connection stays open).
     pub fn stall(&self, sha256: &str, after: u64, times: u64) {
         self.state.lock().unwrap().stall = Some((sha256.to_owned(), after, times));
+    }
+
+    /// Every `/resolve/` answer waits this long first (a far Hub).
+    pub fn latency(&self, latency: Duration) {
+        self.state.lock().unwrap().latency = latency;
     }
 
     /// The next `times` CDN GETs for the blob with this SHA-256 answer 403,
@@ -482,8 +490,12 @@ impl Ctx {
     }
 
     fn upstream(&self, req: &Req) -> Resp {
-        let mut s = self.state.lock().unwrap();
         let resolve = !req.path.starts_with("/api/");
+        let latency = self.state.lock().unwrap().latency;
+        if resolve && !latency.is_zero() {
+            std::thread::sleep(latency);
+        }
+        let mut s = self.state.lock().unwrap();
         if resolve {
             s.seen.resolve_requests += 1;
         } else {

@@ -215,10 +215,20 @@ fn a_dataset_of_thousands_of_small_files_mirrors() {
     let env = Env::new();
     let files = dataset(3000);
     env.hub.commit("datasets/org/rows", "main", SHA1, &files);
+    // A Hub 20 ms away: what the number of requests in flight decides.
+    env.hub.latency(std::time::Duration::from_millis(20));
     let started = Instant::now();
     let r = env.mirror(&["datasets/org/rows", "--as", "team/rows-copy"]);
     let seconds = started.elapsed().as_secs_f64();
-    eprintln!("3000 small files mirrored in {seconds:.1} s");
+    eprintln!(
+        "3000 small files, 20 ms per request, 16 connections: {seconds:.1} s, {:.0} files/s",
+        3000.0 / seconds
+    );
+    // 16 requests at a time would need 3000 * 20 ms / 16 = 3.75 s.
+    assert!(
+        seconds < 3.0,
+        "small files share connections' slots: {seconds}"
+    );
     assert_eq!(r["files"], 3000);
     assert_eq!(
         r["repo"],

@@ -11,8 +11,9 @@
 //!    by the SHA-256 the [`journal`] learned for their git blob id;
 //! 3. download the rest: the files cut into parts (a large file into
 //!    ranges of [`PART`] bytes, a small file whole), fetched `connections`
-//!    at a time and handed on in order, so at most `connections` parts are
-//!    in memory;
+//!    at a time (up to [`BUNDLE_FILES`] small files taking one slot) and
+//!    handed on in order, so at most `connections` × [`PART`] bytes are in
+//!    memory;
 //! 4. upload: the parts stream into the upload pipeline (chunk, hash,
 //!    dedup, pack, upload) in groups of [`GROUP_BYTES`] or [`GROUP_FILES`];
 //!    each group's recipes are committed (and its small files journaled)
@@ -60,6 +61,11 @@ pub const PART: u64 = 8 << 20;
 /// kill may download again.
 pub const GROUP_BYTES: u64 = 32 << 20;
 pub const GROUP_FILES: usize = 1000;
+/// Consecutive small files fetched together as one of the `connections`
+/// slots (at most [`PART`] bytes in all): the Hub has no batch download,
+/// so a repository of small files gets this many times more requests in
+/// flight, for no more memory.
+pub const BUNDLE_FILES: usize = 4;
 
 /// What to mirror, from where, to where.
 #[derive(Debug, Clone)]
@@ -292,6 +298,28 @@ fn add(total: &mut UploadReport, u: UploadReport) {
     total.xorbs += u.xorbs;
 }
 
+/// `parts` in order, as the download's slots take them: a range of a
+/// large file alone, consecutive whole files together up to
+/// [`BUNDLE_FILES`] and [`PART`] bytes.
+fn bundles(parts: Vec<Part>) -> Vec<Vec<Part>> {
+    let mut out: Vec<Vec<Part>> = Vec::new();
+    let mut bytes = 0;
+    for p in parts {
+        let len = p.end - p.start;
+        match out.last_mut() {
+            Some(b) if p.whole && b[0].whole && b.len() < BUNDLE_FILES && bytes + len <= PART => {
+                bytes += len;
+                b.push(p);
+            }
+            _ => {
+                bytes = len;
+                out.push(vec![p]);
+            }
+        }
+    }
+    out
+}
+
 /// Consecutive runs of `todo` (indexes into `sizes`) of at most
 /// [`GROUP_BYTES`] or [`GROUP_FILES`] each (a larger file alone).
 fn groups(todo: &[usize], sizes: &[u64]) -> Vec<std::ops::Range<usize>> {
@@ -511,13 +539,15 @@ impl Client {
                         .await
                     }
                 };
-                let mut stream = futures_util::stream::iter(parts)
-                    .map(fetch)
+                let mut stream = futures_util::stream::iter(bundles(parts))
+                    .map(|b| futures_util::future::join_all(b.into_iter().map(fetch)))
                     .buffered(connections);
-                while let Some(r) = stream.next().await {
-                    let failed = r.is_err();
-                    if tx.send(r).await.is_err() || failed {
-                        return;
+                while let Some(rs) = stream.next().await {
+                    for r in rs {
+                        let failed = r.is_err();
+                        if tx.send(r).await.is_err() || failed {
+                            return;
+                        }
                     }
                 }
             })
@@ -635,6 +665,43 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_files_are_bundled_and_ranges_are_not() {
+        let part = |file, start, end, whole| Part {
+            file,
+            start,
+            end,
+            whole,
+        };
+        let parts = vec![
+            part(0, 0, 10, true),
+            part(1, 0, 10, true),
+            part(2, 0, PART, false),
+            part(2, PART, PART + 5, false),
+            part(3, 0, 1, true),
+            part(4, 0, 1, true),
+            part(5, 0, 1, true),
+            part(6, 0, 1, true),
+            part(7, 0, 1, true),
+            part(8, 0, PART, true),
+        ];
+        let shape: Vec<Vec<usize>> = bundles(parts)
+            .iter()
+            .map(|b| b.iter().map(|p| p.file).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                vec![0, 1],
+                vec![2],
+                vec![2],
+                vec![3, 4, 5, 6],
+                vec![7],
+                vec![8]
+            ]
+        );
+    }
 
     #[test]
     fn groups_close_at_bytes_or_files() {
