@@ -19,6 +19,7 @@ mod digest;
 mod error;
 mod failover;
 mod fetch;
+pub mod lfs;
 mod lifecycle;
 pub mod mirror;
 mod progress;
@@ -44,7 +45,7 @@ pub use fetch::Transfer;
 pub use mirror::{MirrorOptions, MirrorReport};
 pub use progress::{NoProgress, Progress, Stage};
 pub use reader::FileReader;
-pub use remote::{FileInfo, RetryPolicy};
+pub use remote::{FileInfo, LfsObject, LfsOperation, RetryPolicy};
 pub use repo::{RepoTarget, RepoUpload, RevisionFetch};
 pub use restore::FetchReport;
 pub use upload::{Layout, Skipped, UploadReport, UploadedFile, UploadedRoot};
@@ -197,6 +198,21 @@ impl Client {
     }
 
     /// Size, SHA-256 and layout of a stored file.
+    /// What the Git LFS batch API at `lfs_url` says of object `oid`
+    /// ([`remote::Remote::lfs_batch`]).
+    pub async fn lfs_batch(
+        &self,
+        lfs_url: &str,
+        operation: LfsOperation,
+        oid: cas_protocol::Sha256,
+        size: u64,
+    ) -> Result<LfsObject> {
+        self.fetcher
+            .remote
+            .lfs_batch(lfs_url, operation, oid, size)
+            .await
+    }
+
     pub async fn stat(&self, file: FileHash) -> Result<FileInfo> {
         self.fetcher.remote.file_info(file).await
     }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use cas_client::lfs;
 use cas_client::repo::parse_spec;
 use cas_client::{
     Client, ClientConfig, FetchOptions, FetchReport, Progress, RepoTarget, RetryPolicy, Stage,
@@ -268,6 +269,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Git LFS custom transfer agent (git-lfs runs it; speaks its protocol
+    /// on stdin and stdout): uploads send only new chunks, downloads are
+    /// verified, cached and resumed. `lfs-agent install` sets git up.
+    LfsAgent {
+        #[command(subcommand)]
+        command: Option<AgentCommand>,
+        #[command(flatten)]
+        args: AgentArgs,
+    },
     /// Chunk and hash files locally (no server): prints file hash, SHA-256,
     /// size and path, one line per file.
     Hash {
@@ -279,6 +289,49 @@ enum Command {
         no_sha256: bool,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+    },
+}
+
+/// How `lfs-agent` reaches the store (docs/GIT-LFS.md).
+#[derive(Args)]
+struct AgentArgs {
+    /// The repository's Git LFS endpoint, http://SERVER/ORG/NAME.git/info/lfs
+    /// [default: git's lfs.url, else .lfsconfig's].
+    #[arg(long, env = "CAS_LFS_URL")]
+    lfs_url: Option<String>,
+    /// Server base URL [default: the LFS endpoint's server].
+    #[arg(long, env = "CAS_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Bearer token [default: the password in the LFS endpoint's URL, else
+    /// what git's credential helpers hold for the server].
+    #[arg(long, env = "CAS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Local chunk cache directory [default: $XDG_CACHE_HOME/cas or ~/.cache/cas].
+    #[arg(long, env = "CAS_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Do not use the local chunk cache.
+    #[arg(long)]
+    no_cache: bool,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Make git-lfs use this agent for the server's repositories: writes
+    /// lfs.customtransfer.cas.{path,args} and
+    /// lfs.SERVER/.standalonetransferagent (and lfs.url when given) to the
+    /// user's git config, or the current repository's with --local.
+    Install {
+        /// Configure the current repository only.
+        #[arg(long)]
+        local: bool,
+        /// The repository's Git LFS endpoint, also written as lfs.url
+        /// [default: the configured lfs.url].
+        #[arg(long)]
+        lfs_url: Option<String>,
+        /// The server whose repositories use the agent [default: the LFS
+        /// endpoint's server].
+        #[arg(long)]
+        endpoint: Option<String>,
     },
 }
 
@@ -829,7 +882,7 @@ async fn run(command: Command) -> Result<()> {
                 );
             } else {
                 eprintln!(
-                    "mirrored {}@{} (upstream commit {}): {} files, {} in {:.1} s ({}); {} downloaded",
+                    "mirrored {}@{} (upstream commit {}): {} files, {} in {:.1} s ({}); {} downloaded, {} files already stored",
                     r.upstream,
                     r.revision,
                     r.upstream_commit,
@@ -838,10 +891,42 @@ async fn run(command: Command) -> Result<()> {
                     r.seconds,
                     rate(r.bytes, r.seconds),
                     HumanBytes(r.downloaded_bytes),
+                    r.reused_files,
                 );
                 if let Some(u) = &r.upload {
                     print_upload(u, false)?;
                 }
+            }
+        }
+        Command::LfsAgent {
+            command: None,
+            args,
+        } => run_agent(args).await?,
+        Command::LfsAgent {
+            command:
+                Some(AgentCommand::Install {
+                    local,
+                    lfs_url,
+                    endpoint,
+                }),
+            ..
+        } => {
+            let dir = std::env::current_dir()?;
+            let url = match lfs_url.clone() {
+                Some(u) => Some(u),
+                None => lfs::setup::configured_lfs_url(&dir)?,
+            };
+            let endpoint = match (endpoint, &url) {
+                (Some(e), _) => e,
+                (None, Some(u)) => lfs::setup::endpoint_of(u)?,
+                (None, None) => bail!("no server: pass --lfs-url or --endpoint"),
+            };
+            let exe = std::env::current_exe().context("the path of cas-client")?;
+            let scope = if local { "--local" } else { "--global" };
+            for (key, value) in
+                lfs::setup::install(&dir, &exe, local, &endpoint, lfs_url.as_deref())?
+            {
+                out!("git config {scope} {key} {value}");
             }
         }
         Command::Hash {
@@ -878,6 +963,38 @@ async fn run(command: Command) -> Result<()> {
             if failed {
                 bail!("some files could not be hashed");
             }
+        }
+    }
+    Ok(())
+}
+
+/// One git-lfs session of the agent. A setup that fails (no LFS endpoint)
+/// still answers, failing each transfer with why.
+async fn run_agent(args: AgentArgs) -> Result<()> {
+    let dir = std::env::current_dir()?;
+    let input = tokio::io::BufReader::new(tokio::io::stdin());
+    let found = lfs::setup::discover(&dir, args.lfs_url, args.endpoint, args.token);
+    let setup = found.map_err(anyhow::Error::from).and_then(|c| {
+        let config = ClientConfig {
+            token: c.token,
+            cache_dir: if args.no_cache {
+                None
+            } else {
+                args.cache_dir.or_else(cas_client::ChunkCache::default_dir)
+            },
+            ..ClientConfig::new(c.endpoint)
+        };
+        Ok(lfs::transfer::StoreTransfers {
+            client: Client::new(config)?,
+            lfs_url: c.lfs_url,
+            download_dir: lfs::setup::download_dir(&dir),
+        })
+    });
+    match setup {
+        Ok(t) => lfs::run(input, std::io::stdout(), &t).await?,
+        Err(e) => {
+            let t = lfs::transfer::Unconfigured(e.to_string());
+            lfs::run(input, std::io::stdout(), &t).await?
         }
     }
     Ok(())

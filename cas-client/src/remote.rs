@@ -11,6 +11,7 @@ use cas_protocol::messages::{
     FileReconstruction, Reconstruction, ReconstructionBatch, ReconstructionQuery, MAX_BATCH_FILES,
     MAX_RECONSTRUCTION_BYTES,
 };
+use cas_protocol::messages::{Sha256Answer, Sha256Query, StoredFile, MAX_SHA256_LOOKUP};
 use cas_protocol::shard::Shard;
 use cas_protocol::{ByteRange, ChunkHash, FileHash, Kind, Message, Sha256, XorbHash};
 use rand::Rng;
@@ -90,6 +91,21 @@ pub struct FileInfo {
     pub sha256: Sha256,
     pub chunks: u64,
     pub terms: u64,
+}
+
+/// The direction of a Git LFS batch ([`Remote::lfs_batch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LfsOperation {
+    Upload,
+    Download,
+}
+
+/// What a Git LFS batch says of one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LfsObject {
+    /// Stored; a download batch names the file that holds it.
+    Stored(Option<FileHash>),
+    Missing,
 }
 
 /// A connection to a server (or several nodes of one, see
@@ -242,6 +258,49 @@ impl Remote {
         Ok(out)
     }
 
+    /// The stored files whose bytes have these SHA-256s, in order (`None`:
+    /// not stored), [`MAX_SHA256_LOOKUP`] per request.
+    pub async fn files_by_sha256(&self, sha256s: &[Sha256]) -> Result<Vec<Option<StoredFile>>> {
+        let url = format!("{}/v1/sha256", self.endpoint());
+        let what = "SHA-256 lookup";
+        let mut out = Vec::with_capacity(sha256s.len());
+        for batch in sha256s.chunks(MAX_SHA256_LOOKUP) {
+            let body = Bytes::from(
+                serde_json::to_vec(&Sha256Query {
+                    sha256: batch.to_vec(),
+                })
+                .expect("json"),
+            );
+            let answer: Sha256Answer = self
+                .retry
+                .run(|| async {
+                    let rb = self
+                        .request(reqwest::Method::POST, &url)
+                        .header(CONTENT_TYPE, "application/json")
+                        .body(body.clone());
+                    let resp = self.send(what, &url, rb).await?;
+                    let body = read_limited(what, &url, resp, 64 + batch.len() * 120).await?;
+                    serde_json::from_slice(&body).map_err(|e| Error::BadAnswer {
+                        what: what.into(),
+                        reason: e.to_string(),
+                    })
+                })
+                .await?;
+            if answer.files.len() != batch.len() {
+                return Err(Error::BadAnswer {
+                    what: what.into(),
+                    reason: format!(
+                        "{} answers for {} SHA-256s",
+                        answer.files.len(),
+                        batch.len()
+                    ),
+                });
+            }
+            out.extend(answer.files);
+        }
+        Ok(out)
+    }
+
     /// Stores a xorb; `true` when the server did not have it yet.
     pub async fn put_xorb(&self, hash: XorbHash, bytes: Bytes) -> Result<bool> {
         let url = format!("{}/v1/xorbs/{hash}", self.endpoint());
@@ -376,6 +435,108 @@ impl Remote {
             });
         }
         Ok(info)
+    }
+
+    /// Asks the Git LFS batch API at `lfs_url` (`.../ORG/NAME.git/info/lfs`,
+    /// on this server) about object `oid` of `size` bytes. An upload
+    /// batch needs the write scope and creates the repository when it is
+    /// new; a download batch's action names the stored file's content URL,
+    /// `.../v1/content/{file}[/{mac}]`.
+    pub async fn lfs_batch(
+        &self,
+        lfs_url: &str,
+        operation: LfsOperation,
+        oid: Sha256,
+        size: u64,
+    ) -> Result<LfsObject> {
+        #[derive(Deserialize)]
+        struct Answer {
+            objects: Vec<Object>,
+        }
+        #[derive(Deserialize)]
+        struct Object {
+            oid: String,
+            #[serde(default)]
+            actions: Actions,
+            #[serde(default)]
+            error: Option<ObjectError>,
+        }
+        #[derive(Deserialize, Default)]
+        struct Actions {
+            upload: Option<Href>,
+            download: Option<Href>,
+        }
+        #[derive(Deserialize)]
+        struct Href {
+            href: String,
+        }
+        #[derive(Deserialize)]
+        struct ObjectError {
+            code: u16,
+            message: String,
+        }
+        const LFS_JSON: &str = "application/vnd.git-lfs+json";
+        let url = format!("{}/objects/batch", lfs_url.trim_end_matches('/'));
+        let what = format!("Git LFS batch for object {oid}");
+        let op = match operation {
+            LfsOperation::Upload => "upload",
+            LfsOperation::Download => "download",
+        };
+        let body = serde_json::json!({
+            "operation": op,
+            "transfers": ["basic"],
+            "objects": [{"oid": oid, "size": size}],
+            "hash_algo": "sha256",
+        })
+        .to_string();
+        let answer: Answer = self
+            .retry
+            .run(|| async {
+                let rb = self
+                    .request(reqwest::Method::POST, &url)
+                    .header(ACCEPT, LFS_JSON)
+                    .header(CONTENT_TYPE, LFS_JSON)
+                    .body(body.clone());
+                let resp = self.send(&what, &url, rb).await?;
+                let body = read_limited(&what, &url, resp, 64 * 1024).await?;
+                serde_json::from_slice(&body).map_err(|e| Error::BadAnswer {
+                    what: what.clone(),
+                    reason: e.to_string(),
+                })
+            })
+            .await?;
+        let bad = |reason: String| Error::BadAnswer {
+            what: what.clone(),
+            reason,
+        };
+        let [object] = &answer.objects[..] else {
+            return Err(bad(format!("{} objects for one", answer.objects.len())));
+        };
+        if object.oid != oid.to_string() {
+            return Err(bad("answer is for another object".into()));
+        }
+        let a = &object.actions;
+        match (operation, &object.error, &a.upload, &a.download) {
+            (_, Some(e), _, _) if e.code == 404 => Ok(LfsObject::Missing),
+            (_, Some(e), _, _) => Err(Error::Server {
+                what,
+                status: e.code,
+                code: "lfs_object".into(),
+                message: e.message.clone(),
+            }),
+            (LfsOperation::Upload, None, None, _) => Ok(LfsObject::Stored(None)),
+            (LfsOperation::Upload, None, Some(_), _) => Ok(LfsObject::Missing),
+            (LfsOperation::Download, None, _, Some(d)) => d
+                .href
+                .split_once("/v1/content/")
+                .and_then(|(_, rest)| rest.split(['/', '?']).next())
+                .and_then(|h| h.parse::<FileHash>().ok())
+                .map(|f| LfsObject::Stored(Some(f)))
+                .ok_or_else(|| bad(format!("download URL {} names no file", d.href))),
+            (LfsOperation::Download, None, _, None) => {
+                Err(bad("neither a download action nor an error".into()))
+            }
+        }
     }
 
     /// Tells the server that bytes of `xorb` failed verification, so it

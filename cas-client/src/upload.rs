@@ -127,6 +127,8 @@ pub(crate) struct Input {
     pub size: u64,
     /// As scanned: reading must not see it change.
     stamp: Stamp,
+    /// The server has it already: named by this hash, never read.
+    stored: Option<FileHash>,
 }
 
 enum RootKind {
@@ -146,26 +148,41 @@ pub(crate) struct Scan {
     skipped: Vec<Skipped>,
 }
 
+/// A file of a [`Scan::listing`]: its path in the tree and size, and its
+/// hash when the server already stores it (it is then not read).
+pub(crate) struct Listed {
+    pub path: String,
+    pub size: u64,
+    pub stored: Option<FileHash>,
+}
+
 impl Scan {
-    /// One tree of files that are not on disk (their bytes come from a
-    /// [`Source`]): `(path in the tree, size)`, in the order they are read.
-    pub(crate) fn listing(files: Vec<(String, u64)>) -> Self {
+    /// Files that are not on disk (their bytes come from a [`Source`]),
+    /// read in this order; with `tree`, one tree of all of them is the
+    /// root (a listing of stored files only uploads that tree).
+    pub(crate) fn listing(files: Vec<Listed>, tree: bool) -> Self {
         let mut inputs = Vec::with_capacity(files.len());
         let mut entries = Vec::with_capacity(files.len());
-        for (i, (path, size)) in files.into_iter().enumerate() {
+        for (i, f) in files.into_iter().enumerate() {
             inputs.push(Input {
-                path: PathBuf::from(&path),
-                size,
+                path: PathBuf::from(&f.path),
+                size: f.size,
                 stamp: Stamp::default(),
+                stored: f.stored,
             });
-            entries.push((path, 0o644, i));
+            entries.push((f.path, 0o644, i));
         }
-        Self {
-            inputs,
-            roots: vec![Root {
+        let roots = if tree {
+            vec![Root {
                 path: PathBuf::from("."),
                 kind: RootKind::Dir(entries),
-            }],
+            }]
+        } else {
+            Vec::new()
+        };
+        Self {
+            inputs,
+            roots,
             skipped: Vec::new(),
         }
     }
@@ -245,6 +262,7 @@ fn scan(paths: &[PathBuf], layout: Layout) -> Result<Scan> {
                 path: path.clone(),
                 size: meta.len(),
                 stamp: Stamp::of(&meta),
+                stored: None,
             });
             RootKind::File(s.inputs.len() - 1)
         } else {
@@ -352,6 +370,7 @@ fn walk(dir: &Path, rel: &str, s: &mut Scan, out: &mut Vec<(String, u32, usize)>
                 path: path.clone(),
                 size: meta.len(),
                 stamp: Stamp::of(&meta),
+                stored: None,
             });
             out.push((rel, meta.permissions().mode() & 0o777, s.inputs.len() - 1));
         } else {
@@ -505,6 +524,10 @@ fn chunker<S: Source>(
         Ok(())
     };
     for (i, input) in scan.inputs.iter().enumerate() {
+        if input.stored.is_some() {
+            hashes[i] = input.stored;
+            continue;
+        }
         read_input(source, i, input, &mut buffers, progress, &mut |item| {
             emit(item, &mut batch, &mut hashes)
         })?;
@@ -814,7 +837,12 @@ impl Pipeline<'_> {
             hints,
             log,
         } = self;
-        let total: u64 = scan.inputs.iter().map(|i| i.size).sum();
+        let total: u64 = scan
+            .inputs
+            .iter()
+            .filter(|i| i.stored.is_none())
+            .map(|i| i.size)
+            .sum();
         progress.start(Stage::Hash, Some(total));
         progress.start(Stage::Upload, None);
         let scan = Arc::new(scan);
@@ -953,11 +981,12 @@ impl Pipeline<'_> {
                 }
             })
             .collect();
+        // Inputs the server had are not read: they have no new recipe.
         let files = scan
             .inputs
             .iter()
-            .enumerate()
-            .map(|(k, i)| (i, recipe(k)))
+            .zip(&recipes)
+            .filter_map(|(i, r)| Some((i, r.as_ref()?)))
             .map(|(i, r)| UploadedFile {
                 path: i.path.clone(),
                 hash: r.hash,

@@ -23,6 +23,30 @@ pub const MAX_BATCH_ANSWER_BYTES: usize = BATCH_ANSWER_TARGET + MAX_RECONSTRUCTI
 /// Longest fetch URL.
 pub const MAX_URL_LEN: usize = 8 * 1024;
 
+/// Most SHA-256s one lookup of stored files names (`POST /v1/sha256`).
+pub const MAX_SHA256_LOOKUP: usize = 1024;
+
+/// "Which stored files have these SHA-256s?" (`POST /v1/sha256`, JSON): a
+/// downloader asks before it fetches a file whose SHA-256 it knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sha256Query {
+    pub sha256: Vec<Sha256>,
+}
+
+/// A stored regular file, found by its SHA-256.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    pub hash: FileHash,
+    pub size: u64,
+}
+
+/// One answer per queried SHA-256, in query order; `None`: no readable
+/// file has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sha256Answer {
+    pub files: Vec<Option<StoredFile>>,
+}
+
 /// "Which of these chunks do you have?"
 #[derive(
     Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,

@@ -18,7 +18,9 @@
 //!   without a token), `RevisionNotFound`, `EntryNotFound`, `GatedRepo`
 //!   (401 without a token, 403 with a wrong one).
 //! - Knobs: the next N API answers are 429 with `Retry-After`; one CDN
-//!   request stalls after some bytes; a file's bytes are served wrong.
+//!   request stalls after some bytes; a file's bytes are served wrong; the
+//!   next N CDN requests for a blob find its signed URL expired (403, as
+//!   the Hub's CDN answers a stale URL).
 //!
 //! A small HTTP/1.1 server on std threads (one per connection, keep-alive).
 
@@ -106,6 +108,8 @@ pub struct Seen {
     /// `Authorization` values seen on the upstream (API and resolve).
     pub upstream_auth: Vec<String>,
     pub rate_limited: u64,
+    /// CDN requests answered 403 as expired.
+    pub cdn_expired: u64,
 }
 
 #[derive(Default)]
@@ -121,6 +125,11 @@ struct State {
     /// CDN requests for this blob stall after this many bytes, while the
     /// count lasts.
     stall: Option<(String, u64, u64)>,
+    /// Added to every `/resolve/` answer, as the round trip to the real
+    /// Hub adds it.
+    latency: Duration,
+    /// The next this many CDN requests for this blob answer 403.
+    expire: Option<(String, u64)>,
     /// Paths whose bytes are served with one byte changed.
     corrupt: HashSet<String>,
     seen: Seen,
@@ -218,6 +227,17 @@ impl StandIn {
     /// `after` bytes and then nothing (the connection stays open).
     pub fn stall(&self, sha256: &str, after: u64, times: u64) {
         self.state.lock().unwrap().stall = Some((sha256.to_owned(), after, times));
+    }
+
+    /// Every `/resolve/` answer waits this long first (a far Hub).
+    pub fn latency(&self, latency: Duration) {
+        self.state.lock().unwrap().latency = latency;
+    }
+
+    /// The next `times` CDN GETs for the blob with this SHA-256 answer 403,
+    /// as for a signed URL that has expired.
+    pub fn expire(&self, sha256: &str, times: u64) {
+        self.state.lock().unwrap().expire = Some((sha256.to_owned(), times));
     }
 
     /// `path` (of any repository) is served with one byte changed.
@@ -424,6 +444,15 @@ impl Ctx {
         let Some(data) = s.blobs.get(sha).cloned() else {
             return Resp::error(404, "", "no such blob");
         };
+        if let Some((expired, times)) = s.expire.as_mut() {
+            // A URL just handed out works for a HEAD; a GET later finds it
+            // expired.
+            if expired == sha && *times > 0 && req.method == "GET" {
+                *times -= 1;
+                s.seen.cdn_expired += 1;
+                return Resp::error(403, "", "Request has expired");
+            }
+        }
         let path = req.query.get("path").cloned().unwrap_or_default();
         let corrupt = s.corrupt.contains(&path);
         let len = data.len();
@@ -461,8 +490,12 @@ impl Ctx {
     }
 
     fn upstream(&self, req: &Req) -> Resp {
-        let mut s = self.state.lock().unwrap();
         let resolve = !req.path.starts_with("/api/");
+        let latency = self.state.lock().unwrap().latency;
+        if resolve && !latency.is_zero() {
+            std::thread::sleep(latency);
+        }
+        let mut s = self.state.lock().unwrap();
         if resolve {
             s.seen.resolve_requests += 1;
         } else {

@@ -4,7 +4,11 @@
 //! `.lfsconfig`) points git-lfs at the server, git's credential helper
 //! holds the token. Versions 1 and 2 of a generated model (safetensors
 //! shards, a tensor retrained in v2) are pushed and cloned into fresh
-//! directories byte-identical; a corrupted object is refused.
+//! directories byte-identical; a corrupted object is refused. Then the
+//! same through `cas-client lfs-agent` (git-lfs's custom transfer,
+//! standalone): v2's push sends about the changed bytes where the basic
+//! transfer sends the changed file whole, and each failure is answered as
+//! the protocol's error object.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,6 +68,23 @@ impl Setup {
     /// `git ARGS` in `dir` with the isolated environment.
     fn git(&self, dir: &Path, args: &[&str]) -> Command {
         let mut c = Command::new("git");
+        self.isolate(&mut c, dir);
+        c.args(args);
+        c
+    }
+
+    /// `cas-client ARGS` in `dir`, in the same environment as git (so it
+    /// finds git's config and credentials).
+    fn cas(&self, dir: &Path, args: &[&str]) -> Command {
+        let mut c = bin("cas-client");
+        self.isolate(&mut c, dir);
+        c.args(args);
+        c
+    }
+
+    /// Runs `c` in `dir` with this test's `$HOME`, no system git config,
+    /// no prompts, and a chunk cache of its own.
+    fn isolate(&self, c: &mut Command, dir: &Path) {
         for (k, _) in std::env::vars_os() {
             let k = k.to_string_lossy().into_owned();
             if k.starts_with("GIT_") || k.starts_with("CAS_") {
@@ -75,8 +96,8 @@ impl Setup {
             .env("XDG_CONFIG_HOME", self.home.join(".config"))
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_TERMINAL_PROMPT", "0")
-            .args(args);
-        c
+            .env("CAS_CACHE_DIR", self.root.join("cache"))
+            .env("CAS_RETRIES", "1");
     }
 
     /// The LFS endpoint of repository `org/NAME`.
@@ -222,6 +243,7 @@ fn basic_transfer_pushes_and_clones_two_versions_byte_identical() {
     let v2_in = s.bytes_in() - before;
     // Basic transfer sends every changed file whole: the shard holding
     // the retrained tensor.
+    eprintln!("basic: v1 sent {v1_in} bytes, v2 {v2_in} ({CHANGED_BYTES} changed)");
     assert!(
         (SHARD_BYTES..SHARD_BYTES + (1 << 20)).contains(&v2_in),
         "v2 sent {v2_in} bytes, changed {CHANGED_BYTES}"
@@ -277,4 +299,182 @@ fn a_corrupted_object_and_a_read_token_are_refused() {
     assert_eq!(status, 200);
     let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(answer["objects"][0]["error"]["code"], 404, "{answer}");
+}
+
+/// Runs `cas-client lfs-agent` in `dir` with `input` on stdin; returns
+/// its exit success and stdout's messages.
+fn agent_session(s: &Setup, dir: &Path, input: &str) -> (bool, Vec<serde_json::Value>) {
+    use std::io::Write;
+    let mut c = s.cas(dir, &["lfs-agent"]);
+    let mut child = c
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let lines = String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {}", show(&out))))
+        .collect();
+    (out.status.success(), lines)
+}
+
+#[test]
+fn the_agent_pushes_only_new_chunks_and_clones_byte_identical() {
+    let s = Setup::new();
+    s.credentials(&s.token(&["read", "write"]));
+    let work = s.work_repo("smart");
+    // This repository only (its lfs.url comes from .lfsconfig).
+    let out = ok(s.cas(&work, &["lfs-agent", "install", "--local"]));
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.contains("standalonetransferagent cas"), "{out}");
+
+    let before = s.bytes_in();
+    ok(s.push_version(&work, 1));
+    let v1_in = s.bytes_in() - before;
+    let m = Metrics::fetch(&s.server.url);
+    assert_eq!(
+        m.requests("lfs_upload"),
+        0,
+        "no basic PUT: the agent sent v1"
+    );
+    assert!(m.requests("shard") > 0, "the agent committed shards");
+    assert!(v1_in > MODEL_BYTES / 2, "v1 sent {v1_in} bytes");
+
+    // Every repository of this server, for the clones.
+    ok(s.cas(
+        &s.root,
+        &["lfs-agent", "install", "--endpoint", &s.server.url],
+    ));
+    s.credentials(&s.token(&["read"]));
+    assert_same_model(&work, &s.clone("smart", "clone1"));
+
+    s.credentials(&s.token(&["read", "write"]));
+    let before = s.bytes_in();
+    ok(s.push_version(&work, 2));
+    let v2_in = s.bytes_in() - before;
+    // Only the retrained tensor's chunks travel (plus chunk queries and
+    // a shard), not its whole 32 MiB file as with the basic transfer.
+    eprintln!("agent: v1 sent {v1_in} bytes, v2 {v2_in} ({CHANGED_BYTES} changed)");
+    assert!(
+        v2_in <= CHANGED_BYTES * 3 / 2 + (1 << 20),
+        "v2 sent {v2_in} bytes for {CHANGED_BYTES} changed"
+    );
+    assert!(v2_in < SHARD_BYTES, "less than the changed file");
+    s.credentials(&s.token(&["read"]));
+    let clone2 = s.clone("smart", "clone2");
+    assert_same_model(&work, &clone2);
+    let m = Metrics::fetch(&s.server.url);
+    assert_eq!(m.requests("lfs_upload"), 0);
+    assert_eq!(m.requests("signed_content_get"), 0, "no basic download");
+}
+
+#[test]
+fn the_agent_answers_every_failure_as_a_protocol_error() {
+    let s = Setup::new();
+    s.credentials(&s.token(&["read", "write"]));
+    let work = s.work_repo("errs");
+    let missing = "0".repeat(64);
+    let file = s.root.join("f.bin");
+    std::fs::write(&file, b"some bytes").unwrap();
+    let real = cas_protocol::Sha256::of(b"some bytes").to_string();
+    let f = file.to_str().unwrap();
+
+    // Uploads: a file that is not its object id, a size that is not the
+    // file's, a missing file; then a good one.
+    let (ok_exit, lines) = agent_session(
+        &s,
+        &work,
+        &format!(
+            "{{\"event\":\"init\",\"operation\":\"upload\"}}\n\
+             {{\"event\":\"upload\",\"oid\":\"{missing}\",\"size\":10,\"path\":\"{f}\"}}\n\
+             {{\"event\":\"upload\",\"oid\":\"{real}\",\"size\":11,\"path\":\"{f}\"}}\n\
+             {{\"event\":\"upload\",\"oid\":\"{real}\",\"size\":10,\"path\":\"/nonexistent\"}}\n\
+             {{\"event\":\"upload\",\"oid\":\"{real}\",\"size\":10,\"path\":\"{f}\"}}\n\
+             {{\"event\":\"terminate\"}}\n"
+        ),
+    );
+    assert!(ok_exit);
+    let errors: Vec<u64> = lines[1..4]
+        .iter()
+        .map(|l| l["error"]["code"].as_u64().unwrap())
+        .collect();
+    assert_eq!(errors, [409, 409, 400], "{lines:?}");
+    assert!(lines[1]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not its object id"));
+    assert_eq!(lines.last().unwrap()["event"], "complete");
+    assert!(lines.last().unwrap().get("error").is_none(), "{lines:?}");
+
+    // Downloads: a missing object fails alone; the session goes on.
+    let (ok_exit, lines) = agent_session(
+        &s,
+        &work,
+        &format!(
+            "{{\"event\":\"init\",\"operation\":\"download\",\"concurrent\":true,\"concurrenttransfers\":3}}\n\
+             {{\"event\":\"download\",\"oid\":\"{missing}\",\"size\":10,\"action\":null}}\n\
+             {{\"event\":\"upload\",\"oid\":\"{real}\",\"size\":10,\"path\":\"{f}\"}}\n\
+             {{\"event\":\"terminate\"}}\n"
+        ),
+    );
+    assert!(ok_exit);
+    assert_eq!(lines[0], serde_json::json!({}));
+    assert_eq!(lines[1]["error"]["code"], 404, "{}", lines[1]);
+    assert!(lines[1]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not stored"));
+    assert_eq!(lines[2]["error"]["code"], 400, "{}", lines[2]);
+
+    // A read-only token cannot upload: the server's refusal, per object.
+    s.credentials(&s.token(&["read"]));
+    let (_, lines) = agent_session(
+        &s,
+        &work,
+        &format!(
+            "{{\"event\":\"init\",\"operation\":\"upload\"}}\n\
+             {{\"event\":\"upload\",\"oid\":\"{real}\",\"size\":10,\"path\":\"{f}\"}}\n"
+        ),
+    );
+    assert_eq!(lines[1]["error"]["code"], 403, "{lines:?}");
+    assert!(lines[1]["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("write"));
+
+    // Junk after init: a non-zero exit (git-lfs reports it).
+    let (ok_exit, _) = agent_session(
+        &s,
+        &work,
+        "{\"event\":\"init\",\"operation\":\"upload\"}\nnot json\n",
+    );
+    assert!(!ok_exit);
+
+    // No LFS endpoint anywhere: init succeeds, each transfer says why.
+    let bare = s.root.join("not-a-repo");
+    std::fs::create_dir(&bare).unwrap();
+    let (_, lines) = agent_session(
+        &s,
+        &bare,
+        &format!(
+            "{{\"event\":\"init\",\"operation\":\"download\"}}\n\
+             {{\"event\":\"download\",\"oid\":\"{real}\",\"size\":10}}\n"
+        ),
+    );
+    assert!(
+        lines[1]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lfs.url"),
+        "{lines:?}"
+    );
 }

@@ -85,8 +85,17 @@ impl Env {
         }
     }
 
-    /// `cas-client ARGS` against the server, the stand-in as `HF_ENDPOINT`.
+    /// `cas-client ARGS` against the server, the stand-in as `HF_ENDPOINT`,
+    /// without a cache.
     fn cas(&self, args: &[&str]) -> Command {
+        let mut c = self.cas_cached(args);
+        c.arg("--no-cache");
+        c
+    }
+
+    /// `cas-client ARGS` with a cache (where `mirror` keeps its journal) in
+    /// the scratch directory.
+    fn cas_cached(&self, args: &[&str]) -> Command {
         let mut c = bin("cas-client");
         for (k, _) in std::env::vars_os() {
             let k = k.to_string_lossy().into_owned();
@@ -100,8 +109,8 @@ impl Env {
             .env("CAS_RETRIES", "3")
             .env("HF_ENDPOINT", &self.hub.url)
             .env("HF_HOME", self.root.join("hf-home-of-mirror"))
-            .args(args)
-            .arg("--no-cache");
+            .env("CAS_CACHE_DIR", self.root.join("cas-cache"))
+            .args(args);
         c
     }
 
@@ -206,10 +215,20 @@ fn a_dataset_of_thousands_of_small_files_mirrors() {
     let env = Env::new();
     let files = dataset(3000);
     env.hub.commit("datasets/org/rows", "main", SHA1, &files);
+    // A Hub 20 ms away: what the number of requests in flight decides.
+    env.hub.latency(std::time::Duration::from_millis(20));
     let started = Instant::now();
     let r = env.mirror(&["datasets/org/rows", "--as", "team/rows-copy"]);
     let seconds = started.elapsed().as_secs_f64();
-    eprintln!("3000 small files mirrored in {seconds:.1} s");
+    eprintln!(
+        "3000 small files, 20 ms per request, 16 connections: {seconds:.1} s, {:.0} files/s",
+        3000.0 / seconds
+    );
+    // 16 requests at a time would need 3000 * 20 ms / 16 = 3.75 s.
+    assert!(
+        seconds < 3.0,
+        "small files share connections' slots: {seconds}"
+    );
     assert_eq!(r["files"], 3000);
     assert_eq!(
         r["repo"],
@@ -342,19 +361,165 @@ fn rate_limits_and_stalls_are_survived() {
     assert_eq!(r["files"], 5);
     let out = env.fetch("org/model", "out");
     assert_same_files(&files, &out);
+}
 
-    // A newer upstream revision: only its new chunks are sent.
+/// Bytes the stand-in served (CDN and `/resolve/`).
+fn served(hub: &StandIn) -> u64 {
+    let seen = hub.seen();
+    seen.cdn_bytes + seen.resolve_bytes
+}
+
+/// A newer upstream revision downloads only its changed files and sends
+/// only their new chunks; the unchanged ones are taken from the mirrored
+/// revision. The same revision again downloads nothing and keeps the
+/// commit. Another repository of the same store finds the LFS files by
+/// SHA-256 and downloads only the small ones (no journal without a cache).
+#[test]
+fn a_newer_revision_downloads_only_changed_files() {
+    let env = Env::new();
+    let files = model(5);
+    env.hub.commit("models/org/model", "main", SHA1, &files);
+    let r1 = env.mirror(&["org/model"]);
+    assert_eq!(r1["reused_files"], 0);
+
     let mut v2 = files.clone();
     v2.insert("extra.json".into(), b"{}".to_vec());
     v2.insert("tokenizer.json".into(), noise(99, 300 << 10));
+    v2.remove("empty.txt");
     env.hub.commit("models/org/model", "main", SHA2, &v2);
+    env.hub.reset_seen();
     let r2 = env.mirror(&["org/model"]);
     assert_eq!(r2["upstream_commit"], SHA2);
+    let changed = (300 << 10) + 2;
+    assert_eq!(served(&env.hub), changed, "{:?}", env.hub.seen());
+    assert_eq!(r2["downloaded_bytes"], changed);
+    assert_eq!(r2["reused_files"], 3, "config, .gitattributes, the model");
     let new = r2["upload"]["new_bytes"].as_u64().unwrap();
     assert!(
         new < 1 << 20,
         "only the changed files' chunks are new: {new}"
     );
-    let out = env.fetch("org/model", "out2");
+    let out = env.fetch("org/model", "v2");
     assert_same_files(&v2, &out);
+
+    env.hub.reset_seen();
+    let again = env.mirror(&["org/model"]);
+    assert_eq!(again["unchanged"], true);
+    assert_eq!(again["commit"]["id"], r2["commit"]["id"]);
+    assert_eq!(served(&env.hub), 0);
+
+    // Another repository: the LFS files are found by SHA-256.
+    env.hub.reset_seen();
+    let copy = env.mirror(&["org/model", "--as", "team/copy"]);
+    let small: u64 = v2
+        .values()
+        .filter(|d| d.len() < cas_e2e::standin::LFS_MIN)
+        .map(|d| d.len() as u64)
+        .sum();
+    assert_eq!(env.hub.seen().cdn_bytes, 0, "{:?}", env.hub.seen());
+    assert_eq!(served(&env.hub), small);
+    assert_eq!(copy["reused_files"], 2, "the two LFS files");
+    assert_eq!(
+        copy["commit"]["commit"]["tree"],
+        r2["commit"]["commit"]["tree"]
+    );
+}
+
+/// A mirror killed (-9) after most of its bytes arrived, run again: the
+/// groups it committed are not downloaded again (LFS files found by
+/// SHA-256, small files through the journal of their git blob ids), so
+/// the bytes downloaded twice stay within one group plus the parts in
+/// flight, and the result is byte-identical.
+#[test]
+fn a_killed_mirror_resumes_without_downloading_again() {
+    let env = Env::new();
+    let mut files = Files::new();
+    for i in 0..1200 {
+        files.insert(
+            format!("data/row-{i:04}.txt"),
+            format!("row {i}\n").into_bytes(),
+        );
+    }
+    for i in 0..24 {
+        files.insert(
+            format!("shards/model-{i:05}.safetensors"),
+            noise(1000 + i, 8 << 20),
+        );
+    }
+    let total: u64 = files.values().map(|d| d.len() as u64).sum();
+    env.hub.commit("models/org/big", "main", SHA1, &files);
+    let args = ["mirror", "org/big", "--json", "--connections", "4"];
+
+    let mut child = env
+        .cas_cached(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let kill_at = 144u64 << 20;
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while env.hub.cdn_bytes() < kill_at {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the mirror ended before {kill_at} CDN bytes"
+        );
+        assert!(Instant::now() < deadline, "{:?}", env.hub.seen());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let first = served(&env.hub);
+    env.hub.reset_seen();
+
+    let r = json_of(ok(env.cas_cached(&args)));
+    let second = served(&env.hub);
+    let twice = (first + second).saturating_sub(total);
+    eprintln!(
+        "killed after {} MiB of {} MiB; the rerun downloaded {} MiB ({} MiB twice), reused {} files",
+        first >> 20,
+        total >> 20,
+        second >> 20,
+        twice >> 20,
+        r["reused_files"]
+    );
+    // One group (32 MiB) plus the parts in flight (4 connections and 2
+    // queued, 8 MiB each), and some slack; the old mirror downloaded
+    // everything again (144 MiB twice).
+    assert!(twice <= 96 << 20, "{twice} bytes downloaded twice");
+    assert!(
+        r["reused_files"].as_u64().unwrap() >= 1000 + 8,
+        "the small files' group and the committed shards: {r}"
+    );
+    assert_eq!(r["files"], files.len() as u64);
+    let out = env.fetch("org/big", "out");
+    assert_same_files(&files, &out);
+}
+
+/// A CDN URL that has expired (403) is resolved again through
+/// `/resolve/` and the range fetched from the fresh URL; one that keeps
+/// failing is one clear line.
+#[test]
+fn an_expired_cdn_url_is_resolved_again() {
+    let env = Env::new();
+    let files = model(6);
+    env.hub.commit("models/org/model", "main", SHA1, &files);
+    let big = Sha256::of(&files["model.safetensors"]).to_string();
+    env.hub.expire(&big, 2);
+    let r = env.mirror(&["org/model"]);
+    let seen = env.hub.seen();
+    assert_eq!(seen.cdn_expired, 2, "{seen:?}");
+    assert_eq!(r["files"], 5);
+    let out = env.fetch("org/model", "out");
+    assert_same_files(&files, &out);
+
+    // A URL that stays refused: one line naming the file and the status.
+    let other = model(7);
+    env.hub.commit("models/org/other", "main", SHA1, &other);
+    let big = Sha256::of(&other["model.safetensors"]).to_string();
+    env.hub.expire(&big, 1000);
+    let err = fails(env.cas(&["mirror", "org/other"]));
+    assert!(
+        err.contains("model.safetensors") && err.contains("403") && !err.contains("license"),
+        "{err}"
+    );
 }

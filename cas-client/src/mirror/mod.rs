@@ -4,19 +4,32 @@
 //! 1. list: the revision's commit sha, then the recursive tree listing
 //!    (every file's path, size, git blob id and, for LFS files, SHA-256),
 //!    a page of a thousand files per request;
-//! 2. download: the files cut into parts (a large file into ranges of
-//!    [`PART`] bytes, a small file whole), fetched `connections` at a time
-//!    and handed on in order, so at most `connections` parts are in memory;
-//! 3. upload: the parts stream into the upload pipeline (chunk, hash,
-//!    dedup, pack, upload) as one tree; each file's SHA-256 (LFS) or git
-//!    blob id (small files) is checked against the listing before the
-//!    planner sees its end, so a mismatch commits nothing;
-//! 4. commit the tree on a branch named like the upstream revision, the
-//!    upstream's commit sha in the message. The same sha again finds that
-//!    commit and downloads nothing.
+//! 2. reuse what the store has, downloading none of it: files unchanged
+//!    since the upstream commit the branch mirrors now (same path and git
+//!    blob id in both listings), then files the server finds by SHA-256
+//!    (`POST /v1/sha256`): LFS files by their listed SHA-256, small files
+//!    by the SHA-256 the [`journal`] learned for their git blob id;
+//! 3. download the rest: the files cut into parts (a large file into
+//!    ranges of [`PART`] bytes, a small file whole), fetched `connections`
+//!    at a time (up to [`BUNDLE_FILES`] small files taking one slot) and
+//!    handed on in order, so at most `connections` × [`PART`] bytes are in
+//!    memory;
+//! 4. upload: the parts stream into the upload pipeline (chunk, hash,
+//!    dedup, pack, upload) in groups of [`GROUP_BYTES`] or [`GROUP_FILES`];
+//!    each group's recipes are committed (and its small files journaled)
+//!    before the next group's, while the download runs on, so a rerun
+//!    after a kill downloads at most the group in flight again. Each file's
+//!    SHA-256 (LFS) or git blob id (small files) is checked against the
+//!    listing before the planner sees its end, so a mismatch commits
+//!    nothing of its group and no tree;
+//! 5. commit the tree of all files on a branch named like the upstream
+//!    revision, the upstream's commit sha in the message. The same sha
+//!    again finds that commit and downloads nothing.
 
+mod journal;
 mod upstream;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -31,14 +44,28 @@ use sha1::Digest;
 use tokio::sync::{mpsc, OnceCell};
 
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 use crate::progress::Stage;
-use crate::upload::{Input, Pipeline, Scan, Source};
+use crate::upload::{Input, Listed, Pipeline, Scan, Source};
 use crate::{Client, UploadReport};
+use cas_protocol::tree::Tree;
+use cas_protocol::FileHash;
+use journal::Journal;
 use upstream::{Entry, Upstream};
 
 /// Bytes per ranged request of a large file (and the size from which a
 /// file is read in several ranges at once).
 pub const PART: u64 = 8 << 20;
+/// A group of downloaded files is committed once it holds this many bytes
+/// or files (a larger file is a group of its own): what a rerun after a
+/// kill may download again.
+pub const GROUP_BYTES: u64 = 32 << 20;
+pub const GROUP_FILES: usize = 1000;
+/// Consecutive small files fetched together as one of the `connections`
+/// slots (at most [`PART`] bytes in all): the Hub has no batch download,
+/// so a repository of small files gets this many times more requests in
+/// flight, for no more memory.
+pub const BUNDLE_FILES: usize = 4;
 
 /// What to mirror, from where, to where.
 #[derive(Debug, Clone)]
@@ -80,6 +107,9 @@ pub struct MirrorReport {
     pub bytes: u64,
     /// Body bytes received from the upstream and its CDN.
     pub downloaded_bytes: u64,
+    /// Files not downloaded: the store had them (unchanged since the
+    /// mirrored revision, or found by SHA-256).
+    pub reused_files: u64,
     /// The branch already held this upstream commit: nothing was done.
     pub unchanged: bool,
     /// The upload of the downloaded bytes (absent when unchanged).
@@ -134,6 +164,20 @@ enum Expect {
     Blob(String),
 }
 
+impl Expect {
+    fn of(e: &Entry) -> Self {
+        match &e.lfs {
+            Some(l) => Expect::Sha256(l.oid.clone()),
+            None => Expect::Blob(e.oid.clone()),
+        }
+    }
+}
+
+/// A file's size: the LFS object's, not its pointer's.
+fn size_of(e: &Entry) -> u64 {
+    e.lfs.as_ref().map_or(e.size, |l| l.size)
+}
+
 /// One request's worth of a file.
 struct Part {
     file: usize,
@@ -142,13 +186,15 @@ struct Part {
     whole: bool,
 }
 
-/// The downloaded parts, in order, as the chunker reads them.
+/// The downloaded parts, in order, as the chunker reads them: one
+/// `Arrivals` per group, all reading the one download.
 struct Arrivals {
-    rx: Mutex<mpsc::Receiver<Result<Bytes>>>,
+    rx: Arc<Mutex<mpsc::Receiver<Result<Bytes>>>>,
+    /// The group's files, in order.
     expect: Vec<Expect>,
     /// The download's own error, which the chunker only sees as a failed
     /// read.
-    failure: Mutex<Option<Error>>,
+    failure: Arc<Mutex<Option<Error>>>,
     host: String,
 }
 
@@ -229,6 +275,69 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Passes byte counts on, but not the start and end of each group's
+/// stages: the mirror shows one bar per stage for all groups.
+struct Continuing(Arc<dyn Progress>);
+
+impl Progress for Continuing {
+    fn advance(&self, stage: Stage, bytes: u64) {
+        self.0.advance(stage, bytes);
+    }
+}
+
+/// Adds one group's upload to the mirror's.
+fn add(total: &mut UploadReport, u: UploadReport) {
+    total.files.extend(u.files);
+    total.roots = u.roots;
+    total.bytes += u.bytes;
+    total.chunks += u.chunks;
+    total.cache_chunks += u.cache_chunks;
+    total.new_chunks += u.new_chunks;
+    total.new_bytes += u.new_bytes;
+    total.sent_bytes += u.sent_bytes;
+    total.xorbs += u.xorbs;
+}
+
+/// `parts` in order, as the download's slots take them: a range of a
+/// large file alone, consecutive whole files together up to
+/// [`BUNDLE_FILES`] and [`PART`] bytes.
+fn bundles(parts: Vec<Part>) -> Vec<Vec<Part>> {
+    let mut out: Vec<Vec<Part>> = Vec::new();
+    let mut bytes = 0;
+    for p in parts {
+        let len = p.end - p.start;
+        match out.last_mut() {
+            Some(b) if p.whole && b[0].whole && b.len() < BUNDLE_FILES && bytes + len <= PART => {
+                bytes += len;
+                b.push(p);
+            }
+            _ => {
+                bytes = len;
+                out.push(vec![p]);
+            }
+        }
+    }
+    out
+}
+
+/// Consecutive runs of `todo` (indexes into `sizes`) of at most
+/// [`GROUP_BYTES`] or [`GROUP_FILES`] each (a larger file alone).
+fn groups(todo: &[usize], sizes: &[u64]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (k, &i) in todo.iter().enumerate() {
+        bytes += sizes[i];
+        if bytes >= GROUP_BYTES || k + 1 - start >= GROUP_FILES {
+            out.push(start..k + 1);
+            (start, bytes) = (k + 1, 0);
+        }
+    }
+    if start < todo.len() {
+        out.push(start..todo.len());
+    }
+    out
+}
+
 impl Client {
     /// Mirrors revision `options.revision` of an upstream Hub repository
     /// into `options.target` (see the module docs and docs/CLIENT.md).
@@ -249,41 +358,54 @@ impl Client {
         let sha = up.commit(&options.revision).await?;
         let (name, received) = (up.name(), up.received.clone());
         let report =
-            |commit: CommitInfo, files, bytes, upload: Option<UploadReport>| MirrorReport {
-                upstream: name.clone(),
-                revision: options.revision.clone(),
-                upstream_commit: sha.clone(),
-                repo: options.target.clone(),
-                branch: branch.clone(),
-                commit,
-                files,
-                bytes,
-                downloaded_bytes: received.load(Ordering::Relaxed),
-                unchanged: upload.is_none(),
-                upload,
-                seconds: started.elapsed().as_secs_f64(),
+            |commit: CommitInfo, files, bytes, reused_files, upload: Option<UploadReport>| {
+                MirrorReport {
+                    upstream: name.clone(),
+                    revision: options.revision.clone(),
+                    upstream_commit: sha.clone(),
+                    repo: options.target.clone(),
+                    branch: branch.clone(),
+                    commit,
+                    files,
+                    bytes,
+                    downloaded_bytes: received.load(Ordering::Relaxed),
+                    reused_files,
+                    unchanged: upload.is_none(),
+                    upload,
+                    seconds: started.elapsed().as_secs_f64(),
+                }
             };
-        // Already mirrored at this upstream commit: nothing to do.
-        match self.resolve(&options.target, branch.as_str()).await {
-            Ok(head)
-                if head
-                    .commit
-                    .message
-                    .lines()
-                    .any(|l| l == upstream_line(&sha)) =>
-            {
-                let tree = head.commit.tree;
-                let info = self.stat(tree).await?;
-                let entries = self
-                    .tree(&info)
-                    .await?
-                    .map(|t| t.entries)
-                    .unwrap_or_default();
-                let bytes = entries.iter().map(|e| e.size).sum();
-                return Ok(report(head, entries.len() as u64, bytes, None));
-            }
-            Ok(_) | Err(Error::Server { status: 404, .. }) => {}
+        // The branch's head: already this upstream commit (nothing to do),
+        // or an earlier one whose unchanged files are reused.
+        let head = match self.resolve(&options.target, branch.as_str()).await {
+            Ok(head) => Some(head),
+            Err(Error::Server { status: 404, .. }) => None,
             Err(e) => return Err(e),
+        };
+        let mirrored = head.as_ref().and_then(|h| {
+            h.commit
+                .message
+                .lines()
+                .find_map(|l| l.strip_prefix(&upstream_line("")).map(str::to_owned))
+        });
+        let head_tree = match &head {
+            Some(h) => {
+                let info = self.stat(h.commit.tree).await?;
+                self.tree(&info).await?.unwrap_or_default()
+            }
+            None => Tree::default(),
+        };
+        if let (Some(h), Some(m)) = (&head, &mirrored) {
+            if *m == sha {
+                let bytes = head_tree.entries.iter().map(|e| e.size).sum();
+                return Ok(report(
+                    h.clone(),
+                    head_tree.entries.len() as u64,
+                    bytes,
+                    head_tree.entries.len() as u64,
+                    None,
+                ));
+            }
         }
 
         let mut files: Vec<Entry> = up
@@ -300,21 +422,60 @@ impl Client {
                 message: format!("the upstream lists a path the store cannot hold: {reason}"),
             })?;
         }
-        let expect: Vec<Expect> = files
+        let sizes: Vec<u64> = files.iter().map(size_of).collect();
+        let total: u64 = sizes.iter().sum();
+
+        // What the store has already.
+        let mut stored: Vec<Option<FileHash>> = vec![None; files.len()];
+        if let Some(old) = &mirrored {
+            let before: HashMap<String, String> = up
+                .files(old)
+                .await?
+                .into_iter()
+                .map(|e| (e.path, e.oid))
+                .collect();
+            for (i, e) in files.iter().enumerate() {
+                if before.get(&e.path) == Some(&e.oid) {
+                    stored[i] = head_tree
+                        .get(&e.path)
+                        .filter(|t| t.size == sizes[i])
+                        .map(|t| t.file);
+                }
+            }
+        }
+        let journal = self
+            .fetcher
+            .cache
+            .as_ref()
+            .map(|c| Journal::new(c.root().join("mirror-blobs")));
+        let blobs = journal.as_ref().map(Journal::load).unwrap_or_default();
+        let asked: Vec<(usize, Sha256)> = files
             .iter()
-            .map(|e| match &e.lfs {
-                Some(l) => Expect::Sha256(l.oid.clone()),
-                None => Expect::Blob(e.oid.clone()),
+            .enumerate()
+            .filter(|(i, _)| stored[*i].is_none())
+            .filter_map(|(i, e)| {
+                let sha256 = match &e.lfs {
+                    Some(l) => l.oid.parse().ok()?,
+                    None => *blobs.get(&e.oid)?,
+                };
+                Some((i, sha256))
             })
             .collect();
-        let sizes: Vec<u64> = files
-            .iter()
-            .map(|e| e.lfs.as_ref().map_or(e.size, |l| l.size))
-            .collect();
-        let total: u64 = sizes.iter().sum();
+        if !asked.is_empty() {
+            let sha256s: Vec<Sha256> = asked.iter().map(|a| a.1).collect();
+            let found = self.fetcher.remote.files_by_sha256(&sha256s).await?;
+            for ((i, _), f) in asked.iter().zip(found) {
+                stored[*i] = f.filter(|f| f.size == sizes[*i]).map(|f| f.hash);
+            }
+        }
+        let reused = stored.iter().filter(|s| s.is_some()).count() as u64;
+
+        // Download what is left: `connections` parts at once, handed on in
+        // order.
+        let todo: Vec<usize> = (0..files.len()).filter(|&i| stored[i].is_none()).collect();
         let mut parts = Vec::new();
-        for (i, (e, &size)) in files.iter().zip(&sizes).enumerate() {
-            let whole = e.lfs.is_none() || size <= PART;
+        for &i in &todo {
+            let (size, whole) = (sizes[i], files[i].lfs.is_none() || sizes[i] <= PART);
             let mut start = 0;
             while start < size {
                 let end = if whole {
@@ -331,10 +492,11 @@ impl Client {
                 start = end;
             }
         }
-
-        // Download: `connections` parts at once, handed on in order.
         let progress = self.fetcher.progress.clone();
-        progress.start(Stage::Download, Some(total));
+        let fetching: u64 = todo.iter().map(|&i| sizes[i]).sum();
+        progress.start(Stage::Download, Some(fetching));
+        progress.start(Stage::Hash, Some(fetching));
+        progress.start(Stage::Upload, None);
         let up = Arc::new(up);
         let files = Arc::new(files);
         let locations: Arc<Vec<OnceCell<String>>> =
@@ -377,54 +539,100 @@ impl Client {
                         .await
                     }
                 };
-                let mut stream = futures_util::stream::iter(parts)
-                    .map(fetch)
+                let mut stream = futures_util::stream::iter(bundles(parts))
+                    .map(|b| futures_util::future::join_all(b.into_iter().map(fetch)))
                     .buffered(connections);
-                while let Some(r) = stream.next().await {
-                    let failed = r.is_err();
-                    if tx.send(r).await.is_err() || failed {
-                        return;
+                while let Some(rs) = stream.next().await {
+                    for r in rs {
+                        let failed = r.is_err();
+                        if tx.send(r).await.is_err() || failed {
+                            return;
+                        }
                     }
                 }
             })
         };
-        let arrivals = Arc::new(Arrivals {
-            rx: Mutex::new(rx),
-            expect,
-            failure: Mutex::new(None),
-            host: options.endpoint.clone(),
-        });
-        let scan = Scan::listing(
-            files
-                .iter()
-                .zip(&sizes)
-                .map(|(e, &s)| (e.path.clone(), s))
-                .collect(),
-        );
-        let pipeline = Pipeline {
+        let (rx, failure) = (Arc::new(Mutex::new(rx)), Arc::new(Mutex::new(None)));
+        let pipeline = || Pipeline {
             remote: &self.fetcher.remote,
             concurrency: self.upload_concurrency,
-            progress: progress.clone(),
+            progress: Arc::new(Continuing(progress.clone())),
             hints: Default::default(),
             log: self.fetcher.log.clone(),
         };
-        let uploaded = pipeline.run(scan, arrivals.clone(), started).await;
+        let source = |expect: Vec<Expect>| {
+            Arc::new(Arrivals {
+                rx: rx.clone(),
+                expect,
+                failure: failure.clone(),
+                host: options.endpoint.clone(),
+            })
+        };
+        // Each group committed before the next: a kill loses one group.
+        let mut uploaded = UploadReport::default();
+        let mut groups_done = Ok(());
+        for g in groups(&todo, &sizes) {
+            let group = &todo[g];
+            let scan = Scan::listing(
+                group
+                    .iter()
+                    .map(|&i| Listed {
+                        path: files[i].path.clone(),
+                        size: sizes[i],
+                        stored: None,
+                    })
+                    .collect(),
+                false,
+            );
+            let expect = group.iter().map(|&i| Expect::of(&files[i])).collect();
+            let u = match pipeline().run(scan, source(expect), started).await {
+                Ok(u) => u,
+                Err(e) => {
+                    groups_done = Err(e);
+                    break;
+                }
+            };
+            let mut learned = Vec::new();
+            for (&i, f) in group.iter().zip(&u.files) {
+                stored[i] = Some(f.hash);
+                if files[i].lfs.is_none() {
+                    learned.push((files[i].oid.as_str(), f.sha256));
+                }
+            }
+            if let Some(j) = &journal {
+                j.record(&learned);
+            }
+            add(&mut uploaded, u);
+        }
         // Stop the download (on a failure it may still run) before its
         // connections go with the runtime.
         download.abort();
         let _ = download.await;
-        progress.finish(Stage::Download);
-        let uploaded = match uploaded {
-            Ok(u) => u,
-            Err(e) => {
-                return Err(arrivals
-                    .failure
-                    .lock()
-                    .expect("not poisoned")
-                    .take()
-                    .unwrap_or(e))
-            }
-        };
+        if let Err(e) = groups_done {
+            return Err(failure.lock().expect("not poisoned").take().unwrap_or(e));
+        }
+        // The tree of every file, all stored now.
+        let scan = Scan::listing(
+            files
+                .iter()
+                .zip(&sizes)
+                .zip(&stored)
+                .map(|((e, &size), s)| Listed {
+                    path: e.path.clone(),
+                    size,
+                    stored: *s,
+                })
+                .collect(),
+            true,
+        );
+        add(
+            &mut uploaded,
+            pipeline().run(scan, source(Vec::new()), started).await?,
+        );
+        uploaded.seconds = started.elapsed().as_secs_f64();
+        for stage in [Stage::Download, Stage::Hash, Stage::Upload] {
+            progress.finish(stage);
+        }
 
         let request = CommitRequest {
             branch: branch.clone(),
@@ -444,13 +652,68 @@ impl Client {
             .remote
             .commit(&options.target, &request)
             .await?;
-        Ok(report(commit, files.len() as u64, total, Some(uploaded)))
+        Ok(report(
+            commit,
+            files.len() as u64,
+            total,
+            reused,
+            Some(uploaded),
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_files_are_bundled_and_ranges_are_not() {
+        let part = |file, start, end, whole| Part {
+            file,
+            start,
+            end,
+            whole,
+        };
+        let parts = vec![
+            part(0, 0, 10, true),
+            part(1, 0, 10, true),
+            part(2, 0, PART, false),
+            part(2, PART, PART + 5, false),
+            part(3, 0, 1, true),
+            part(4, 0, 1, true),
+            part(5, 0, 1, true),
+            part(6, 0, 1, true),
+            part(7, 0, 1, true),
+            part(8, 0, PART, true),
+        ];
+        let shape: Vec<Vec<usize>> = bundles(parts)
+            .iter()
+            .map(|b| b.iter().map(|p| p.file).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                vec![0, 1],
+                vec![2],
+                vec![2],
+                vec![3, 4, 5, 6],
+                vec![7],
+                vec![8]
+            ]
+        );
+    }
+
+    #[test]
+    fn groups_close_at_bytes_or_files() {
+        let mib = 1 << 20;
+        let sizes = [10 * mib, 10 * mib, 20 * mib, 100 * mib, 1, 1];
+        let todo: Vec<usize> = (0..sizes.len()).collect();
+        assert_eq!(groups(&todo, &sizes), vec![0..3, 3..4, 4..6]);
+        let small = vec![1; 2500];
+        let todo: Vec<usize> = (0..small.len()).collect();
+        assert_eq!(groups(&todo, &small), vec![0..1000, 1000..2000, 2000..2500]);
+        assert!(groups(&[], &[]).is_empty());
+    }
 
     #[test]
     fn globs_match_like_fnmatch() {

@@ -183,23 +183,28 @@ impl Upstream {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
+        // The Hub's own answers carry its meaning; a CDN's only a status.
+        let own = self.own(resp.url().as_str());
         let message = match (status.as_u16(), code.as_str()) {
-            (401 | 403, _) => format!(
+            (401 | 403, _) if own => format!(
                 "{} on {} is gated or private ({status}): accept the license on the Hub and pass a token \
                  (--hf-token, $HF_TOKEN or `hf auth login`){}",
                 self.name(),
                 self.host,
                 if self.token.is_some() { "; the token given was refused" } else { "" }
             ),
-            (404, "RevisionNotFound") => {
+            (404, "RevisionNotFound") if own => {
                 format!("{} on {} has no such revision", self.name(), self.host)
             }
-            (404, "EntryNotFound") => format!("not found in {} on {}", self.name(), self.host),
-            (404, _) => format!("{} not found on {} (unknown repository)", self.name(), self.host),
+            (404, "EntryNotFound") if own => format!("not found in {} on {}", self.name(), self.host),
+            (404, _) if own => {
+                format!("{} not found on {} (unknown repository)", self.name(), self.host)
+            }
             _ => {
+                let host = resp.url().host_str().unwrap_or("").to_owned();
                 let text = resp.text().await.unwrap_or_default();
                 let text: String = text.chars().take(200).collect();
-                format!("{} answered {status}: {}", self.host, text.trim())
+                format!("{host} answered {status}: {}", text.trim())
             }
         };
         Error::Upstream {
@@ -368,7 +373,9 @@ impl Upstream {
 
     /// Bytes `[start, end)` of `path` at `sha`, from `url` (see
     /// [`location`](Self::location)) when known, else through its
-    /// `/resolve/` URL.
+    /// `/resolve/` URL, whole: a connection that drops or stalls is resumed
+    /// from the byte it stopped at, and an expired CDN URL is replaced by
+    /// a fresh one from `/resolve/` (once).
     pub async fn read(
         &self,
         sha: &str,
@@ -378,26 +385,12 @@ impl Upstream {
         whole: bool,
         progress: &dyn Progress,
     ) -> Result<Bytes> {
-        let url = match url {
+        let mut url = match url {
             Some(u) => u.to_owned(),
             None => self.resolve_url(sha, path),
         };
-        self.range(path, url, start, end, whole, progress).await
-    }
-
-    /// Bytes `[start, end)` of `path` (at `url`), whole: a connection that
-    /// drops or stalls is resumed from the byte it stopped at.
-    async fn range(
-        &self,
-        path: &str,
-        mut url: String,
-        start: u64,
-        end: u64,
-        whole: bool,
-        progress: &dyn Progress,
-    ) -> Result<Bytes> {
         let mut buf = BytesMut::with_capacity((end - start) as usize);
-        let (mut attempt, mut redirects) = (0, 0);
+        let (mut attempt, mut redirects, mut renewed) = (0, 0, false);
         while (buf.len() as u64) < end - start {
             let from = start + buf.len() as u64;
             let mut headers = HeaderMap::new();
@@ -415,6 +408,18 @@ impl Upstream {
                 continue;
             }
             let status = resp.status();
+            // A CDN URL is signed for a while: once it has expired (403 or
+            // 410 from a host other than the upstream), ask `/resolve/`
+            // again for a fresh one, once.
+            if matches!(status, StatusCode::FORBIDDEN | StatusCode::GONE)
+                && !self.own(&url)
+                && !renewed
+            {
+                tracing::warn!("{path}: {status} from {url}; asking the upstream for a fresh URL");
+                renewed = true;
+                url = self.resolve_url(sha, path);
+                continue;
+            }
             let ranged = status == StatusCode::PARTIAL_CONTENT;
             if !(ranged || (status == StatusCode::OK && from == 0)) {
                 return Err(self.refusal(path, resp).await);

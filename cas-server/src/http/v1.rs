@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use cas_protocol::messages::{DedupQuery, ReconstructionQuery, MAX_BATCH_FILES, MAX_DEDUP_BATCH};
+use cas_protocol::messages::{
+    DedupQuery, ReconstructionQuery, Sha256Answer, Sha256Query, StoredFile, MAX_BATCH_FILES,
+    MAX_DEDUP_BATCH, MAX_SHA256_LOOKUP,
+};
 use cas_protocol::repo::CommitId;
 use cas_protocol::shard::MAX_SHARD_BYTES;
 use cas_protocol::xorb::{StreamVerifier, XorbError, MAX_XORB_SERIALIZED};
@@ -30,6 +33,8 @@ use crate::store::ObjectStore;
 
 /// Largest dedup query body (binary or JSON).
 const MAX_DEDUP_BODY: usize = 64 + MAX_DEDUP_BATCH * 70;
+/// Largest SHA-256 lookup body (JSON).
+const MAX_SHA256_BODY: usize = 64 + MAX_SHA256_LOOKUP * 70;
 /// The purpose of content URL MACs ([`crate::auth::SigningKey::url_mac`]).
 const CONTENT_MAC: &str = "content";
 /// The purpose of xorb grant MACs: bytes `start..end` of one xorb.
@@ -90,10 +95,11 @@ pub enum Route {
     TagDelete,
     XorbGrantGet,
     XorbGrantHead,
+    FilesBySha256,
 }
 
 impl Route {
-    pub const ALL: [Route; 29] = [
+    pub const ALL: [Route; 30] = [
         Route::Healthz,
         Route::Metrics,
         Route::Dedup,
@@ -123,6 +129,7 @@ impl Route {
         Route::TagDelete,
         Route::XorbGrantGet,
         Route::XorbGrantHead,
+        Route::FilesBySha256,
     ];
 
     pub fn name(self) -> &'static str {
@@ -156,6 +163,7 @@ impl Route {
             Route::TagDelete => "tag_delete",
             Route::XorbGrantGet => "xorb_grant_get",
             Route::XorbGrantHead => "xorb_grant_head",
+            Route::FilesBySha256 => "files_by_sha256",
         }
     }
 }
@@ -185,7 +193,8 @@ impl Route {
             | Route::RootDelete
             | Route::RepoDelete
             | Route::BranchDelete
-            | Route::TagDelete => Some(Scope::Write),
+            | Route::TagDelete
+            | Route::FilesBySha256 => Some(Scope::Write),
             // A reader reports bytes that failed verification.
             Route::Reconstruction
             | Route::ReconstructionBatch
@@ -217,6 +226,7 @@ pub fn route<'a>(method: &Method, path: &'a str) -> Result<(Route, Vec<&'a str>)
         ["healthz"] => (&[(Method::GET, Route::Healthz)], vec![]),
         ["metrics"] => (&[(Method::GET, Route::Metrics)], vec![]),
         ["v1", "dedup"] => (&[(Method::POST, Route::Dedup)], vec![]),
+        ["v1", "sha256"] => (&[(Method::POST, Route::FilesBySha256)], vec![]),
         ["v1", "shards"] => (&[(Method::POST, Route::Shard)], vec![]),
         ["v1", "xorbs", h] => (
             &[
@@ -372,6 +382,7 @@ async fn dispatch<O: ObjectStore, I: Index>(
             app.render_metrics(),
         )),
         Route::Dedup => dedup(app, req).await,
+        Route::FilesBySha256 => files_by_sha256(app, req).await,
         Route::XorbPut => put_xorb(app, h, req).await,
         Route::XorbGet | Route::XorbHead => {
             if grant.is_limited() {
@@ -451,6 +462,54 @@ async fn dedup<O: ObjectStore, I: Index>(
         answer.found.iter().flatten().count() as u64,
     );
     Ok(message_response(encoding, &answer))
+}
+
+/// Which stored files have these SHA-256s (a mirror asks before it
+/// downloads). A writer learns no more than the Git LFS batch of a
+/// repository it may read tells it (docs/SECURITY.md).
+async fn files_by_sha256<O: ObjectStore, I: Index>(
+    app: &App<O, I>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body = read_body(
+        req,
+        MAX_SHA256_BODY,
+        app.body_rules(),
+        &app.budget,
+        &app.metrics,
+    )
+    .await?;
+    let query: Sha256Query = serde_json::from_slice(&body.bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_message",
+            format!("not a SHA-256 lookup: {e}"),
+        )
+    })?;
+    drop(body);
+    if query.sha256.len() > MAX_SHA256_LOOKUP {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_message",
+            format!(
+                "{} SHA-256s, at most {MAX_SHA256_LOOKUP}",
+                query.sha256.len()
+            ),
+        ));
+    }
+    let found = app.core.objects_by_sha256(query.sha256).await?;
+    let answer = Sha256Answer {
+        files: found
+            .into_iter()
+            .map(|o| {
+                o.map(|o| StoredFile {
+                    hash: o.file,
+                    size: o.size,
+                })
+            })
+            .collect(),
+    };
+    Ok(json(StatusCode::OK, &answer))
 }
 
 async fn put_xorb<O: ObjectStore, I: Index>(
