@@ -23,22 +23,73 @@ pub struct Env {
     /// Scratch space (traversable by every user, for the tests that drop
     /// privileges).
     pub root: PathBuf,
+    /// The key the server checks tokens with ([`Env::with_tokens`]).
+    pub key: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
 impl Env {
+    /// A server without a signing key: loopback clients need no token.
     pub fn start() -> Self {
+        Self::new(false)
+    }
+
+    /// A server that checks tokens signed with [`Env::key`].
+    pub fn with_tokens() -> Self {
+        Self::new(true)
+    }
+
+    fn new(tokens: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_owned();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
         let data = root.join("server");
         std::fs::create_dir(&data).unwrap();
-        let server = ServerProcess::start(&data);
+        let key = tokens.then(|| {
+            let key = root.join("signing.key");
+            let mut c = bin("cas-server");
+            c.args(["key", "create"]).arg(&key);
+            crate::ok(c);
+            key
+        });
+        let server = match &key {
+            Some(k) => {
+                ServerProcess::start_with(&data, &["--signing-key-file", k.to_str().unwrap()])
+            }
+            None => ServerProcess::start(&data),
+        };
         Self {
             server,
             root,
+            key,
             _dir: dir,
         }
+    }
+
+    /// A token of this server's key from `token create ARGS`.
+    pub fn token(&self, args: &[&str]) -> String {
+        crate::token(self.key.as_ref().expect("a server with tokens"), args)
+    }
+
+    /// `cas-client ARGS...` (the subcommand first) against this server
+    /// with a clean environment, no cache, author `tester`, `retries`
+    /// retries and `token` if given.
+    pub fn client(&self, token: Option<&str>, retries: u32, args: &[&str]) -> Command {
+        let mut c = bin("cas-client");
+        for k in CLIENT_VARIABLES {
+            c.env_remove(k);
+        }
+        c.current_dir(&self.root)
+            .env("CAS_ENDPOINT", self.url())
+            .env("CAS_AUTHOR", "tester")
+            .env("CAS_RETRIES", retries.to_string())
+            .env("CAS_CACHE_DIR", self.root.join("no-cache-here"))
+            .args(args)
+            .arg("--no-cache");
+        if let Some(t) = token {
+            c.env("CAS_TOKEN", t);
+        }
+        c
     }
 
     pub fn url(&self) -> &str {
@@ -102,6 +153,18 @@ impl Env {
     }
 }
 
+/// The client's variables a test's own environment must not leak in.
+const CLIENT_VARIABLES: [&str; 8] = [
+    "CAS_TOKEN",
+    "CAS_AUTHOR",
+    "CAS_CACHE_SIZE",
+    "CAS_CONNECTIONS",
+    "CAS_UPLOADS",
+    "CAS_LOG",
+    "CAS_STALL_TIMEOUT",
+    "XDG_CACHE_HOME",
+];
+
 /// `cas-client SUB`, as `user` (uid, gid) when given. The environment is
 /// cleared of the client's variables so the caller's shell cannot leak in.
 pub fn cas_as(
@@ -127,14 +190,7 @@ pub fn cas_as(
             c
         }
     };
-    for k in [
-        "CAS_TOKEN",
-        "CAS_CACHE_SIZE",
-        "CAS_CONNECTIONS",
-        "CAS_UPLOADS",
-        "CAS_LOG",
-        "XDG_CACHE_HOME",
-    ] {
+    for k in CLIENT_VARIABLES {
         c.env_remove(k);
     }
     c.current_dir(cwd)

@@ -5,57 +5,40 @@
 //! moving or re-signing a grant, not by a Range outside it. Unlimited
 //! tokens get one grant per whole xorb, at the same offsets as before.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use cas_e2e::client::assert_same_tree;
-use cas_e2e::{agent, bin, body, json_of, ok, token, ServerProcess};
+use cas_e2e::client::{self, assert_same_tree};
+use cas_e2e::{agent, body, json_of, ok};
 use serde_json::Value;
 
 /// A server with a signing key, a scratch directory and tokens: `writer`
 /// (unlimited, write and read) and `reader` (read, limited to `org/*`).
 struct Env {
-    server: ServerProcess,
-    root: PathBuf,
+    base: client::Env,
     writer: String,
     reader: String,
-    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Env {
+    type Target = client::Env;
+    fn deref(&self) -> &client::Env {
+        &self.base
+    }
 }
 
 impl Env {
     fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let key = root.join("signing.key");
-        let mut c = bin("cas-server");
-        c.args(["key", "create"]).arg(&key);
-        ok(c);
-        let data = root.join("server");
-        std::fs::create_dir(&data).unwrap();
-        let server =
-            ServerProcess::start_with(&data, &["--signing-key-file", key.to_str().unwrap()]);
+        let base = client::Env::with_tokens();
         Self {
-            server,
-            writer: token(&key, &["--scope", "write", "--scope", "read"]),
-            reader: token(&key, &["--scope", "read", "--repo", "org/*"]),
-            root,
-            _dir: dir,
+            writer: base.token(&["--scope", "write", "--scope", "read"]),
+            reader: base.token(&["--scope", "read", "--repo", "org/*"]),
+            base,
         }
     }
 
     /// `cas-client ARGS...` with `token`, no cache.
     fn cas(&self, token: &str, args: &[&str]) -> Command {
-        let mut c = bin("cas-client");
-        for k in ["CAS_TOKEN", "CAS_LOG", "CAS_CACHE_DIR"] {
-            c.env_remove(k);
-        }
-        c.current_dir(&self.root)
-            .env("CAS_ENDPOINT", &self.server.url)
-            .env("CAS_AUTHOR", "tester")
-            .env("CAS_TOKEN", token)
-            .args(args)
-            .arg("--no-cache");
-        c
+        self.client(Some(token), 5, args)
     }
 
     /// Commits `files` to `repo` as the writer; returns each file's hash.

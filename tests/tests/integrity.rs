@@ -7,42 +7,29 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cas_e2e::{assert_same_bytes, bin, fails, json_of, ok, Metrics, ServerProcess};
+use cas_e2e::client;
+use cas_e2e::{assert_same_bytes, fails, json_of, ok, Metrics};
 use cas_protocol::tree::{Tree, TreeEntry};
 use cas_protocol::{FileHash, Kind, Message, Sha256};
 
-struct Env {
-    server: ServerProcess,
-    root: PathBuf,
-    _dir: tempfile::TempDir,
+/// The shared environment ([`client::Env`]) plus this file's helpers.
+struct Env(client::Env);
+
+impl std::ops::Deref for Env {
+    type Target = client::Env;
+    fn deref(&self) -> &client::Env {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let data = root.join("server");
-        std::fs::create_dir(&data).unwrap();
-        Self {
-            server: ServerProcess::start(&data),
-            root,
-            _dir: dir,
-        }
+        Self(client::Env::start())
     }
 
+    /// `cas-client SUB`, without retries: these tests expect failures.
     fn cas(&self, sub: &str) -> Command {
-        let mut c = bin("cas-client");
-        c.arg(sub)
-            .args([
-                "--endpoint",
-                &self.server.url,
-                "--no-cache",
-                "--retries",
-                "0",
-            ])
-            .env_remove("CAS_TOKEN")
-            .env_remove("CAS_CACHE_DIR");
-        c
+        self.client(None, 0, &[sub])
     }
 
     /// Uploads `path` with the client; the `--json` report.

@@ -7,77 +7,33 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use cas_e2e::client::assert_same_tree;
-use cas_e2e::{agent, bin, body, fails, json_of, ok, show, token, Metrics, ServerProcess};
+use cas_e2e::client::{self, assert_same_tree};
+use cas_e2e::{agent, body, fails, json_of, ok, show, Metrics};
 use serde_json::Value;
 
-/// A server on its own data directory, a scratch directory, and the token
-/// its client commands send (if the server checks tokens).
-struct Env {
-    server: ServerProcess,
-    root: PathBuf,
-    key: Option<PathBuf>,
-    _dir: tempfile::TempDir,
+/// The shared environment ([`client::Env`]) plus this file's helpers.
+struct Env(client::Env);
+
+impl std::ops::Deref for Env {
+    type Target = client::Env;
+    fn deref(&self) -> &client::Env {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Self {
-        Self::start(false)
+        Self(client::Env::start())
     }
 
-    /// A server that checks tokens (signed with `self.key`).
+    /// A server that checks tokens.
     fn with_tokens() -> Self {
-        Self::start(true)
+        Self(client::Env::with_tokens())
     }
 
-    fn start(tokens: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let data = root.join("server");
-        std::fs::create_dir(&data).unwrap();
-        let key = tokens.then(|| {
-            let key = root.join("signing.key");
-            let mut c = bin("cas-server");
-            c.args(["key", "create"]).arg(&key);
-            ok(c);
-            key
-        });
-        let server = match &key {
-            Some(k) => {
-                ServerProcess::start_with(&data, &["--signing-key-file", k.to_str().unwrap()])
-            }
-            None => ServerProcess::start(&data),
-        };
-        Self {
-            server,
-            root,
-            key,
-            _dir: dir,
-        }
-    }
-
-    /// A token of this server's key from `token create ARGS`.
-    fn token(&self, args: &[&str]) -> String {
-        token(self.key.as_ref().expect("a server with tokens"), args)
-    }
-
-    /// `cas-client ARGS...` (the subcommand first) against this server,
-    /// without a cache, as author `tester`, with `token` if given.
+    /// `cas-client ARGS...` (the subcommand first), with `token` if given.
     fn cas(&self, token: Option<&str>, args: &[&str]) -> Command {
-        let mut c = bin("cas-client");
-        for k in ["CAS_TOKEN", "CAS_AUTHOR", "CAS_LOG", "CAS_CACHE_DIR"] {
-            c.env_remove(k);
-        }
-        c.current_dir(&self.root)
-            .env("CAS_ENDPOINT", &self.server.url)
-            .env("CAS_AUTHOR", "tester")
-            .env("CAS_RETRIES", "1")
-            .args(args)
-            .arg("--no-cache");
-        if let Some(t) = token {
-            c.env("CAS_TOKEN", t);
-        }
-        c
+        self.client(token, 1, args)
     }
 
     /// `upload --json --repo REPO ARGS... PATH` (ARGS: more flags).

@@ -996,6 +996,7 @@ mod tests {
         let spec: serde_json::Value =
             serde_json::from_str(include_str!("../../../docs/openapi.json")).expect("valid JSON");
         let mut seen = Vec::new();
+        let mut hub = Vec::new();
         for (path, ops) in spec["paths"].as_object().expect("paths") {
             let concrete = path
                 .replace("{hash}", &"a".repeat(64))
@@ -1012,6 +1013,17 @@ mod tests {
                     continue;
                 }
                 let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+                if path.starts_with("/api/") {
+                    // The Hub API's write routes (hf/write.rs).
+                    let Some(Ok((r, _))) = super::super::hf::route(&m, &concrete) else {
+                        panic!("{method} {path} is no Hub route");
+                    };
+                    assert_eq!(op["operationId"], r.name(), "{method} {path}");
+                    assert_eq!(op["x-scope"], r.scope().to_string(), "{method} {path}");
+                    assert!(op["responses"]["401"].is_object(), "{method} {path}");
+                    hub.push(r);
+                    continue;
+                }
                 let (r, _) =
                     route(&m, &concrete).unwrap_or_else(|e| panic!("{method} {path}: {e:?}"));
                 assert_eq!(op["operationId"], r.name(), "{method} {path}");
@@ -1029,6 +1041,19 @@ mod tests {
         }
         for r in Route::ALL {
             assert!(seen.contains(&r), "{r:?} is not in docs/openapi.json");
+        }
+        {
+            use super::super::hf::Route as Hub;
+            for r in [
+                Hub::RepoCreate,
+                Hub::Preupload,
+                Hub::Commit,
+                Hub::Branch,
+                Hub::Tag,
+                Hub::ValidateYaml,
+            ] {
+                assert!(hub.contains(&r), "{r:?} is not in docs/openapi.json");
+            }
         }
         assert_eq!(
             route(&Method::DELETE, "/v1/xorbs/x"),

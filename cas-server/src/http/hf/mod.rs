@@ -96,7 +96,7 @@ impl Route {
     }
 
     /// The token scope the route needs: writes need `write`.
-    fn scope(self) -> Scope {
+    pub(crate) fn scope(self) -> Scope {
         match self {
             Route::RepoCreate | Route::Preupload | Route::Commit | Route::Branch | Route::Tag => {
                 Scope::Write
