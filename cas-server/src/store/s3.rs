@@ -110,6 +110,11 @@ impl S3Store {
             // Path style: what custom endpoints (SeaweedFS, MinIO) serve.
             .with_virtual_hosted_style_request(false)
             .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
+            // No SHA-256 of each body in the signature: it was most of the
+            // node's CPU time in an upload (docs/BENCHMARKS.md, "S3 store").
+            // Objects are checked by their content hash on every read, and
+            // HTTPS protects the bytes in transit.
+            .with_unsigned_payload(true)
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
                     init_backoff: Duration::from_millis(100),
