@@ -152,6 +152,13 @@ fn key(kind: &str, id: &str) -> String {
 
 impl StandIn {
     pub fn start() -> Self {
+        Self::start_with_cdn(None)
+    }
+
+    /// With `external`, large files redirect to `{cdn}/blobs/{sha256}` (another
+    /// server, say nginx, serving them) instead of the stand-in's own CDN
+    /// port.
+    pub fn start_with_cdn(external: Option<&str>) -> Self {
         let state = Arc::new(Mutex::new(State {
             retry_after: 1,
             ..State::default()
@@ -161,7 +168,10 @@ impl StandIn {
         let api = TcpListener::bind("127.0.0.1:0").unwrap();
         let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", api.local_addr().unwrap());
-        let cdn_url = format!("http://{}", cdn.local_addr().unwrap());
+        let cdn_url = match external {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => format!("http://{}", cdn.local_addr().unwrap()),
+        };
         for (listener, is_cdn) in [(api, false), (cdn, true)] {
             let ctx = Ctx {
                 state: state.clone(),
