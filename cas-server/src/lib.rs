@@ -312,6 +312,9 @@ impl Server {
                     source,
                 })?;
         let metrics = Arc::new(Metrics::new(totals));
+        if let Some(fsck) = core::gc::FsckRecord::load(&config.data_dir) {
+            metrics.fsck(&fsck);
+        }
         let objects = Metered::new(objects, metrics.clone());
         let mut core = Core::with_metrics(objects, index, metrics.clone())
             .with_leases(config.gc_grace, core::Clock::default());

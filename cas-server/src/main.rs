@@ -431,7 +431,7 @@ async fn remote_gc(
 
 /// `gc`, `fsck` and `repair` on a data directory no server runs on.
 async fn maintain(command: Command, args: &Args) -> anyhow::Result<()> {
-    use cas_server::core::gc::{FsckOptions, GcOptions};
+    use cas_server::core::gc::{FsckOptions, FsckRecord, GcOptions};
     if let Command::Gc {
         endpoint: Some(endpoint),
         token,
@@ -442,7 +442,8 @@ async fn maintain(command: Command, args: &Args) -> anyhow::Result<()> {
     {
         return remote_gc(endpoint, token.as_deref(), *dry_run, grace.0, *json).await;
     }
-    let core = cas_server::open_offline(&offline_config(args)?)
+    let config = offline_config(args)?;
+    let core = cas_server::open_offline(&config)
         .map_err(|e| anyhow!("{e} (is a server running on this data dir? stop it first)"))?;
     match command {
         Command::Gc {
@@ -458,6 +459,11 @@ async fn maintain(command: Command, args: &Args) -> anyhow::Result<()> {
         }
         Command::Fsck { full, json } => {
             let report = core.fsck(&FsckOptions::default().with_full(full)).await?;
+            FsckRecord::of(&report)
+                .save(&config.data_dir)
+                .with_context(|| {
+                    format!("recording the result in {}", config.data_dir.display())
+                })?;
             if json {
                 print_json(&report);
             } else {

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub gc_bytes_freed: AtomicU64,
     /// Xorbs garbage collection condemned (withdrawn from dedup).
     pub gc_xorbs_condemned: AtomicU64,
+    /// The last fsck of the data dir (read at start): 1 clean, 0 not;
+    /// its problems; when it finished (Unix seconds, 0: never).
+    pub fsck_last_clean: AtomicU64,
+    pub fsck_last_problems: AtomicU64,
+    pub fsck_last_finished: AtomicU64,
     /// Object store calls by operation (`store::Metered` counts them).
     store_requests: Mutex<BTreeMap<&'static str, u64>>,
     /// Object store calls that failed (not counting absent objects).
@@ -48,6 +53,13 @@ impl Metrics {
         m.stored_bytes.store(totals.xorb_bytes, Relaxed);
         m.files.store(totals.files, Relaxed);
         m
+    }
+
+    /// Reports the last fsck's outcome.
+    pub fn fsck(&self, record: &crate::core::gc::FsckRecord) {
+        self.fsck_last_clean.store(u64::from(record.clean), Relaxed);
+        self.fsck_last_problems.store(record.problems, Relaxed);
+        self.fsck_last_finished.store(record.finished_unix, Relaxed);
     }
 
     pub fn request(&self, route: &'static str, status: u16) {
@@ -111,7 +123,7 @@ impl Metrics {
         for (op, n) in self.store_requests.lock().expect("metrics lock").iter() {
             writeln!(s, "cas_store_requests_total{{op=\"{op}\"}} {n}").unwrap();
         }
-        let scalars: [(&str, &str, &str, &AtomicU64); 16] = [
+        let scalars: [(&str, &str, &str, &AtomicU64); 19] = [
             (
                 "cas_bytes_in_total",
                 "counter",
@@ -191,6 +203,24 @@ impl Metrics {
                 "counter",
                 "Xorbs condemned by garbage collection (withdrawn from dedup, deleted after the grace period).",
                 &self.gc_xorbs_condemned,
+            ),
+            (
+                "cas_fsck_last_clean",
+                "gauge",
+                "1 if the last fsck of this data dir found no problem, else 0 (read at start; see cas_fsck_last_finished_seconds).",
+                &self.fsck_last_clean,
+            ),
+            (
+                "cas_fsck_last_problems",
+                "gauge",
+                "Problems the last fsck of this data dir found.",
+                &self.fsck_last_problems,
+            ),
+            (
+                "cas_fsck_last_finished_seconds",
+                "gauge",
+                "When the last fsck of this data dir finished, Unix seconds; 0 if it never ran.",
+                &self.fsck_last_finished,
             ),
             (
                 "cas_store_errors_total",

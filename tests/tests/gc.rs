@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cas_e2e::client::{assert_same_tree, cas_as};
-use cas_e2e::{bin, json_of, ok, show, token, ServerProcess};
+use cas_e2e::{bin, json_of, ok, show, token, Metrics, ServerProcess};
 use serde_json::Value;
 
 /// A data directory with a server that can be stopped (offline `gc` and
@@ -294,14 +294,23 @@ fn fsck_finds_damage_repair_and_reupload_heal_it() {
     );
     let (report, clean) = env.fsck(&["--full"]);
     assert!(!clean, "lost until uploaded again: {report}");
+    let problems = report["problems"].as_array().unwrap().len() as u64;
 
+    // The server started next reports that last (offline) fsck.
     env.start();
+    let m = Metrics::fetch(&env.url());
+    assert_eq!(m.get("cas_fsck_last_clean"), 0);
+    assert_eq!(m.get("cas_fsck_last_problems"), problems);
+    assert!(m.get("cas_fsck_last_finished_seconds") > 1_700_000_000);
     env.cas_json("upload", &["--repo", "org/m", s(&dir.join("a.bin"))]);
     env.cas_json("upload", &["--repo", "org/n", s(&dir.join("b.bin"))]);
     env.stop();
     let (report, clean) = env.fsck(&["--full"]);
     assert!(clean, "{report}");
     env.start();
+    let m = Metrics::fetch(&env.url());
+    assert_eq!(m.get("cas_fsck_last_clean"), 1);
+    assert_eq!(m.get("cas_fsck_last_problems"), 0);
     let out = env.root.join("out");
     let mut c = env.cas("fetch");
     c.args(["org/m", "-o", s(&out)]);

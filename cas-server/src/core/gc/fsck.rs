@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use cas_protocol::xorb::XorbView;
 use cas_protocol::{ChunkInfo, FileHash, XorbHash};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::core::{blocking, Core, CoreError};
 use crate::index::Index;
@@ -81,6 +81,50 @@ pub struct FsckReport {
     /// finished, a deletion a crash cut short); garbage collection
     /// removes them.
     pub orphans: u64,
+}
+
+/// The outcome of the last `fsck` of a data directory, kept beside its
+/// index: fsck runs on a stopped server, so the server started next reads
+/// it to report the `cas_fsck_last_*` metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsckRecord {
+    pub clean: bool,
+    pub full: bool,
+    pub problems: u64,
+    /// When the check finished, in seconds since the Unix epoch.
+    pub finished_unix: u64,
+}
+
+impl FsckRecord {
+    const FILE: &'static str = "fsck-last.json";
+
+    pub fn of(report: &FsckReport) -> Self {
+        Self {
+            clean: report.clean,
+            full: report.full,
+            problems: report.problems.len() as u64,
+            finished_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    /// Writes the record into `data_dir` (a temporary renamed over the
+    /// last one: a crash leaves the old record or the new one).
+    pub fn save(&self, data_dir: &std::path::Path) -> std::io::Result<()> {
+        let tmp = data_dir.join(format!("{}.tmp", Self::FILE));
+        let bytes = serde_json::to_vec(self).expect("a record serialises");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, data_dir.join(Self::FILE))
+    }
+
+    /// The record in `data_dir`; `None` when fsck never ran there (or its
+    /// record is unreadable: the metrics then say "never").
+    pub fn load(data_dir: &std::path::Path) -> Option<Self> {
+        let bytes = std::fs::read(data_dir.join(Self::FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
 }
 
 /// What `repair` did.

@@ -51,7 +51,7 @@ use crate::core::{Core, CoreError};
 use crate::index::Index;
 use crate::store::ObjectStore;
 
-pub use fsck::{FsckOptions, FsckReport, Problem, RepairReport};
+pub use fsck::{FsckOptions, FsckRecord, FsckReport, Problem, RepairReport};
 
 /// How garbage collection runs. The defaults are the safe values.
 #[derive(Debug, Clone)]
