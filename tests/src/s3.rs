@@ -51,7 +51,15 @@ impl Weed {
             ports: std::array::from_fn(|_| free_port()),
             _scratch: Some(scratch),
         };
-        w.spawn();
+        // A free port is free only when picked: a test running beside this
+        // one may bind it first, and weed then exits. Fresh ports, again.
+        let mut tries = 1;
+        while let Err(e) = w.spawn() {
+            assert!(tries < 4, "{e}");
+            tries += 1;
+            w.kill();
+            w.ports = std::array::from_fn(|_| free_port());
+        }
         let (status, body) = crate::body(
             agent()
                 .put(format!("{}/{BUCKET}", w.endpoint()))
@@ -67,7 +75,9 @@ impl Weed {
         w
     }
 
-    fn spawn(&mut self) {
+    /// Starts weed on [`Self::ports`] and waits until it serves; an error
+    /// (with weed's log) if it exits or is not ready within a minute.
+    fn spawn(&mut self) -> Result<(), String> {
         let p = self.ports;
         let log = std::fs::File::create(self.dir.join("weed.log")).unwrap();
         let child = Command::new(weed_path())
@@ -96,16 +106,23 @@ impl Weed {
             .spawn()
             .expect("spawn weed");
         self.child = Some(child);
-        self.wait_ready(Duration::from_secs(60));
+        self.wait_ready(Duration::from_secs(60))
     }
 
     /// Waits until the S3 gateway answers a listing of the buckets and the
     /// volume server has joined the master (before that, a restarted
     /// SeaweedFS lists objects but answers 500 to reading them).
-    fn wait_ready(&self, limit: Duration) {
+    fn wait_ready(&mut self, limit: Duration) -> Result<(), String> {
         let start = Instant::now();
         let a = agent();
+        let file = self.dir.join("weed.log");
+        let log = || std::fs::read_to_string(&file).unwrap_or_default();
         loop {
+            let child = self.child.as_mut().expect("spawned");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Err(format!("SeaweedFS exited ({status}); log:\n{}", log()));
+            }
             let s3 = a
                 .get(format!("{}/", self.endpoint()))
                 .call()
@@ -118,13 +135,14 @@ impl Weed {
                         status == 200 && String::from_utf8_lossy(&text).contains("\"DataNodes\"")
                     });
             if volumes {
-                return;
+                return Ok(());
             }
-            assert!(
-                start.elapsed() < limit,
-                "SeaweedFS did not start in {limit:?}; log:\n{}",
-                std::fs::read_to_string(self.dir.join("weed.log")).unwrap_or_default()
-            );
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "SeaweedFS did not start in {limit:?}; log:\n{}",
+                    log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -155,7 +173,9 @@ impl Weed {
     /// Starts it again on the same directory and ports.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        if let Err(e) = self.spawn() {
+            panic!("{e}");
+        }
     }
 
     /// Keys in the bucket under `prefix` (a plain, unsigned ListObjectsV2:
