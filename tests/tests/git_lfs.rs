@@ -13,7 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use cas_e2e::{bin, ok, show, token, Metrics, ServerProcess};
+use cas_e2e::client;
+use cas_e2e::{bin, ok, show, Metrics};
 
 /// The model's size: four 16 MiB tensors in two shards; v2 retrains one.
 const MODEL_BYTES: u64 = 64 << 20;
@@ -23,34 +24,23 @@ const CHANGED_BYTES: u64 = cas_bench::model::TENSOR_BYTES;
 /// A server with a signing key and an isolated git environment (its own
 /// `$HOME`, no system config, never a prompt).
 struct Setup {
-    server: ServerProcess,
-    root: PathBuf,
-    key: PathBuf,
+    base: client::Env,
     home: PathBuf,
-    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = client::Env;
+    fn deref(&self) -> &client::Env {
+        &self.base
+    }
 }
 
 impl Setup {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let data = root.join("server");
-        std::fs::create_dir(&data).unwrap();
-        let key = root.join("signing.key");
-        let mut c = bin("cas-server");
-        c.args(["key", "create"]).arg(&key);
-        ok(c);
-        let server =
-            ServerProcess::start_with(&data, &["--signing-key-file", key.to_str().unwrap()]);
-        let home = root.join("home");
+        let base = client::Env::with_tokens();
+        let home = base.root.join("home");
         std::fs::create_dir(&home).unwrap();
-        let s = Self {
-            server,
-            root,
-            key,
-            home,
-            _dir: dir,
-        };
+        let s = Self { base, home };
         // The clean/smudge filters for every repository of this $HOME, and
         // the credentials from a file (written by `credentials`).
         ok(s.git(&s.root, &["lfs", "install", "--skip-repo"]));
@@ -114,9 +104,10 @@ impl Setup {
         std::fs::write(self.root.join("credentials"), format!("{url}\n")).unwrap();
     }
 
-    fn token(&self, scopes: &[&str]) -> String {
+    /// A token with these scopes (`read`, `write`).
+    fn token_for(&self, scopes: &[&str]) -> String {
         let args: Vec<&str> = scopes.iter().flat_map(|s| ["--scope", *s]).collect();
-        token(&self.key, &args)
+        self.base.token(&args)
     }
 
     fn bytes_in(&self) -> u64 {
@@ -226,7 +217,7 @@ fn assert_same_model(work: &Path, clone: &Path) {
 #[test]
 fn basic_transfer_pushes_and_clones_two_versions_byte_identical() {
     let s = Setup::new();
-    s.credentials(&s.token(&["read", "write"]));
+    s.credentials(&s.token_for(&["read", "write"]));
     let work = s.work_repo("basic");
 
     let before = s.bytes_in();
@@ -234,10 +225,10 @@ fn basic_transfer_pushes_and_clones_two_versions_byte_identical() {
     let v1_in = s.bytes_in() - before;
     assert!(v1_in >= MODEL_BYTES, "v1 sent {v1_in} bytes");
     // Cloned with a read-only token.
-    s.credentials(&s.token(&["read"]));
+    s.credentials(&s.token_for(&["read"]));
     assert_same_model(&work, &s.clone("basic", "clone1"));
 
-    s.credentials(&s.token(&["read", "write"]));
+    s.credentials(&s.token_for(&["read", "write"]));
     let before = s.bytes_in();
     ok(s.push_version(&work, 2));
     let v2_in = s.bytes_in() - before;
@@ -248,7 +239,7 @@ fn basic_transfer_pushes_and_clones_two_versions_byte_identical() {
         (SHARD_BYTES..SHARD_BYTES + (1 << 20)).contains(&v2_in),
         "v2 sent {v2_in} bytes, changed {CHANGED_BYTES}"
     );
-    s.credentials(&s.token(&["read"]));
+    s.credentials(&s.token_for(&["read"]));
     let clone2 = s.clone("basic", "clone2");
     assert_same_model(&work, &clone2);
     assert!(std::fs::read(clone2.join("config.json"))
@@ -266,12 +257,12 @@ fn a_corrupted_object_and_a_read_token_are_refused() {
     let oid = cas_protocol::Sha256::of(&vec![7u8; 100_000]).to_string();
 
     // A read-only token may not upload.
-    s.credentials(&s.token(&["read"]));
+    s.credentials(&s.token_for(&["read"]));
     let out = s.git(&work, &["push", "origin", "main"]).output().unwrap();
     assert!(!out.status.success(), "{}", show(&out));
 
     // The local object rots: same size, other bytes, under the same OID.
-    s.credentials(&s.token(&["read", "write"]));
+    s.credentials(&s.token_for(&["read", "write"]));
     let object = work.join(format!(
         ".git/lfs/objects/{}/{}/{oid}",
         &oid[..2],
@@ -287,7 +278,10 @@ fn a_corrupted_object_and_a_read_token_are_refused() {
     // Nothing was stored under the OID: a download batch finds nothing.
     let batch = cas_e2e::agent()
         .post(format!("{}/objects/batch", s.lfs_url("bad")))
-        .header("Authorization", format!("Bearer {}", s.token(&["read"])))
+        .header(
+            "Authorization",
+            format!("Bearer {}", s.token_for(&["read"])),
+        )
         .header("Content-Type", "application/vnd.git-lfs+json")
         .send(
             serde_json::json!({"operation": "download",
@@ -330,7 +324,7 @@ fn agent_session(s: &Setup, dir: &Path, input: &str) -> (bool, Vec<serde_json::V
 #[test]
 fn the_agent_pushes_only_new_chunks_and_clones_byte_identical() {
     let s = Setup::new();
-    s.credentials(&s.token(&["read", "write"]));
+    s.credentials(&s.token_for(&["read", "write"]));
     let work = s.work_repo("smart");
     // This repository only (its lfs.url comes from .lfsconfig).
     let out = ok(s.cas(&work, &["lfs-agent", "install", "--local"]));
@@ -354,10 +348,10 @@ fn the_agent_pushes_only_new_chunks_and_clones_byte_identical() {
         &s.root,
         &["lfs-agent", "install", "--endpoint", &s.server.url],
     ));
-    s.credentials(&s.token(&["read"]));
+    s.credentials(&s.token_for(&["read"]));
     assert_same_model(&work, &s.clone("smart", "clone1"));
 
-    s.credentials(&s.token(&["read", "write"]));
+    s.credentials(&s.token_for(&["read", "write"]));
     let before = s.bytes_in();
     ok(s.push_version(&work, 2));
     let v2_in = s.bytes_in() - before;
@@ -369,7 +363,7 @@ fn the_agent_pushes_only_new_chunks_and_clones_byte_identical() {
         "v2 sent {v2_in} bytes for {CHANGED_BYTES} changed"
     );
     assert!(v2_in < SHARD_BYTES, "less than the changed file");
-    s.credentials(&s.token(&["read"]));
+    s.credentials(&s.token_for(&["read"]));
     let clone2 = s.clone("smart", "clone2");
     assert_same_model(&work, &clone2);
     let m = Metrics::fetch(&s.server.url);
@@ -380,7 +374,7 @@ fn the_agent_pushes_only_new_chunks_and_clones_byte_identical() {
 #[test]
 fn the_agent_answers_every_failure_as_a_protocol_error() {
     let s = Setup::new();
-    s.credentials(&s.token(&["read", "write"]));
+    s.credentials(&s.token_for(&["read", "write"]));
     let work = s.work_repo("errs");
     let missing = "0".repeat(64);
     let file = s.root.join("f.bin");
@@ -436,7 +430,7 @@ fn the_agent_answers_every_failure_as_a_protocol_error() {
     assert_eq!(lines[2]["error"]["code"], 400, "{}", lines[2]);
 
     // A read-only token cannot upload: the server's refusal, per object.
-    s.credentials(&s.token(&["read"]));
+    s.credentials(&s.token_for(&["read"]));
     let (_, lines) = agent_session(
         &s,
         &work,

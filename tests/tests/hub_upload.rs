@@ -13,42 +13,30 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use cas_e2e::client;
 use cas_e2e::hub::{assert_same_files, Hf};
-use cas_e2e::{agent, bin, body, json_of, ok, show, token, ServerProcess};
+use cas_e2e::{agent, bin, body, json_of, ok, show};
 use cas_protocol::Sha256;
 use serde_json::{json, Value};
 
 type Files = BTreeMap<String, Vec<u8>>;
 
-struct Hub {
-    server: ServerProcess,
-    root: PathBuf,
-    key: PathBuf,
-    _dir: tempfile::TempDir,
+struct Hub(client::Env);
+
+impl std::ops::Deref for Hub {
+    type Target = client::Env;
+    fn deref(&self) -> &client::Env {
+        &self.0
+    }
 }
 
 impl Hub {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().to_owned();
-        let data = root.join("server");
-        std::fs::create_dir(&data).unwrap();
-        let key = root.join("signing.key");
-        let mut c = bin("cas-server");
-        c.args(["key", "create"]).arg(&key);
-        ok(c);
-        let server =
-            ServerProcess::start_with(&data, &["--signing-key-file", key.to_str().unwrap()]);
-        Self {
-            server,
-            root,
-            key,
-            _dir: dir,
-        }
+        Self(client::Env::with_tokens())
     }
 
     fn writer_token(&self) -> String {
-        token(&self.key, &["--scope", "write", "--scope", "read"])
+        self.token(&["--scope", "write", "--scope", "read"])
     }
 
     fn hf(&self, token: &str) -> Hf {
@@ -255,7 +243,7 @@ fn writes_need_a_write_token_for_the_repository() {
     let hub = Hub::new();
     let writer = hub.hf(&hub.writer_token());
     writer.ok("create_repo", json!({"repo": "org/locked"}));
-    let reader = hub.hf(&token(&hub.key, &["--scope", "read"]));
+    let reader = hub.hf(&hub.token(&["--scope", "read"]));
     let f = hub.root.join("f");
     std::fs::write(&f, weights(4, 200 << 10)).unwrap();
     let e = reader.err(
@@ -263,10 +251,7 @@ fn writes_need_a_write_token_for_the_repository() {
         json!({"repo": "org/locked", "path_or_fileobj": f.to_str().unwrap(), "path_in_repo": "f"}),
     );
     assert_eq!(e.status, Some(403), "{e:?}");
-    let other = hub.hf(&token(
-        &hub.key,
-        &["--scope", "write", "--scope", "read", "--repo", "else/*"],
-    ));
+    let other = hub.hf(&hub.token(&["--scope", "write", "--scope", "read", "--repo", "else/*"]));
     let e = other.err("create_repo", json!({"repo": "org/new"}));
     assert_eq!(e.status, Some(403), "{e:?}");
     let commits = writer.call("list_repo_commits", json!({"repo": "org/locked"}));
