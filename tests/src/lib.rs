@@ -488,6 +488,20 @@ pub fn assert_same_bytes(want: &[u8], path: &Path) {
 
 /// A token signed with the key in `key`, from `cas-server token create
 /// ARGS` (for example `--scope read --repo org/*`).
+/// Incompressible bytes from a seed (xorshift, no repeats): chunks come
+/// out as large as they can, and no two seeds share content by accident.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 pub fn token(key: &Path, args: &[&str]) -> String {
     let mut c = bin("cas-server");
     c.args(["token", "create", "--signing-key-file"])

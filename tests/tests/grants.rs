@@ -8,7 +8,7 @@
 use std::process::Command;
 
 use cas_e2e::client::{self, assert_same_tree};
-use cas_e2e::{agent, body, json_of, ok};
+use cas_e2e::{agent, body, json_of, noise, ok};
 use serde_json::Value;
 
 /// A server with a signing key, a scratch directory and tokens: `writer`
@@ -97,20 +97,6 @@ impl Env {
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
         serde_json::from_slice(&bytes).unwrap()
     }
-}
-
-/// Incompressible bytes from a seed (xorshift), so chunks are as large as
-/// they come and no two parts share content by accident.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn n(v: &Value) -> u64 {

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use cas_e2e::client;
 use cas_e2e::hub::{assert_same_files, Hf};
-use cas_e2e::{agent, bin, body, json_of, ok, show};
+use cas_e2e::{agent, bin, body, json_of, noise, ok, show};
 use cas_protocol::Sha256;
 use serde_json::{json, Value};
 
@@ -79,24 +79,11 @@ impl Hub {
     }
 }
 
-/// Bytes that look like weights: random, with repeated blocks.
-fn weights(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn model_v1() -> Files {
     let mut f = Files::new();
-    f.insert("model.safetensors".into(), weights(1, 12 << 20));
+    f.insert("model.safetensors".into(), noise(1, 12 << 20));
     f.insert("config.json".into(), br#"{"hidden": 64}"#.to_vec());
-    f.insert("tokenizer/vocab.txt".into(), weights(2, 300 << 10));
+    f.insert("tokenizer/vocab.txt".into(), noise(2, 300 << 10));
     f.insert("empty.txt".into(), vec![]);
     f
 }
@@ -132,7 +119,7 @@ fn upload_folder_file_commit_branch_tag_and_read_back() {
     let mut v2 = v1.clone();
     let w = v2.get_mut("model.safetensors").unwrap();
     let n = w.len();
-    w[n / 2..n / 2 + n / 10].copy_from_slice(&weights(3, n / 10));
+    w[n / 2..n / 2 + n / 10].copy_from_slice(&noise(3, n / 10));
     let w2 = hub.root.join("w2");
     std::fs::write(&w2, &v2["model.safetensors"]).unwrap();
     let c2 = hf.ok(
@@ -245,7 +232,7 @@ fn writes_need_a_write_token_for_the_repository() {
     writer.ok("create_repo", json!({"repo": "org/locked"}));
     let reader = hub.hf(&hub.token(&["--scope", "read"]));
     let f = hub.root.join("f");
-    std::fs::write(&f, weights(4, 200 << 10)).unwrap();
+    std::fs::write(&f, noise(4, 200 << 10)).unwrap();
     let e = reader.err(
         "upload_file",
         json!({"repo": "org/locked", "path_or_fileobj": f.to_str().unwrap(), "path_in_repo": "f"}),
@@ -269,7 +256,7 @@ fn racing_first_commits_keep_every_file() {
     let mut want = Files::new();
     let runs: Vec<_> = (0..n)
         .map(|i| {
-            let data = weights(10 + i as u64, 100 << 10);
+            let data = noise(10 + i as u64, 100 << 10);
             let path = hub.root.join(format!("r{i}"));
             std::fs::write(&path, &data).unwrap();
             want.insert(format!("f{i}.bin"), data);
@@ -300,7 +287,7 @@ fn lfs_batch_refuses_a_wrong_object() {
     let hub = Hub::new();
     let tok = hub.writer_token();
     let a = agent();
-    let good = weights(7, 3 << 20);
+    let good = noise(7, 3 << 20);
     let oid = Sha256::of(&good).to_string();
     let batch = |op: &str| -> Value {
         let url = format!("{}/org/lfs.git/info/lfs/objects/batch", hub.server.url);

@@ -14,24 +14,11 @@ use std::time::Instant;
 
 use cas_e2e::hub::{assert_same_files, Hf};
 use cas_e2e::standin::StandIn;
-use cas_e2e::{bin, fails, json_of, ok, ServerProcess};
+use cas_e2e::{bin, fails, json_of, noise, ok, ServerProcess};
 use cas_protocol::Sha256;
 use serde_json::{json, Value};
 
 type Files = BTreeMap<String, Vec<u8>>;
-
-/// Deterministic noise (incompressible, no repeats).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 /// A model: small JSON files, an empty file, a one-range LFS file and a
 /// 20 MiB one read in three ranges.
