@@ -559,6 +559,8 @@ struct GateState {
     stalled: bool,
     /// A request holding the pattern arrived and waits.
     held: bool,
+    /// Requests that held the pattern so far.
+    hits: usize,
     /// Everything flows from now on.
     open: bool,
     /// Only the first connection to reach the budget stalls; the others
@@ -577,7 +579,8 @@ struct GateState {
 /// The server names xorb URLs after the address clients connect to, never
 /// after their `Host` header, so starting a gate restarts the server with
 /// `--public-url` naming the gate (as a proxy in front of it would be
-/// configured), and [`close`](Gate::close) restarts it without.
+/// configured), and [`close`](Gate::close) restarts it without; a gate
+/// for uploads only ([`holding_nth`](Gate::holding_nth)) leaves it be.
 pub struct Gate {
     pub url: String,
     addr: SocketAddr,
@@ -592,7 +595,18 @@ impl Gate {
 
     /// A gate that holds the first request containing `pattern`.
     pub fn holding(server: &mut ServerProcess, pattern: &str) -> Self {
-        Self::new(server, u64::MAX, Some(pattern.as_bytes().to_vec()))
+        Self::new(server, u64::MAX, Some((pattern.as_bytes().to_vec(), 1)))
+    }
+
+    /// A gate in front of `server` as it runs, for uploads (which read no
+    /// xorb URL, so the server keeps its flags): the requests containing
+    /// `pattern` before the `nth` flow, the `nth` is held.
+    pub fn holding_nth(server: &ServerProcess, pattern: &str, nth: usize) -> Self {
+        Self::relaying(
+            &server.url,
+            u64::MAX,
+            Some((pattern.as_bytes().to_vec(), nth)),
+        )
     }
 
     /// A gate where one answer stalls for good after `budget` bytes and
@@ -610,11 +624,26 @@ impl Gate {
         server.restart_with(&[]);
     }
 
-    fn new(server: &mut ServerProcess, budget: u64, hold: Option<Vec<u8>>) -> Self {
+    fn new(server: &mut ServerProcess, budget: u64, hold: Option<(Vec<u8>, usize)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         server.restart_with(&["--public-url", &format!("http://{addr}")]);
-        let target = server.url.strip_prefix("http://").unwrap().to_owned();
+        Self::relay_from(listener, &server.url, budget, hold)
+    }
+
+    fn relaying(url: &str, budget: u64, hold: Option<(Vec<u8>, usize)>) -> Self {
+        Self::relay_from(TcpListener::bind("127.0.0.1:0").unwrap(), url, budget, hold)
+    }
+
+    /// Relays what `listener` accepts to the server at `url`.
+    fn relay_from(
+        listener: TcpListener,
+        url: &str,
+        budget: u64,
+        hold: Option<(Vec<u8>, usize)>,
+    ) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let target = url.strip_prefix("http://").unwrap().to_owned();
         let state: Arc<(Mutex<GateState>, Condvar)> = Arc::default();
         let s = state.clone();
         std::thread::spawn(move || {
@@ -629,12 +658,15 @@ impl Gate {
                 let (s1, s2, hold) = (s.clone(), s.clone(), hold.clone());
                 std::thread::spawn(move || {
                     Self::relay(from_client, to_server, &s1, |st, buf| {
-                        let hit = hold
-                            .as_ref()
-                            .is_some_and(|p| buf.windows(p.len()).any(|w| w == &p[..]));
-                        if hit && !st.open {
-                            st.held = true;
-                            return 0;
+                        let Some((pattern, nth)) = &hold else {
+                            return buf.len();
+                        };
+                        if !st.open && buf.windows(pattern.len()).any(|w| w == &pattern[..]) {
+                            st.hits += 1;
+                            if st.hits >= *nth {
+                                st.held = true;
+                                return 0;
+                            }
                         }
                         buf.len()
                     })

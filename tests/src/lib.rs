@@ -486,22 +486,39 @@ pub fn assert_same_bytes(want: &[u8], path: &Path) {
     );
 }
 
-/// A token signed with the key in `key`, from `cas-server token create
-/// ARGS` (for example `--scope read --repo org/*`).
 /// Incompressible bytes from a seed (xorshift, no repeats): chunks come
 /// out as large as they can, and no two seeds share content by accident.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    let mut out = vec![0; len];
+    std::io::Read::read_exact(&mut Noise::new(seed), &mut out).expect("endless");
+    out
 }
 
+/// The bytes of [`noise`] as an endless [`std::io::Read`] (`.take(n)`
+/// it), for objects too large to hold.
+pub struct Noise(u64);
+
+impl Noise {
+    pub fn new(seed: u64) -> Self {
+        Noise(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+}
+
+impl std::io::Read for Noise {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let x = &mut self.0;
+        for b in buf.iter_mut() {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            *b = (*x >> 24) as u8;
+        }
+        Ok(buf.len())
+    }
+}
+
+/// A token signed with the key in `key`, from `cas-server token create
+/// ARGS` (for example `--scope read --repo org/*`).
 pub fn token(key: &Path, args: &[&str]) -> String {
     let mut c = bin("cas-server");
     c.args(["token", "create", "--signing-key-file"])

@@ -152,21 +152,22 @@ fn key(kind: &str, id: &str) -> String {
 
 impl StandIn {
     pub fn start() -> Self {
-        Self::start_with_cdn(None)
+        Self::start_with_cdn("127.0.0.1", None)
     }
 
-    /// With `external`, large files redirect to `{cdn}/blobs/{sha256}` (another
-    /// server, say nginx, serving them) instead of the stand-in's own CDN
-    /// port.
-    pub fn start_with_cdn(external: Option<&str>) -> Self {
+    /// Listens on `host` (an address the clients reach, which its URLs
+    /// then name). With `external`, large files redirect to
+    /// `{cdn}/blobs/{sha256}` (another server, say nginx, serving them)
+    /// instead of the stand-in's own CDN port.
+    pub fn start_with_cdn(host: &str, external: Option<&str>) -> Self {
         let state = Arc::new(Mutex::new(State {
             retry_after: 1,
             ..State::default()
         }));
         let stop = Arc::new(AtomicBool::new(false));
         let cdn_bytes = Arc::new(AtomicU64::new(0));
-        let api = TcpListener::bind("127.0.0.1:0").unwrap();
-        let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
+        let api = TcpListener::bind((host, 0)).unwrap();
+        let cdn = TcpListener::bind((host, 0)).unwrap();
         let url = format!("http://{}", api.local_addr().unwrap());
         let cdn_url = match external {
             Some(u) => u.trim_end_matches('/').to_owned(),

@@ -472,3 +472,122 @@ fn the_agent_answers_every_failure_as_a_protocol_error() {
         "{lines:?}"
     );
 }
+
+/// The processes below `pid` (children, theirs, ...) whose name is `comm`.
+fn descendants_named(pid: u32, comm: &str) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32, String)> = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 2..]
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if let (Ok(p), Some(pp)) = (stat[..open].trim().parse::<u32>(), ppid) {
+            parent_of.push((p, pp, stat[open + 1..close].to_owned()));
+        }
+    }
+    let mut below = vec![pid];
+    let mut i = 0;
+    while i < below.len() {
+        let p = below[i];
+        below.extend(
+            parent_of
+                .iter()
+                .filter(|(_, pp, _)| *pp == p)
+                .map(|(c, _, _)| *c),
+        );
+        i += 1;
+    }
+    parent_of
+        .iter()
+        .filter(|(p, _, c)| c == comm && below[1..].contains(p))
+        .map(|(p, _, _)| *p)
+        .collect()
+}
+
+#[test]
+fn an_agent_killed_mid_push_resumes_without_sending_or_storing_twice() {
+    // Incompressible, so bytes sent and stored are the file's: three
+    // xorbs of the client's (64 MiB each at most).
+    const FILE_BYTES: usize = 160 << 20;
+    let s = Setup::new();
+    let token = s.token_for(&["read", "write"]);
+    s.credentials(&token);
+    let work = s.work_repo("resume");
+    let data = cas_e2e::noise(41, FILE_BYTES);
+    std::fs::write(work.join("w.safetensors"), &data).unwrap();
+    ok(s.git(&work, &["add", "-A"]));
+    ok(s.git(&work, &["commit", "-q", "-m", "w"]));
+    // The push goes through a gate that holds the second xorb PUT; this
+    // repository's lfs.url names the gate, and the agent serves it.
+    let gate = client::Gate::holding_nth(&s.server, "PUT /v1/xorbs/", 2);
+    let gate_lfs = format!("{}/org/resume.git/info/lfs", gate.url);
+    ok(s.git(&work, &["config", "lfs.url", &gate_lfs]));
+    ok(s.cas(&work, &["lfs-agent", "install", "--local"]));
+    let push = |what: &str| {
+        let mut c = s.git(&work, &["push", "-q", "origin", "main"]);
+        c.env("CAS_TOKEN", &token);
+        eprintln!("{what}");
+        c
+    };
+    let metrics = || Metrics::fetch(&s.server.url);
+
+    let first = push("first push")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        gate.wait_stalled(std::time::Duration::from_secs(300)),
+        "the second xorb PUT never came"
+    );
+    // The first xorb's PUT may still be streaming beside the held one.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while metrics().get("cas_xorbs") < 1 {
+        assert!(
+            std::time::Instant::now() < until,
+            "the first xorb was never stored"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // git-lfs starts lfs.concurrenttransfers agents (8); one has the
+    // object. All die.
+    let agents = descendants_named(first.id(), "cas-client");
+    assert!(!agents.is_empty(), "no agent under git push");
+    let mut kill = Command::new("kill");
+    kill.arg("-9").args(agents.iter().map(u32::to_string));
+    ok(kill);
+    gate.release();
+    let out = first.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", show(&out));
+    let m = metrics();
+    let (sent1, stored1) = (m.get("cas_bytes_in_total"), m.get("cas_stored_bytes"));
+    assert_eq!(m.get("cas_xorbs"), 1, "only the first xorb got through");
+    assert!(stored1 >= 32 << 20, "the first xorb holds {stored1} bytes");
+
+    // Pushed again: the stored xorb's chunks are not sent again.
+    ok(push("second push"));
+    let m = metrics();
+    let sent2 = m.get("cas_bytes_in_total") - sent1;
+    let stored = m.get("cas_stored_bytes");
+    let file = FILE_BYTES as u64;
+    eprintln!("first push sent {sent1} bytes ({stored1} stored), the second {sent2}; {stored} stored in all");
+    assert!(
+        sent2 <= file - stored1 + (1 << 20),
+        "the second push sent {sent2} bytes, {stored1} of {file} being stored"
+    );
+    assert!(
+        (file..file + file / 100).contains(&stored),
+        "{stored} bytes stored for a {file}-byte file"
+    );
+    // Cloned (basic transfer, through .lfsconfig's lfs.url) byte-identical.
+    s.credentials(&s.token_for(&["read"]));
+    let clone = s.clone("resume", "clone");
+    cas_e2e::assert_same_bytes(&data, &clone.join("w.safetensors"));
+}

@@ -1,12 +1,17 @@
 //! The S3 store end to end: real cas-server and cas-client binaries over a
-//! real SeaweedFS (`weed server -s3`, scripts/setup-seaweedfs).
+//! real SeaweedFS (`weed server -s3`, scripts/setup-seaweedfs); with
+//! `cas-client mirror` from the tests' stand-in Hub, a model family copied
+//! into the bucket.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cas_e2e::client::{cas_as, ok};
+use cas_e2e::hub::assert_same_files;
 use cas_e2e::s3::Weed;
-use cas_e2e::{agent, assert_same_bytes, body, json_of, Metrics};
+use cas_e2e::standin::StandIn;
+use cas_e2e::{agent, assert_same_bytes, body, json_of, noise, Metrics};
 use cas_protocol::xorb::{BuiltXorb, Compression, EncodedChunk, XorbBuilder};
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
@@ -723,4 +728,82 @@ fn online_gc_frees_a_dead_xorb_in_the_bucket() {
     let m = Metrics::fetch(&node.url);
     assert_eq!(m.get("cas_gc_runs_total"), 2);
     assert!(m.get("cas_gc_bytes_freed_total") > 0);
+}
+
+/// The team's S3 copy of a model family, one `cas-client mirror` per
+/// model: every object lands in the bucket under the node's prefix (none
+/// on its disk); the fine-tune mirrored after its base sends only the
+/// chunks it changed; another node on the same bucket, which saw none of
+/// it, serves both back byte-identical.
+#[test]
+fn a_model_family_mirrors_into_the_bucket_for_everyone() {
+    let weed = Weed::start();
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let a = weed.node(&a_dir, "team/hf", &[]);
+    let hub = StandIn::start();
+    let base: BTreeMap<String, Vec<u8>> = [
+        ("config.json", br#"{"hidden_size": 64}"#.to_vec()),
+        ("tokenizer.json", noise(70, 300 << 10)),
+        ("model.safetensors", noise(71, 20 << 20)),
+    ]
+    .into_iter()
+    .map(|(p, d)| (p.to_owned(), d))
+    .collect();
+    let mut tuned = base.clone();
+    let weights = tuned.get_mut("model.safetensors").unwrap();
+    weights[8 << 20..9 << 20].copy_from_slice(&noise(72, 1 << 20));
+    hub.commit(
+        "models/org/base",
+        "main",
+        "1111111111111111111111111111111111111111",
+        &base,
+    );
+    hub.commit(
+        "models/org/base-ft",
+        "main",
+        "2222222222222222222222222222222222222222",
+        &tuned,
+    );
+    let mirror = |id: &str| {
+        let mut c = cas_as(None, &a.url, None, "mirror", dir.path());
+        c.env_remove("HF_TOKEN")
+            .env("HF_ENDPOINT", &hub.url)
+            .env("HF_HOME", dir.path().join("hf-home"))
+            .env("CAS_AUTHOR", "tester")
+            .args(["--json", id]);
+        json_of(ok(c))
+    };
+
+    let first = mirror("org/base");
+    assert_eq!(first["files"], 3, "{first}");
+    let xorbs = weed.keys("team/hf/xorbs/").len();
+    assert!(xorbs > 0 && !weed.keys("team/hf/shards/").is_empty());
+    assert!(!weed.keys("team/hf/refs/").is_empty(), "the branch too");
+    assert!(!a_dir.join("objects").exists(), "no objects on the node");
+    let second = mirror("org/base-ft");
+    let sent = second["upload"]["sent_bytes"].as_u64().unwrap();
+    assert!(
+        sent < 2 << 20,
+        "the fine-tune sends its changed MiB, not {sent} bytes: {second}"
+    );
+    assert!(weed.keys("team/hf/xorbs/").len() > xorbs);
+
+    let b = weed.node(&dir.path().join("b"), "team/hf", &[]);
+    let want = Metrics::fetch(&a.url).get("cas_files");
+    let start = Instant::now();
+    while Metrics::fetch(&b.url).count("cas_files") < want {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node b caught up with {want} files"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (id, files) in [("org/base", &base), ("org/base-ft", &tuned)] {
+        let out = dir.path().join(id.replace('/', "-"));
+        let mut c = cas_as(None, &b.url, None, "fetch", dir.path());
+        c.arg(id).arg("-o").arg(&out);
+        ok(c);
+        assert_same_files(files, &out);
+    }
 }

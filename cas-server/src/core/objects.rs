@@ -103,7 +103,6 @@ enum Piece {
 pub struct ObjectWriter<O, I> {
     tx: mpsc::Sender<Piece>,
     done: tokio::task::JoinHandle<Result<ObjectPut, CoreError>>,
-    _turn: Option<OwnedMutexGuard<()>>,
     _core: std::marker::PhantomData<fn() -> (O, I)>,
 }
 
@@ -158,11 +157,16 @@ impl<O: ObjectStore, I: Index> Core<O, I> {
         };
         let (tx, rx) = mpsc::channel(INGEST_QUEUE);
         let ingest = Ingest::new(self.clone(), kind, tokio::runtime::Handle::current());
-        let done = tokio::task::spawn_blocking(move || ingest.run(rx, expect));
+        let done = tokio::task::spawn_blocking(move || {
+            // The turn ends with the ingest, not with its writer: an upload
+            // cut short may still be storing a xorb from its queue, which
+            // the next try must find to deduplicate against.
+            let _turn = turn;
+            ingest.run(rx, expect)
+        });
         Ok(ObjectSlot::Write(ObjectWriter {
             tx,
             done,
-            _turn: turn,
             _core: std::marker::PhantomData,
         }))
     }

@@ -78,6 +78,15 @@ impl Route {
             Route::Upload => Method::PUT,
         }
     }
+
+    /// The token scope the route needs (`write` too for a batch that
+    /// uploads): none for an upload, whose URL is its capability.
+    pub(crate) fn scope(self) -> Option<Scope> {
+        match self {
+            Route::Batch | Route::Verify => Some(Scope::Read),
+            Route::Upload => None,
+        }
+    }
 }
 
 /// What an LFS path names (segments still percent-encoded).
@@ -246,31 +255,18 @@ async fn serve<O: ObjectStore, I: Index>(
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Result<Response<Body>, LfsError> {
-    match route {
-        Route::Batch => {
-            let grant = access(app, &req, peer, Scope::Read)?;
-            let repo = target.repo(&grant)?;
-            batch(app, &repo, req, peer, local).await
-        }
-        Route::Verify => {
-            let grant = access(app, &req, peer, Scope::Read)?;
-            target.repo(&grant)?;
-            verify(app, req).await
-        }
-        Route::Upload => upload(app, target, req, peer)
+    let Some(scope) = route.scope() else {
+        return upload(app, target, req, peer)
             .await
-            .map_err(LfsError::fatal_to_git_lfs),
+            .map_err(LfsError::fatal_to_git_lfs);
+    };
+    let grant = super::check_access(app, &req, peer, Some(scope))?;
+    let repo = target.repo(&grant)?;
+    match route {
+        Route::Batch => batch(app, &repo, req, peer, local).await,
+        Route::Verify => verify(app, req).await,
+        Route::Upload => unreachable!("answered above"),
     }
-}
-
-/// The access check of a route that needs a token with `scope`.
-fn access<O, I>(
-    app: &App<O, I>,
-    req: &Request<Incoming>,
-    peer: SocketAddr,
-    scope: Scope,
-) -> Result<Grant, LfsError> {
-    Ok(super::check_access(app, req, peer, Some(scope))?)
 }
 
 impl Target<'_> {

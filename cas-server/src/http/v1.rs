@@ -1005,20 +1005,26 @@ async fn check_xorb<O: ObjectStore, I: Index>(
 mod tests {
     use super::*;
 
-    /// docs/openapi.json and the router describe the same operations.
+    /// docs/openapi.json and the router describe the same operations, each
+    /// path taken by the frontend that takes it in `super::super::serve`
+    /// (Git LFS, then the Hub API, then v1).
     #[test]
     fn openapi_matches_router() {
+        use super::super::{hf, lfs};
         let spec: serde_json::Value =
             serde_json::from_str(include_str!("../../../docs/openapi.json")).expect("valid JSON");
         let mut seen = Vec::new();
         let mut hub = Vec::new();
+        let mut git_lfs = Vec::new();
         for (path, ops) in spec["paths"].as_object().expect("paths") {
             let concrete = path
                 .replace("{hash}", &"a".repeat(64))
+                .replace("{oid}", &"b".repeat(64))
                 .replace("{type}", "models")
                 .replace("{org}", "org")
                 .replace("{name}", "name")
                 .replace("{rev}", "main")
+                .replace("{path}", "dir/w.safetensors")
                 .replace("{tag}", "v1")
                 .replace("{branch}", "dev")
                 .replace("{range}", "0-1")
@@ -1028,47 +1034,55 @@ mod tests {
                     continue;
                 }
                 let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
-                if path.starts_with("/api/") {
-                    // The Hub API's write routes (hf/write.rs).
-                    let Some(Ok((r, _))) = super::super::hf::route(&m, &concrete) else {
-                        panic!("{method} {path} is no Hub route");
+                let what = format!("{method} {path}");
+                let (name, scope) = if let Some(routed) = lfs::route(&m, &concrete) {
+                    let Ok(Some((r, _))) = routed else {
+                        panic!("{what} is no Git LFS operation");
                     };
-                    assert_eq!(op["operationId"], r.name(), "{method} {path}");
-                    assert_eq!(op["x-scope"], r.scope().to_string(), "{method} {path}");
-                    assert!(op["responses"]["401"].is_object(), "{method} {path}");
+                    git_lfs.push(r);
+                    (r.name(), r.scope())
+                } else if let Some(routed) = hf::route(&m, &concrete) {
+                    let (r, _) = routed.unwrap_or_else(|e| panic!("{what}: {e:?}"));
                     hub.push(r);
-                    continue;
-                }
-                let (r, _) =
-                    route(&m, &concrete).unwrap_or_else(|e| panic!("{method} {path}: {e:?}"));
-                assert_eq!(op["operationId"], r.name(), "{method} {path}");
-                let scope = r.scope().map(|s| s.to_string());
-                assert_eq!(op["x-scope"].as_str(), scope.as_deref(), "{method} {path}");
+                    (r.name(), Some(r.scope()))
+                } else {
+                    let (r, _) = route(&m, &concrete).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+                    seen.push(r);
+                    (r.name(), r.scope())
+                };
+                assert_eq!(op["operationId"], name, "{what}");
+                let scope = scope.map(|s| s.to_string());
+                assert_eq!(op["x-scope"].as_str(), scope.as_deref(), "{what}");
+                assert_eq!(op["security"].is_array(), scope.is_some(), "{what}");
                 assert_eq!(
-                    op["security"].is_array(),
+                    op["responses"]["401"].is_object(),
                     scope.is_some(),
-                    "{method} {path}"
+                    "{what}"
                 );
-                assert_eq!(op["responses"]["401"].is_object(), scope.is_some());
-                assert!(op["responses"]["403"].is_object(), "{method} {path}");
-                seen.push(r);
+                assert!(op["responses"]["403"].is_object(), "{what}");
             }
         }
         for r in Route::ALL {
             assert!(seen.contains(&r), "{r:?} is not in docs/openapi.json");
         }
-        {
-            use super::super::hf::Route as Hub;
-            for r in [
-                Hub::RepoCreate,
-                Hub::Preupload,
-                Hub::Commit,
-                Hub::Branch,
-                Hub::Tag,
-                Hub::ValidateYaml,
-            ] {
-                assert!(hub.contains(&r), "{r:?} is not in docs/openapi.json");
-            }
+        for r in [
+            hf::Route::Info,
+            hf::Route::Tree,
+            hf::Route::Refs,
+            hf::Route::Commits,
+            hf::Route::PathsInfo,
+            hf::Route::Resolve,
+            hf::Route::RepoCreate,
+            hf::Route::Preupload,
+            hf::Route::Commit,
+            hf::Route::Branch,
+            hf::Route::Tag,
+            hf::Route::ValidateYaml,
+        ] {
+            assert!(hub.contains(&r), "{r:?} is not in docs/openapi.json");
+        }
+        for r in [lfs::Route::Batch, lfs::Route::Verify, lfs::Route::Upload] {
+            assert!(git_lfs.contains(&r), "{r:?} is not in docs/openapi.json");
         }
         assert_eq!(
             route(&Method::DELETE, "/v1/xorbs/x"),

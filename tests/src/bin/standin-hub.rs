@@ -1,8 +1,10 @@
-//! `standin-hub DIR [datasets/]ORG/NAME [--cdn URL BLOBS]`: serves the
+//! `standin-hub DIR [datasets/]ORG/NAME [--listen HOST] [--cdn URL BLOBS]`: serves the
 //! files under DIR as revision `main` of that model (or dataset) from the tests' stand-in Hub
 //! (tests/src/standin.rs) for benchmarks (bench/mirror-bench). With
 //! `--cdn`, large files redirect to `URL/blobs/<sha256>`, and BLOBS gets a
 //! symlink `<sha256>` to each, for a web server (nginx) at URL to serve.
+//! `--listen` binds HOST (default 127.0.0.1), say the server end of
+//! bench/shaped-link.
 //! Prints `standin-hub listening on <url>` and serves until killed.
 
 use std::collections::BTreeMap;
@@ -28,19 +30,22 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: standin-hub DIR [datasets/]ORG/NAME [--cdn URL BLOBS]";
+    let usage = "usage: standin-hub DIR [datasets/]ORG/NAME [--listen HOST] [--cdn URL BLOBS]";
     let (dir, id) = match (args.first(), args.get(1)) {
         (Some(d), Some(i)) => (PathBuf::from(d), i.clone()),
         _ => panic!("{usage}"),
     };
-    let cdn = match args.get(2).map(String::as_str) {
-        Some("--cdn") => Some((
-            args.get(3).expect(usage).clone(),
-            PathBuf::from(args.get(4).expect(usage)),
-        )),
-        None => None,
-        Some(_) => panic!("{usage}"),
-    };
+    let mut host = "127.0.0.1".to_owned();
+    let mut cdn = None;
+    let mut rest = args[2..].iter();
+    while let Some(flag) = rest.next() {
+        let mut value = || rest.next().expect(usage).clone();
+        match flag.as_str() {
+            "--listen" => host = value(),
+            "--cdn" => cdn = Some((value(), PathBuf::from(value()))),
+            _ => panic!("{usage}"),
+        }
+    }
     let mut files = BTreeMap::new();
     walk(&dir, &dir, &mut files);
     if let Some((_, blobs)) = &cdn {
@@ -54,7 +59,7 @@ fn main() {
             }
         }
     }
-    let hub = StandIn::start_with_cdn(cdn.as_ref().map(|c| c.0.as_str()));
+    let hub = StandIn::start_with_cdn(&host, cdn.as_ref().map(|c| c.0.as_str()));
     let key = if id.starts_with("datasets/") {
         id.clone()
     } else {
