@@ -154,7 +154,7 @@ impl Env {
 }
 
 /// The client's variables a test's own environment must not leak in.
-const CLIENT_VARIABLES: [&str; 8] = [
+const CLIENT_VARIABLES: [&str; 9] = [
     "CAS_TOKEN",
     "CAS_AUTHOR",
     "CAS_CACHE_SIZE",
@@ -162,6 +162,7 @@ const CLIENT_VARIABLES: [&str; 8] = [
     "CAS_UPLOADS",
     "CAS_LOG",
     "CAS_STALL_TIMEOUT",
+    "CAS_VERIFY_SHA256",
     "XDG_CACHE_HOME",
 ];
 
