@@ -95,6 +95,11 @@ pub struct FetchOptions {
     pub force: bool,
     /// Fetch a tree's listing as a plain file instead of restoring it.
     pub raw: bool,
+    /// Also compute each file's SHA-256 and compare it with the one
+    /// recorded at upload. The file hash, which commits to every byte, is
+    /// checked either way; the SHA-256 is the uploader's claim, checked
+    /// only when asked (docs/SECURITY.md, "What fetch verifies").
+    pub verify_sha256: bool,
 }
 
 /// A client of one server. Cheap to clone; clones share connections, the
@@ -130,6 +135,7 @@ impl Client {
                 cache,
                 connections: Arc::new(tokio::sync::Semaphore::new(config.connections.max(1))),
                 progress: Arc::new(NoProgress),
+                verify_sha256: false,
             },
             connections: config.connections.max(1),
             upload_concurrency: config.upload_concurrency,
@@ -262,22 +268,29 @@ impl Client {
         dest: &Path,
         options: FetchOptions,
     ) -> Result<FetchReport> {
-        let FetchOptions { force, raw } = options;
+        let FetchOptions {
+            force,
+            raw,
+            verify_sha256,
+        } = options;
         let started = Instant::now();
+        let fetcher = &fetch::Fetcher {
+            verify_sha256,
+            ..self.fetcher.clone()
+        };
         let info = self.stat(file).await?;
         let tree = if raw { None } else { self.tree(&info).await? };
-        let progress = &self.fetcher.progress;
+        let progress = &fetcher.progress;
         let (outcome, files, bytes) = match &tree {
             Some(t) => {
                 let bytes = t.entries.iter().map(|e| e.size).sum();
                 progress.start(Stage::Download, Some(bytes));
-                let o =
-                    restore::fetch_tree(&self.fetcher, t, dest, force, self.connections).await?;
+                let o = restore::fetch_tree(fetcher, t, dest, force, self.connections).await?;
                 (o, t.entries.len() as u64, bytes)
             }
             None => {
                 progress.start(Stage::Download, Some(info.size));
-                let o = restore::fetch_file(&self.fetcher, &info, dest, force).await?;
+                let o = restore::fetch_file(fetcher, &info, dest, force).await?;
                 (o, 1, info.size)
             }
         };

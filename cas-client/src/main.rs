@@ -149,6 +149,11 @@ enum Command {
         /// Fetch a tree's listing as a plain file instead of restoring it.
         #[arg(long)]
         raw: bool,
+        /// Also compute every file's SHA-256 and check it against the one
+        /// recorded at upload (the file hash, which commits to every byte,
+        /// is always checked).
+        #[arg(long, env = "CAS_VERIFY_SHA256")]
+        verify_sha256: bool,
         #[arg(long)]
         json: bool,
     },
@@ -668,10 +673,15 @@ async fn run(command: Command) -> Result<()> {
             output,
             force,
             raw,
+            verify_sha256,
             json: as_json,
         } => {
             let client = remote.client()?;
-            let options = FetchOptions { force, raw };
+            let options = FetchOptions {
+                force,
+                raw,
+                verify_sha256,
+            };
             if let Ok(hash) = target.parse::<FileHash>() {
                 let dest = output.unwrap_or_else(|| PathBuf::from(hash.to_string()));
                 let r = client.fetch(hash, &dest, options).await?;

@@ -648,14 +648,18 @@ struct Planner {
     out: Plan,
 }
 
-/// Buffers of xorbs the server has taken, for the next xorbs to be built
-/// in: at most one per upload slot, so they hold no more memory than the
-/// xorbs in flight did.
+/// Buffers done with, for the next ones to be filled in (of xorbs the
+/// server has taken, at most one per upload slot; of a mirror's parts
+/// read, at most one per part in memory), so they hold no more memory than
+/// those in flight did, and large buffers are not freed and allocated
+/// anew all the time (the allocator keeps much of what is freed, and the
+/// process grows by it).
 #[derive(Clone, Default)]
-struct Spare(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+pub(crate) struct Spare(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
 
 impl Spare {
-    fn take(&self) -> Vec<u8> {
+    /// A spare buffer (empty, with its capacity), else a new empty one.
+    pub(crate) fn take(&self) -> Vec<u8> {
         self.0
             .lock()
             .expect("not poisoned")
@@ -663,11 +667,13 @@ impl Spare {
             .unwrap_or_default()
     }
 
-    /// Keeps the buffer of a sent xorb, if nothing else holds it.
-    fn give(&self, sent: Bytes, most: usize) {
-        if let Ok(b) = sent.try_into_mut() {
+    /// Keeps the buffer of `sent` (emptied), if nothing else holds it and
+    /// fewer than `most` are kept.
+    pub(crate) fn give(&self, sent: Bytes, most: usize) {
+        if let Ok(mut b) = sent.try_into_mut() {
             let mut spare = self.0.lock().expect("not poisoned");
             if spare.len() < most {
+                b.clear();
                 spare.push(Vec::from(b));
             }
         }

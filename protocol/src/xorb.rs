@@ -243,6 +243,11 @@ impl<'a> Frames<'a> {
         }
     }
 
+    /// Bytes of the input read so far: the end of the last frame yielded.
+    pub fn consumed(&self) -> usize {
+        self.cur.pos
+    }
+
     fn read(&mut self) -> Result<Frame<'a>, XorbError> {
         let index = self.index;
         let h = self.cur.take(FRAME_HEADER_LEN)?;

@@ -161,7 +161,7 @@ impl Env {
 
 /// The client's variables, and those of the proxies and CAs it trusts, a
 /// test's own environment must not leak in.
-const CLIENT_VARIABLES: [&str; 18] = [
+const CLIENT_VARIABLES: [&str; 19] = [
     "CAS_TOKEN",
     "CAS_AUTHOR",
     "CAS_CACHE_SIZE",
@@ -169,6 +169,7 @@ const CLIENT_VARIABLES: [&str; 18] = [
     "CAS_UPLOADS",
     "CAS_LOG",
     "CAS_STALL_TIMEOUT",
+    "CAS_VERIFY_SHA256",
     "XDG_CACHE_HOME",
     "HTTP_PROXY",
     "http_proxy",

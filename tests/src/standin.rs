@@ -110,6 +110,8 @@ pub struct Seen {
     pub rate_limited: u64,
     /// CDN requests answered 403 as expired.
     pub cdn_expired: u64,
+    /// Most `/resolve/` requests inside their added latency at once.
+    pub resolve_peak: u64,
 }
 
 #[derive(Default)]
@@ -128,6 +130,8 @@ struct State {
     /// Added to every `/resolve/` answer, as the round trip to the real
     /// Hub adds it.
     latency: Duration,
+    /// `/resolve/` requests inside their latency now.
+    resolving: u64,
     /// The next this many CDN requests for this blob answer 403.
     expire: Option<(String, u64)>,
     /// Paths whose bytes are served with one byte changed.
@@ -504,7 +508,13 @@ impl Ctx {
         let resolve = !req.path.starts_with("/api/");
         let latency = self.state.lock().unwrap().latency;
         if resolve && !latency.is_zero() {
+            {
+                let mut s = self.state.lock().unwrap();
+                s.resolving += 1;
+                s.seen.resolve_peak = s.seen.resolve_peak.max(s.resolving);
+            }
             std::thread::sleep(latency);
+            self.state.lock().unwrap().resolving -= 1;
         }
         let mut s = self.state.lock().unwrap();
         if resolve {

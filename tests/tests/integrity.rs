@@ -114,6 +114,8 @@ fn a_file_that_looks_like_a_tree_stays_a_file() {
 /// Once committed, a file's SHA-256 is fixed: a shard claiming another one
 /// is refused and every fetch still works. A false claim that came first is
 /// corrected by the first true one (the server computes it from the bytes).
+/// Until then a fetch delivers the right bytes (the file hash is checked),
+/// and `--verify-sha256` refuses the file, alone or in a tree.
 #[test]
 fn a_forged_sha256_cannot_break_a_file() {
     let env = Env::new();
@@ -138,16 +140,44 @@ fn a_forged_sha256_cannot_break_a_file() {
         env.stat(&forged_hash)["sha256"],
         Sha256::of(b"forged").to_string()
     );
-    let err = fails(env.fetch(&forged_hash, &out));
+    ok(env.fetch(&forged_hash, &out));
+    assert_same_bytes(&other, &out);
+    let verified = |hash: &str, dest: &Path| {
+        let mut c = env.fetch(hash, dest);
+        c.arg("--verify-sha256");
+        c
+    };
+    std::fs::remove_file(&out).unwrap();
+    let err = fails(verified(&forged_hash, &out));
     assert!(err.contains("SHA-256"), "{err}");
+    assert!(!out.exists(), "a refused file was put in place");
+    // The same file in a tree goes through the small-file batches (a tree
+    // uploaded as a listing: uploading the file would correct its record).
+    let listing = Tree::new(vec![TreeEntry {
+        path: "other.bin".into(),
+        mode: 0o644,
+        size: other.len() as u64,
+        file: forged.files[0],
+    }])
+    .to_bytes();
+    let tree = cas_e2e::upload_with(&url, &[&listing], Kind::Tree, Sha256::of)
+        .unwrap()
+        .files[0]
+        .to_string();
+    let restored = env.root.join("restored");
+    let err = fails(verified(&tree, &restored));
+    assert!(err.contains("SHA-256"), "{err}");
+    assert!(!restored.join("other.bin").exists());
     let path = env.write("other.bin", &other);
     assert_eq!(root_hash(&env.upload(&path)), forged_hash);
     assert_eq!(
         env.stat(&forged_hash)["sha256"],
         Sha256::of(&other).to_string()
     );
-    ok(env.fetch(&forged_hash, &out));
+    ok(verified(&forged_hash, &out));
     assert_same_bytes(&other, &out);
+    ok(verified(&tree, &restored));
+    assert_same_bytes(&other, &restored.join("other.bin"));
 }
 
 /// A xorb whose object disappeared: reads of files that need it say so,

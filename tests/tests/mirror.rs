@@ -211,10 +211,12 @@ fn a_dataset_of_thousands_of_small_files_mirrors() {
         "3000 small files, 20 ms per request, 16 connections: {seconds:.1} s, {:.0} files/s",
         3000.0 / seconds
     );
-    // 16 requests at a time would need 3000 * 20 ms / 16 = 3.75 s.
+    // More requests in flight than connections: small files share slots
+    // (the time is printed, not asserted: bench/mirror-bench measures it).
+    let peak = env.hub.seen().resolve_peak;
     assert!(
-        seconds < 3.0,
-        "small files share connections' slots: {seconds}"
+        peak > 16,
+        "small files do not share connections' slots: {peak} in flight at most"
     );
     assert_eq!(r["files"], 3000);
     assert_eq!(

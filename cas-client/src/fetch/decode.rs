@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cas_protocol::messages::ChunkLocation;
-use cas_protocol::xorb::Frames;
+use cas_protocol::xorb::{Frame, Frames};
 use cas_protocol::{ChunkHash, ChunkInfo, ChunkRange, RangeHash, XorbHash};
 
 use super::plan::{PlacedTerm, Unit, Window};
@@ -88,61 +88,82 @@ impl UnitDecoder {
     }
 
     /// Consumes whole frames; returns the window bytes written.
+    /// Frames go to the cache entry (`tee`) in pieces right after they are
+    /// decoded, while they are still in the CPU's cache: on a machine with
+    /// little memory bandwidth, copying a cold 4 MiB batch costs more than
+    /// decoding it.
     pub fn feed(&mut self, frames: &[u8]) -> Result<u64> {
-        if let Some(t) = &mut self.tee {
-            t.write(frames);
-        }
+        const TEE_PIECE: usize = 256 << 10;
         let mut written = 0;
-        for frame in Frames::new(frames, self.next_index as usize) {
+        let mut teed = 0;
+        let mut it = Frames::new(frames, self.next_index as usize);
+        while let Some(frame) = it.next() {
             let frame = frame.map_err(|e| self.corrupt(e.to_string()))?;
             let k = self.next_index;
             self.next_index += 1;
-            if k < self.want.start || k >= self.want.end {
-                continue;
+            if k >= self.want.start && k < self.want.end {
+                written += self.place(k, &frame)?;
             }
-            self.chunk.clear();
-            frame
-                .decode_into(k as usize, &mut self.chunk)
-                .map_err(|e| self.corrupt(e.to_string()))?;
-            let info = ChunkInfo {
-                hash: ChunkHash::of(&self.chunk),
-                len: self.chunk.len() as u32,
-            };
-            while self
-                .terms
-                .get(self.next_term)
-                .is_some_and(|t| t.placed.term.chunks.start == k)
-            {
-                self.active.push(self.next_term);
-                self.next_term += 1;
-            }
-            for &i in &self.active {
-                let t = &mut self.terms[i];
-                let pos = t.placed.offset + t.done;
-                written += self.window.put(&*self.sink, pos, &self.chunk)?;
-                t.done += u64::from(info.len);
-                t.infos.push(info);
-                let term = t.placed.term;
-                if term.chunks.end == k + 1
-                    && (t.done != term.len || RangeHash::from_chunks(&t.infos) != term.range_hash)
-                {
-                    return Err(self.corrupt(format!(
-                        "chunks {}..{} do not hash to the reconstruction's range hash",
-                        term.chunks.start, term.chunks.end
-                    )));
+            if let Some(t) = &mut self.tee {
+                let end = it.consumed();
+                if end - teed >= TEE_PIECE {
+                    t.write(&frames[teed..end]);
+                    teed = end;
                 }
             }
-            self.located.push((
-                info.hash,
-                ChunkLocation {
-                    xorb: self.xorb,
-                    index: k,
-                },
-            ));
-            let terms = &self.terms;
-            self.active
-                .retain(|&i| terms[i].placed.term.chunks.end > k + 1);
         }
+        if let Some(t) = &mut self.tee {
+            t.write(&frames[teed..]);
+        }
+        Ok(written)
+    }
+
+    /// Decodes chunk `k` and writes it to every term that uses it;
+    /// returns the window bytes written.
+    fn place(&mut self, k: u32, frame: &Frame<'_>) -> Result<u64> {
+        let mut written = 0;
+        self.chunk.clear();
+        frame
+            .decode_into(k as usize, &mut self.chunk)
+            .map_err(|e| self.corrupt(e.to_string()))?;
+        let info = ChunkInfo {
+            hash: ChunkHash::of(&self.chunk),
+            len: self.chunk.len() as u32,
+        };
+        while self
+            .terms
+            .get(self.next_term)
+            .is_some_and(|t| t.placed.term.chunks.start == k)
+        {
+            self.active.push(self.next_term);
+            self.next_term += 1;
+        }
+        for &i in &self.active {
+            let t = &mut self.terms[i];
+            let pos = t.placed.offset + t.done;
+            written += self.window.put(&*self.sink, pos, &self.chunk)?;
+            t.done += u64::from(info.len);
+            t.infos.push(info);
+            let term = t.placed.term;
+            if term.chunks.end == k + 1
+                && (t.done != term.len || RangeHash::from_chunks(&t.infos) != term.range_hash)
+            {
+                return Err(self.corrupt(format!(
+                    "chunks {}..{} do not hash to the reconstruction's range hash",
+                    term.chunks.start, term.chunks.end
+                )));
+            }
+        }
+        self.located.push((
+            info.hash,
+            ChunkLocation {
+                xorb: self.xorb,
+                index: k,
+            },
+        ));
+        let terms = &self.terms;
+        self.active
+            .retain(|&i| terms[i].placed.term.chunks.end > k + 1);
         Ok(written)
     }
 

@@ -63,6 +63,9 @@ pub(crate) struct Fetcher {
     /// Bounds concurrent range GETs across everything this client does.
     pub connections: Arc<Semaphore>,
     pub progress: Arc<dyn Progress>,
+    /// Whether restored files' SHA-256 is computed and checked too
+    /// ([`crate::FetchOptions::verify_sha256`]).
+    pub verify_sha256: bool,
 }
 
 impl Fetcher {

@@ -119,9 +119,11 @@ impl Transfers for StoreTransfers {
             )
         })?;
         let dest = self.download_dir.join(d.oid.to_string());
+        // The object id is the SHA-256: it is what git-lfs asked for.
         let options = FetchOptions {
             force: true,
             raw: true,
+            verify_sha256: true,
         };
         self.client
             .clone()

@@ -10,9 +10,9 @@
 //!    (`POST /v1/sha256`): LFS files by their listed SHA-256, small files
 //!    by the SHA-256 the [`journal`] learned for their git blob id;
 //! 3. download the rest: the files cut into parts (a large file into
-//!    ranges of [`PART`] bytes, a small file whole), fetched `connections`
-//!    at a time (up to [`BUNDLE_FILES`] small files taking one slot) and
-//!    handed on in order, so at most `connections` × [`PART`] bytes are in
+//!    ranges of [`part_size`] bytes, a small file whole), fetched
+//!    `connections` at a time (up to [`BUNDLE_FILES`] small files taking
+//!    one slot) and handed on in order, so about [`WINDOW`] bytes are in
 //!    memory;
 //! 4. upload: the parts stream into the upload pipeline (chunk, hash,
 //!    dedup, pack, upload) in groups of [`GROUP_BYTES`] or [`GROUP_FILES`];
@@ -46,15 +46,20 @@ use tokio::sync::{mpsc, OnceCell};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::progress::Stage;
-use crate::upload::{Input, Listed, Pipeline, Scan, Source};
+use crate::upload::{Input, Listed, Pipeline, Scan, Source, Spare};
 use crate::{Client, UploadReport};
 use cas_protocol::tree::Tree;
 use cas_protocol::FileHash;
 use journal::Journal;
 use upstream::{Entry, Upstream};
 
-/// Bytes per ranged request of a large file (and the size from which a
-/// file is read in several ranges at once).
+/// Downloaded bytes in memory at once, about: the parts of the
+/// `connections` requests in flight, which are handed on in order. A part
+/// (a ranged request of a large file, the size from which a file is read
+/// in several ranges at once, the most a bundle of small files holds) is
+/// this divided by the connections, from [`MIN_PART`] to [`PART`].
+pub const WINDOW: u64 = 64 << 20;
+pub const MIN_PART: u64 = 1 << 20;
 pub const PART: u64 = 8 << 20;
 /// A group of downloaded files is committed once it holds this many bytes
 /// or files (a larger file is a group of its own): what a rerun after a
@@ -62,7 +67,7 @@ pub const PART: u64 = 8 << 20;
 pub const GROUP_BYTES: u64 = 32 << 20;
 pub const GROUP_FILES: usize = 1000;
 /// Consecutive small files fetched together as one of the `connections`
-/// slots (at most [`PART`] bytes in all): the Hub has no batch download,
+/// slots (at most a part's bytes in all): the Hub has no batch download,
 /// so a repository of small files gets this many times more requests in
 /// flight, for no more memory.
 pub const BUNDLE_FILES: usize = 4;
@@ -196,6 +201,10 @@ struct Arrivals {
     /// read.
     failure: Arc<Mutex<Option<Error>>>,
     host: String,
+    /// Where the parts read go, for the download to fill again.
+    spare: Spare,
+    /// How many [`Arrivals::spare`] keeps.
+    keep: usize,
 }
 
 /// Reads one file's bytes off [`Arrivals`].
@@ -203,15 +212,34 @@ struct Reader<'a> {
     rx: MutexGuard<'a, mpsc::Receiver<Result<Bytes>>>,
     failure: &'a Mutex<Option<Error>>,
     left: u64,
+    /// What is left to read of `part`.
     piece: Bytes,
+    part: Bytes,
     blob: Option<sha1::Sha1>,
+    spare: &'a Spare,
+    keep: usize,
+}
+
+impl Reader<'_> {
+    /// The part read so far is done with: its buffer goes to the spares.
+    fn next_part(&mut self, part: Bytes) {
+        self.piece = part.clone();
+        let done = std::mem::replace(&mut self.part, part);
+        self.spare.give(done, self.keep);
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        self.next_part(Bytes::new());
+    }
 }
 
 impl std::io::Read for Reader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.piece.is_empty() && self.left > 0 {
             match self.rx.blocking_recv() {
-                Some(Ok(b)) => self.piece = b,
+                Some(Ok(b)) => self.next_part(b),
                 Some(Err(e)) => {
                     let line = e.to_string();
                     *self.failure.lock().expect("not poisoned") = Some(e);
@@ -248,12 +276,15 @@ impl Source for Arrivals {
             failure: &self.failure,
             left: input.size,
             piece: Bytes::new(),
+            part: Bytes::new(),
             blob,
+            spare: &self.spare,
+            keep: self.keep,
         })
     }
 
-    fn check(&self, i: usize, input: &Input, r: Reader<'_>, sha256: &Sha256) -> Result<()> {
-        let (kind, want, got) = match (&self.expect[i], r.blob) {
+    fn check(&self, i: usize, input: &Input, mut r: Reader<'_>, sha256: &Sha256) -> Result<()> {
+        let (kind, want, got) = match (&self.expect[i], r.blob.take()) {
             (Expect::Sha256(want), _) => ("SHA-256", want, sha256.to_string()),
             (Expect::Blob(want), Some(h)) => ("git blob id", want, hex(&h.finalize())),
             (Expect::Blob(_), None) => unreachable!("a blob id is computed while reading"),
@@ -300,14 +331,14 @@ fn add(total: &mut UploadReport, u: UploadReport) {
 
 /// `parts` in order, as the download's slots take them: a range of a
 /// large file alone, consecutive whole files together up to
-/// [`BUNDLE_FILES`] and [`PART`] bytes.
-fn bundles(parts: Vec<Part>) -> Vec<Vec<Part>> {
+/// [`BUNDLE_FILES`] and `part` bytes.
+fn bundles(parts: Vec<Part>, part: u64) -> Vec<Vec<Part>> {
     let mut out: Vec<Vec<Part>> = Vec::new();
     let mut bytes = 0;
     for p in parts {
         let len = p.end - p.start;
         match out.last_mut() {
-            Some(b) if p.whole && b[0].whole && b.len() < BUNDLE_FILES && bytes + len <= PART => {
+            Some(b) if p.whole && b[0].whole && b.len() < BUNDLE_FILES && bytes + len <= part => {
                 bytes += len;
                 b.push(p);
             }
@@ -318,6 +349,12 @@ fn bundles(parts: Vec<Part>) -> Vec<Vec<Part>> {
         }
     }
     out
+}
+
+/// The bytes of one part with `connections` requests at once (see
+/// [`WINDOW`]).
+fn part_size(connections: usize) -> u64 {
+    (WINDOW / connections.max(1) as u64).clamp(MIN_PART, PART)
 }
 
 /// Consecutive runs of `todo` (indexes into `sizes`) of at most
@@ -473,15 +510,17 @@ impl Client {
         // Download what is left: `connections` parts at once, handed on in
         // order.
         let todo: Vec<usize> = (0..files.len()).filter(|&i| stored[i].is_none()).collect();
+        let connections = options.connections.max(1);
+        let part = part_size(connections);
         let mut parts = Vec::new();
         for &i in &todo {
-            let (size, whole) = (sizes[i], files[i].lfs.is_none() || sizes[i] <= PART);
+            let (size, whole) = (sizes[i], files[i].lfs.is_none() || sizes[i] <= part);
             let mut start = 0;
             while start < size {
                 let end = if whole {
                     size
                 } else {
-                    (start + PART).min(size)
+                    (start + part).min(size)
                 };
                 parts.push(Part {
                     file: i,
@@ -502,10 +541,16 @@ impl Client {
         let locations: Arc<Vec<OnceCell<String>>> =
             Arc::new(files.iter().map(|_| OnceCell::new()).collect());
         let (tx, rx) = mpsc::channel(2);
+        // Parts in memory: those in flight, in the channel and being read.
+        let (spare, keep) = (Spare::default(), connections + 3);
         let download = {
-            let (up, files, sha, progress) =
-                (up.clone(), files.clone(), sha.clone(), progress.clone());
-            let connections = options.connections.max(1);
+            let (up, files, sha, progress, spare) = (
+                up.clone(),
+                files.clone(),
+                sha.clone(),
+                progress.clone(),
+                spare.clone(),
+            );
             tokio::spawn(async move {
                 let fetch = |p: Part| {
                     let (up, files, sha, locations, progress) = (
@@ -515,6 +560,7 @@ impl Client {
                         locations.clone(),
                         progress.clone(),
                     );
+                    let into = spare.take();
                     async move {
                         let path = &files[p.file].path;
                         // A file read in ranges: its CDN URL once.
@@ -535,11 +581,12 @@ impl Client {
                             (p.start, p.end),
                             p.whole,
                             &*progress,
+                            into,
                         )
                         .await
                     }
                 };
-                let mut stream = futures_util::stream::iter(bundles(parts))
+                let mut stream = futures_util::stream::iter(bundles(parts, part))
                     .map(|b| futures_util::future::join_all(b.into_iter().map(fetch)))
                     .buffered(connections);
                 while let Some(rs) = stream.next().await {
@@ -566,6 +613,8 @@ impl Client {
                 expect,
                 failure: failure.clone(),
                 host: options.endpoint.clone(),
+                spare: spare.clone(),
+                keep,
             })
         };
         // Each group committed before the next: a kill loses one group.
@@ -686,7 +735,7 @@ mod tests {
             part(7, 0, 1, true),
             part(8, 0, PART, true),
         ];
-        let shape: Vec<Vec<usize>> = bundles(parts)
+        let shape: Vec<Vec<usize>> = bundles(parts, PART)
             .iter()
             .map(|b| b.iter().map(|p| p.file).collect())
             .collect();
@@ -701,6 +750,14 @@ mod tests {
                 vec![8]
             ]
         );
+    }
+
+    #[test]
+    fn parts_share_the_window() {
+        assert_eq!(part_size(16), 4 << 20);
+        assert_eq!(part_size(8), PART);
+        assert_eq!(part_size(0), PART);
+        assert_eq!(part_size(1000), MIN_PART);
     }
 
     #[test]

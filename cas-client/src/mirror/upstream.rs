@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use cas_protocol::repo::RepoType;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION, RANGE, RETRY_AFTER};
@@ -373,7 +373,9 @@ impl Upstream {
     /// [`location`](Self::location)) when known, else through its
     /// `/resolve/` URL, whole: a connection that drops or stalls is resumed
     /// from the byte it stopped at, and an expired CDN URL is replaced by
-    /// a fresh one from `/resolve/` (once).
+    /// a fresh one from `/resolve/` (once). The bytes go into `into` (its
+    /// capacity reused).
+    #[allow(clippy::too_many_arguments)]
     pub async fn read(
         &self,
         sha: &str,
@@ -382,12 +384,15 @@ impl Upstream {
         (start, end): (u64, u64),
         whole: bool,
         progress: &dyn Progress,
+        into: Vec<u8>,
     ) -> Result<Bytes> {
         let mut url = match url {
             Some(u) => u.to_owned(),
             None => self.resolve_url(sha, path),
         };
-        let mut buf = BytesMut::with_capacity((end - start) as usize);
+        let mut buf = into;
+        buf.clear();
+        buf.reserve((end - start) as usize);
         let (mut attempt, mut redirects, mut renewed) = (0, 0, false);
         while (buf.len() as u64) < end - start {
             let from = start + buf.len() as u64;
@@ -457,7 +462,7 @@ impl Upstream {
                 _ => {}
             }
         }
-        Ok(buf.freeze())
+        Ok(Bytes::from(buf))
     }
 }
 

@@ -1,9 +1,9 @@
 //! The small files of a tree, in batches: one reconstruction request
 //! answers up to [`MAX_BATCH_FILES`] files, their ranges are joined per
 //! xorb into a few GETs, every byte is verified in memory (range hashes per
-//! term, then file hash and SHA-256 per file), and the files are written in
+//! term, then file hash per file, and SHA-256 if asked), and the files are written in
 //! parallel. Durability is one `syncfs` per batch instead of two syncs per
-//! file.
+//! file (a batch of a few files syncs each: see [`sync_each`]).
 //!
 //! Crash ordering (what a kill or a power loss at each step leaves, and
 //! what the next run of the same command does with it):
@@ -12,15 +12,17 @@
 //! 2. Each file of the batch is written to `<file hash>.<n>.small` in the
 //!    work directory, with its permission bits. A crash leaves temporaries
 //!    that the next run overwrites.
-//! 3. One `syncfs` makes the temporaries durable; then each is renamed to
+//! 3. One `syncfs` (a sync of each, for a few) makes the temporaries
+//!    durable; then each is renamed to
 //!    its final name and recorded in `placed`. A crash here leaves some
 //!    files under their names, complete (their data was durable before the
 //!    rename): the next run keeps them (after hashing them when their
 //!    record is missing) and fetches the rest. A power loss may undo
 //!    renames that were not yet durable: those files are fetched again.
 //!    It never leaves a partial file under a final name.
-//! 4. The tree fetch ends with one more `syncfs`, so every rename is
-//!    durable before the work directory goes and the command succeeds.
+//! 4. The tree fetch ends with one more `syncfs` (or a sync of each
+//!    directory renamed into, for a few), so every rename is durable
+//!    before the work directory goes and the command succeeds.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -29,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use cas_protocol::messages::{FileReconstruction, MAX_BATCH_FILES};
-use cas_protocol::{ChunkInfo, FileHasher, Sha256Hasher};
+use cas_protocol::{ChunkInfo, FileHasher, Sha256};
 use futures_util::StreamExt;
 use rayon::prelude::*;
 
@@ -118,11 +120,11 @@ async fn fetch_batch(
         .await?;
     chunks.sort_unstable_by_key(|c| c.0);
     let bytes = std::mem::take(&mut *sink.0.lock().expect("not poisoned"));
-    let work = work.clone();
+    let (work, sha256) = (work.clone(), fetcher.verify_sha256);
     tokio::task::spawn_blocking(move || {
-        let temps = write_verified(&work, &groups, &files, &bases, &bytes, &chunks)?;
+        let temps = write_verified(&work, &groups, &files, &bases, &bytes, &chunks, sha256)?;
         drop(bytes);
-        sync_fs(work.path())?;
+        sync_each(temps.iter().flatten(), work.path())?;
         for (g, temps) in groups.iter().zip(temps) {
             for (temp, t) in temps.iter().zip(&g.write) {
                 fs::rename(temp, &t.path).map_err(Error::io(&t.path))?;
@@ -136,8 +138,9 @@ async fn fetch_batch(
     .expect("writing does not panic")
 }
 
-/// Checks every file of the batch against its hash and SHA-256 and writes
-/// it to a temporary per target, in parallel; returns the temporaries.
+/// Checks every file of the batch against its hash (and SHA-256 if
+/// `sha256`) and writes it to a temporary per target, in parallel; returns
+/// the temporaries.
 fn write_verified(
     work: &WorkDir,
     groups: &[Group],
@@ -145,6 +148,7 @@ fn write_verified(
     bases: &[u64],
     bytes: &[u8],
     chunks: &[(u64, Vec<ChunkInfo>)],
+    sha256: bool,
 ) -> Result<Vec<Vec<PathBuf>>> {
     groups
         .par_iter()
@@ -164,17 +168,15 @@ fn write_verified(
                 infos.iter().for_each(|c| hasher.push(c));
                 covered += infos.iter().map(|c| u64::from(c.len)).sum::<u64>();
             }
-            let mut sha = Sha256Hasher::new();
-            sha.update(data);
-            let (h, s) = (hasher.finish(), sha.finalize());
+            let h = hasher.finish();
+            let s = sha256.then(|| Sha256::of(data));
             let reason = if covered != base + g.size {
                 Some("the reconstruction does not cover the file".to_owned())
             } else if h != g.hash {
                 Some(format!("file hash {h} instead of {}", g.hash))
-            } else if s != f.sha256 {
-                Some(format!("SHA-256 {s} instead of {}", f.sha256))
             } else {
-                None
+                s.filter(|s| *s != f.sha256)
+                    .map(|s| format!("SHA-256 {s} instead of {}", f.sha256))
             };
             if let Some(reason) = reason {
                 return Err(Error::Mismatch {
@@ -208,8 +210,26 @@ fn write_temp(temp: &Path, t: &Target, data: &[u8]) -> Result<PathBuf> {
     Ok(temp.to_owned())
 }
 
-/// Makes everything written to the filesystem holding `dir` durable.
-pub(super) fn sync_fs(dir: &Path) -> Result<()> {
+/// Up to this many files or directories, syncing each is cheaper than one
+/// `syncfs`, which also flushes everything else dirty on the filesystem:
+/// other programs' writes, the chunk cache's unsynced entries, the large
+/// files of the same fetch.
+const SYNC_EACH_MAX: usize = 64;
+
+/// Makes `paths` (files or directories on the filesystem holding `dir`)
+/// durable: each synced when they are few, else the whole filesystem.
+pub(super) fn sync_each<'a>(
+    paths: impl IntoIterator<Item = &'a PathBuf>,
+    dir: &Path,
+) -> Result<()> {
+    let paths: Vec<&PathBuf> = paths.into_iter().collect();
+    if paths.len() <= SYNC_EACH_MAX {
+        return paths.par_iter().try_for_each(|p| {
+            File::open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(Error::io(p))
+        });
+    }
     let d = File::open(dir).map_err(Error::io(dir))?;
     rustix::fs::syncfs(&d).map_err(|e| Error::io(dir)(e.into()))
 }

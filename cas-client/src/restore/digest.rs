@@ -10,28 +10,30 @@ use cas_protocol::{ChunkInfo, FileHash, FileHasher, Kind, Sha256, Sha256Hasher};
 
 use crate::error::{Error, Result};
 
-/// File hash and SHA-256 of a fetched file, computed in file order as
-/// verified terms come in, reading each term back once (from the page
-/// cache) instead of a second pass over the whole file at the end. Terms
-/// an earlier run verified come without their chunk list; their bytes are
-/// chunked again, which yields the same chunks because terms start and end
-/// at chunk boundaries.
+/// File hash (and, when asked, SHA-256) of a fetched file, computed in
+/// file order as verified terms come in. The file hash needs only the
+/// terms' chunk lists; the SHA-256 reads each term back once (from the
+/// page cache) instead of a second pass over the whole file at the end.
+/// Terms an earlier run verified come without their chunk list; their
+/// bytes are read and chunked again, which yields the same chunks because
+/// terms start and end at chunk boundaries.
 pub(crate) struct InOrder {
     next: u64,
     waiting: BTreeMap<u64, (u64, Option<Vec<ChunkInfo>>)>,
     file_hash: FileHasher,
-    sha: Sha256Hasher,
+    sha: Option<Sha256Hasher>,
     buf: Vec<u8>,
 }
 
 impl InOrder {
-    /// A digest of a file of `kind` (the kind selects the file hash).
-    pub fn new(kind: Kind) -> Self {
+    /// A digest of a file of `kind` (the kind selects the file hash), with
+    /// its SHA-256 if `sha256`.
+    pub fn new(kind: Kind, sha256: bool) -> Self {
         Self {
             next: 0,
             waiting: BTreeMap::new(),
             file_hash: FileHasher::new(kind),
-            sha: Sha256Hasher::new(),
+            sha: sha256.then(Sha256Hasher::new),
             buf: Vec::new(),
         }
     }
@@ -46,15 +48,17 @@ impl InOrder {
         while let Some((len, chunks)) = self.waiting.remove(&self.next) {
             let end = self.next + len;
             // A term to chunk again is read whole (a term lies in one xorb:
-            // at most 64 MiB); otherwise in pieces.
+            // at most 64 MiB); for the SHA-256 alone, in pieces.
             let step = if chunks.is_some() { PIECE } else { len };
             let mut pos = self.next;
-            while pos < end {
+            while pos < end && (chunks.is_none() || self.sha.is_some()) {
                 let n = step.min(end - pos) as usize;
                 self.buf.resize(n, 0);
                 file.read_exact_at(&mut self.buf, pos)
                     .map_err(Error::io(path))?;
-                self.sha.update(&self.buf);
+                if let Some(sha) = &mut self.sha {
+                    sha.update(&self.buf);
+                }
                 pos += n as u64;
             }
             let chunks = chunks.unwrap_or_else(|| chunk_and_hash(&self.buf));
@@ -65,9 +69,9 @@ impl InOrder {
     }
 
     /// The digest, if the terms covered exactly `size` bytes.
-    pub fn finish(self, size: u64) -> Option<(FileHash, Sha256)> {
+    pub fn finish(self, size: u64) -> Option<(FileHash, Option<Sha256>)> {
         (self.next == size && self.waiting.is_empty())
-            .then(|| (self.file_hash.finish(), self.sha.finalize()))
+            .then(|| (self.file_hash.finish(), self.sha.map(|s| s.finalize())))
     }
 }
 
@@ -96,14 +100,19 @@ mod tests {
             terms.push((offset, len, group.to_vec()));
             offset += len;
         }
-        let mut d = InOrder::new(Kind::File);
-        for (i, (offset, len, group)) in terms.iter().enumerate().rev() {
-            d.add(*offset, *len, (i % 2 == 0).then(|| group.clone()));
-            d.advance(&file, &path).unwrap();
+        for sha256 in [true, false] {
+            let mut d = InOrder::new(Kind::File, sha256);
+            for (i, (offset, len, group)) in terms.iter().enumerate().rev() {
+                d.add(*offset, *len, (i % 2 == 0).then(|| group.clone()));
+                d.advance(&file, &path).unwrap();
+            }
+            let want = (
+                FileHash::from_chunks(&chunks),
+                sha256.then(|| Sha256::of(&data)),
+            );
+            assert_eq!(d.finish(data.len() as u64), Some(want));
         }
-        let want = (FileHash::from_chunks(&chunks), Sha256::of(&data));
-        assert_eq!(d.finish(data.len() as u64), Some(want));
-        let mut partial = InOrder::new(Kind::File);
+        let mut partial = InOrder::new(Kind::File, true);
         partial.add(0, terms[0].1, None);
         partial.advance(&file, &path).unwrap();
         assert_eq!(partial.finish(data.len() as u64), None);

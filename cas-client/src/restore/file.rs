@@ -72,7 +72,7 @@ pub(super) async fn fetch_into(
     });
     let mut transfer = Transfer::default();
     let mut resumed = 0;
-    let mut digest = InOrder::new(info.kind);
+    let mut digest = InOrder::new(info.kind, fetcher.verify_sha256);
     if info.size > 0 {
         let whole = ByteRange {
             start: 0,
@@ -119,7 +119,7 @@ pub(super) async fn fetch_into(
     let mismatch = match digest.finish(info.size) {
         None => Some("the reconstruction does not cover the file".to_owned()),
         Some((h, _)) if h != info.hash => Some(format!("file hash {h} instead of {}", info.hash)),
-        Some((_, sha)) if sha != info.sha256 => {
+        Some((_, Some(sha))) if sha != info.sha256 => {
             Some(format!("SHA-256 {sha} instead of {}", info.sha256))
         }
         Some(_) => None,

@@ -1,7 +1,7 @@
 //! A tree: every path checked and everything already there examined
 //! before the first byte is fetched, then each content once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use cas_protocol::tree::{check_path, Tree};
 use cas_protocol::{FileHash, Kind};
 use futures_util::StreamExt;
 
-use super::batch::{fetch_small, sync_fs};
+use super::batch::{fetch_small, sync_each};
 use super::file::{fetch_into, place, Source, JOURNAL_MIN};
 use super::target::{decide, examine, Target};
 use super::workdir::WorkDir;
@@ -123,8 +123,16 @@ async fn restore(
         .into_iter()
         .filter(|g| !g.write.is_empty())
         .partition(|g| g.kept.is_none() && g.size < JOURNAL_MIN);
-    let batched = !small.is_empty();
-    if batched {
+    // Where the batches rename files to: made durable at the end.
+    let renamed: BTreeSet<PathBuf> = small
+        .iter()
+        .flat_map(|g| &g.write)
+        .map(|t| match t.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        })
+        .collect();
+    if !small.is_empty() {
         outcome.transfer += fetch_small(fetcher, work, small).await?;
     }
     let jobs = single.into_iter().map(|g| async move {
@@ -151,10 +159,10 @@ async fn restore(
         outcome.transfer += t;
         outcome.resumed_bytes += r;
     }
-    if batched {
+    if !renamed.is_empty() {
         // The renames of the batches are durable before the fetch ends.
         let dir = dest.to_owned();
-        tokio::task::spawn_blocking(move || sync_fs(&dir))
+        tokio::task::spawn_blocking(move || sync_each(&renamed, &dir))
             .await
             .expect("syncing does not panic")?;
     }
