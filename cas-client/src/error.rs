@@ -45,6 +45,10 @@ pub enum Error {
     },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    /// CA certificates the environment names (`SSL_CERT_FILE`,
+    /// `SSL_CERT_DIR`) that cannot be read.
+    #[error("{var} names CA certificates that cannot be used: {reason}")]
+    Certificates { var: &'static str, reason: String },
     /// An input or destination that cannot be used as given.
     #[error("{path}: {reason}")]
     Input { path: PathBuf, reason: String },

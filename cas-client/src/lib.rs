@@ -28,6 +28,7 @@ mod remote;
 pub mod repo;
 mod restore;
 mod stamp;
+mod tls;
 mod upload;
 
 use std::path::{Path, PathBuf};

@@ -28,7 +28,14 @@ macro_rules! out {
 }
 
 #[derive(Parser)]
-#[command(version, about = "Content-addressed chunk store client")]
+#[command(
+    version,
+    about = "Content-addressed chunk store client",
+    after_help = "Environment, besides each option's own (see docs/CLIENT.md):\n  \
+        HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY  proxies for https/http URLs, hosts that bypass them\n  \
+        SSL_CERT_FILE, SSL_CERT_DIR  CA certificates to trust instead of the system's (PEM file, directories)\n  \
+        CAS_LOG  log filter, e.g. debug"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -147,9 +147,7 @@ impl Remote {
                 Ok(v)
             })
             .transpose()?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(retry.stall)
+        let http = crate::tls::client_builder(retry.stall)?
             .pool_max_idle_per_host(32)
             .build()
             .map_err(|e| bad(e.to_string()))?;
@@ -619,7 +617,8 @@ fn same_origin(url: &str, endpoint: &str) -> bool {
 }
 
 /// The innermost cause of a transport error: "Connection refused (os error
-/// 111)" says more than reqwest's "error sending request".
+/// 111)" says more than reqwest's "error sending request". A certificate
+/// the client does not accept is not transient: asking again cannot help.
 pub(crate) fn transport(what: &str, url: &str, e: &reqwest::Error) -> Error {
     let mut reason = e.to_string();
     let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
@@ -630,11 +629,18 @@ pub(crate) fn transport(what: &str, url: &str, e: &reqwest::Error) -> Error {
     if e.is_timeout() {
         reason = format!("timed out ({reason})");
     }
+    let certificate = crate::tls::certificate_error(e);
+    if let Some(rustls::CertificateError::UnknownIssuer) = certificate {
+        reason = format!(
+            "{reason}: the server's certificate is not signed by a CA this client trusts \
+             (a private CA: name its PEM file in SSL_CERT_FILE)"
+        );
+    }
     Error::Transport {
         what: what.into(),
         url: url.into(),
         reason,
-        transient: !e.is_builder(),
+        transient: !e.is_builder() && certificate.is_none(),
     }
 }
 

@@ -9,6 +9,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,15 +32,21 @@ pub struct Env {
 impl Env {
     /// A server without a signing key: loopback clients need no token.
     pub fn start() -> Self {
-        Self::new(false)
+        Self::new(false, &[])
     }
 
     /// A server that checks tokens signed with [`Env::key`].
     pub fn with_tokens() -> Self {
-        Self::new(true)
+        Self::new(true, &[])
     }
 
-    fn new(tokens: bool) -> Self {
+    /// A server with tokens that names `public_url` (a proxy in front of
+    /// it) in the xorb URLs it hands out.
+    pub fn with_tokens_behind(public_url: &str) -> Self {
+        Self::new(true, &["--public-url", public_url])
+    }
+
+    fn new(tokens: bool, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_owned();
         std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -52,12 +59,11 @@ impl Env {
             crate::ok(c);
             key
         });
-        let server = match &key {
-            Some(k) => {
-                ServerProcess::start_with(&data, &["--signing-key-file", k.to_str().unwrap()])
-            }
-            None => ServerProcess::start(&data),
-        };
+        let mut args = args.to_vec();
+        if let Some(k) = &key {
+            args.extend(["--signing-key-file", k.to_str().unwrap()]);
+        }
+        let server = ServerProcess::start_with(&data, &args);
         Self {
             server,
             root,
@@ -153,8 +159,9 @@ impl Env {
     }
 }
 
-/// The client's variables a test's own environment must not leak in.
-const CLIENT_VARIABLES: [&str; 9] = [
+/// The client's variables, and those of the proxies and CAs it trusts, a
+/// test's own environment must not leak in.
+const CLIENT_VARIABLES: [&str; 19] = [
     "CAS_TOKEN",
     "CAS_AUTHOR",
     "CAS_CACHE_SIZE",
@@ -164,6 +171,16 @@ const CLIENT_VARIABLES: [&str; 9] = [
     "CAS_STALL_TIMEOUT",
     "CAS_VERIFY_SHA256",
     "XDG_CACHE_HOME",
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 ];
 
 /// `cas-client SUB`, as `user` (uid, gid) when given. The environment is
@@ -397,67 +414,141 @@ pub fn find_journal(dir: &Path) -> Option<PathBuf> {
     None
 }
 
-/// A forward HTTP proxy (what `HTTP_PROXY` names) that counts the
-/// connections it relays: each connection goes to the host of its first
-/// request's absolute URL.
+/// A forward proxy (what `HTTP_PROXY` and `HTTPS_PROXY` name) that counts
+/// what it relays. A plain request's connection goes to the host of its
+/// first request's absolute URL; a `CONNECT HOST:PORT` request opens a
+/// tunnel to HOST:PORT (how HTTPS goes through a proxy).
 pub struct ForwardProxy {
     pub url: String,
-    connections: Arc<Mutex<u64>>,
+    seen: Arc<Seen>,
+}
+
+/// What a [`ForwardProxy`] saw. Bytes are counted before they are passed
+/// on, so whatever a client has received is counted once it has it.
+#[derive(Default)]
+struct Seen {
+    connections: AtomicU64,
+    /// The HOST:PORT of every CONNECT, in order of arrival.
+    tunnels: Mutex<Vec<String>>,
+    to_origin: AtomicU64,
+    to_client: AtomicU64,
 }
 
 impl ForwardProxy {
     pub fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let connections: Arc<Mutex<u64>> = Arc::default();
-        let count = connections.clone();
+        let seen: Arc<Seen> = Arc::default();
+        let s = seen.clone();
         std::thread::spawn(move || {
             for down in listener.incoming().flatten() {
-                *count.lock().unwrap() += 1;
-                std::thread::spawn(move || Self::serve(down));
+                s.connections.fetch_add(1, Ordering::SeqCst);
+                let s = s.clone();
+                std::thread::spawn(move || Self::serve(down, &s));
             }
         });
-        Self { url, connections }
+        Self { url, seen }
     }
 
-    /// Connections relayed so far.
+    /// Connections accepted so far (tunnels included).
     pub fn connections(&self) -> u64 {
-        *self.connections.lock().unwrap()
+        self.seen.connections.load(Ordering::SeqCst)
     }
 
-    fn serve(mut down: TcpStream) {
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n") {
-            match down.read(&mut byte) {
-                Ok(1) => head.push(byte[0]),
-                _ => return,
-            }
-        }
-        // "GET http://host:port/path HTTP/1.1": the origin is the host.
-        let line = String::from_utf8_lossy(&head).into_owned();
-        let Some(host) = line
-            .split(' ')
-            .nth(1)
-            .and_then(|u| u.strip_prefix("http://"))
-            .and_then(|u| u.split('/').next())
-        else {
-            return;
-        };
-        let Ok(mut up) = TcpStream::connect(host) else {
-            return;
-        };
-        if up.write_all(&head).is_err() {
-            return;
-        }
-        let (mut down2, mut up2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut up2, &mut down2);
-            let _ = down2.shutdown(Shutdown::Both);
-        });
-        let _ = std::io::copy(&mut down, &mut up);
-        let _ = up.shutdown(Shutdown::Both);
+    /// The HOST:PORT of every CONNECT so far.
+    pub fn tunnels(&self) -> Vec<String> {
+        self.seen.tunnels.lock().unwrap().clone()
     }
+
+    /// Bytes relayed so far from clients to origins and back (after the
+    /// request line of a plain request, after the CONNECT exchange of a
+    /// tunnel).
+    pub fn relayed(&self) -> (u64, u64) {
+        (
+            self.seen.to_origin.load(Ordering::SeqCst),
+            self.seen.to_client.load(Ordering::SeqCst),
+        )
+    }
+
+    fn serve(mut down: TcpStream, seen: &Seen) {
+        let Some(line) = read_line(&mut down) else {
+            return;
+        };
+        // "GET http://host:port/path HTTP/1.1": the origin is the host.
+        // "CONNECT host:port HTTP/1.1": so is host:port, and the rest of
+        // the request's head is for the proxy.
+        let mut words = line.split(' ');
+        let (method, target) = (words.next(), words.next());
+        let up = match (method, target) {
+            (Some("CONNECT"), Some(host)) => {
+                while read_line(&mut down).is_some_and(|l| !l.trim_end().is_empty()) {}
+                seen.tunnels.lock().unwrap().push(host.to_owned());
+                let Ok(up) = TcpStream::connect(host) else {
+                    let _ = down.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
+                    return;
+                };
+                if down
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .is_err()
+                {
+                    return;
+                }
+                up
+            }
+            (_, Some(url)) => {
+                let Some(host) = url
+                    .strip_prefix("http://")
+                    .and_then(|u| u.split('/').next())
+                else {
+                    return;
+                };
+                let Ok(mut up) = TcpStream::connect(host) else {
+                    return;
+                };
+                if up.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+                up
+            }
+            _ => return,
+        };
+        let (down2, up2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+        std::thread::scope(|t| {
+            t.spawn(|| pipe(up2, down2, &seen.to_client));
+            pipe(down, up, &seen.to_origin);
+        });
+    }
+}
+
+/// One line of a request's head, its `\r\n` included; `None` if the
+/// connection ends first.
+fn read_line(from: &mut TcpStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        match from.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            _ => return None,
+        }
+    }
+    String::from_utf8(line).ok()
+}
+
+/// Copies `from` to `to` until either ends, adding every read to `count`
+/// before passing it on; then closes `to`.
+fn pipe(mut from: TcpStream, mut to: TcpStream, count: &AtomicU64) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        count.fetch_add(n as u64, Ordering::SeqCst);
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
 }
 
 /// What a [`Gate`] does at the moment.

@@ -2,8 +2,12 @@
 //! front of one cas-server or several (the scale-out layout of
 //! docs/DEPLOYMENT.md: one `server` line per node in its upstream).
 //!
-//! Needs nginx (`scripts/setup-debian` installs it); without it a test
-//! fails with that instruction instead of passing vacuously.
+//! With [`Tls`], nginx terminates TLS as the template's TLS lines say
+//! (uncommented), with a throwaway CA and a certificate for 127.0.0.1 that
+//! `openssl` makes at test time.
+//!
+//! Needs nginx and openssl (`scripts/setup-debian` installs them); without
+//! them a test fails with that instruction instead of passing vacuously.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -32,13 +36,105 @@ pub fn nginx_bin() -> PathBuf {
         })
 }
 
-/// docs/nginx/cas-cache.conf with its placeholders filled in.
-fn render(listen: &str, origins: &[&str], prefix: &Path, cache_dir: &Path) -> String {
+/// A throwaway certificate authority and a server certificate it signed
+/// for `127.0.0.1`, made by `openssl` in a directory of the test's.
+pub struct Tls {
+    /// The CA's certificate (PEM): what a client must trust.
+    pub ca: PathBuf,
+    /// The server's certificate and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Tls {
+    /// Makes the CA and the server certificate under `dir` (created).
+    pub fn throwaway(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName = IP:127.0.0.1\n\
+             basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = serverAuth\n",
+        )
+        .unwrap();
+        const EC: &str = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        openssl(
+            dir,
+            &format!(
+                "req -x509 {EC} -days 1 -subj /CN=cas-test-CA \
+                 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign \
+                 -keyout ca.key -out ca.pem"
+            ),
+        );
+        openssl(
+            dir,
+            &format!("req {EC} -subj /CN=127.0.0.1 -keyout server.key -out server.csr"),
+        );
+        openssl(
+            dir,
+            "x509 -req -days 1 -set_serial 2 -in server.csr -CA ca.pem -CAkey ca.key \
+             -extfile server.ext -out server.pem",
+        );
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+}
+
+/// Runs `openssl ARGS` (split at whitespace) in `dir`; must succeed.
+fn openssl(dir: &Path, args: &str) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args.split_whitespace())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run openssl ({e}): run scripts/setup-debian (TLS tests make their certificates with it)")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args}: {}",
+        crate::show(&out)
+    );
+}
+
+/// The template's TLS lines, commented out as shipped.
+const TLS_CERT: &str = "# ssl_certificate     /etc/ssl/cas/fullchain.pem;";
+const TLS_KEY: &str = "# ssl_certificate_key /etc/ssl/cas/privkey.pem;";
+
+/// docs/nginx/cas-cache.conf with its placeholders filled in and, with
+/// `tls`, its TLS lines uncommented and naming `tls`'s files.
+fn render(
+    listen: &str,
+    origins: &[&str],
+    prefix: &Path,
+    cache_dir: &Path,
+    tls: Option<&Tls>,
+) -> String {
     const ORIGIN: &str = "server @ORIGIN@;";
     assert!(TEMPLATE.contains(ORIGIN), "the upstream names {ORIGIN}");
     let servers: Vec<String> = origins.iter().map(|o| format!("server {o};")).collect();
-    let conf = TEMPLATE
-        .replace("@LISTEN@", listen)
+    let mut conf = TEMPLATE.to_owned();
+    let mut listen = listen.to_owned();
+    if let Some(tls) = tls {
+        for line in [TLS_CERT, TLS_KEY] {
+            assert!(TEMPLATE.contains(line), "the template shows {line}");
+        }
+        conf = conf
+            .replace(
+                TLS_CERT,
+                &format!("ssl_certificate     {};", tls.cert.display()),
+            )
+            .replace(
+                TLS_KEY,
+                &format!("ssl_certificate_key {};", tls.key.display()),
+            );
+        listen.push_str(" ssl");
+    }
+    let conf = conf
+        .replace("@LISTEN@", &listen)
         .replace(ORIGIN, &servers.join("\n        "))
         // (the comments name it too)
         .replace("@ORIGIN@", origins[0])
@@ -70,12 +166,22 @@ impl Nginx {
     /// As [`start`](Self::start) with the nodes `origins` as the upstream's
     /// servers (nginx balances across them and skips a dead one).
     pub fn balancing(port: u16, origins: &[&str], prefix: &Path) -> Self {
+        Self::launch(port, origins, prefix, None)
+    }
+
+    /// As [`start`](Self::start), serving HTTPS with `tls`'s certificate
+    /// (`url` is `https://127.0.0.1:PORT`).
+    pub fn with_tls(port: u16, origin: &str, prefix: &Path, tls: &Tls) -> Self {
+        Self::launch(port, &[origin], prefix, Some(tls))
+    }
+
+    fn launch(port: u16, origins: &[&str], prefix: &Path, tls: Option<&Tls>) -> Self {
         let exe = nginx_bin();
         std::fs::create_dir_all(prefix).unwrap();
         let cache_dir = prefix.join("cache");
         let conf = prefix.join("nginx.conf");
         let listen = format!("127.0.0.1:{port}");
-        std::fs::write(&conf, render(&listen, origins, prefix, &cache_dir)).unwrap();
+        std::fs::write(&conf, render(&listen, origins, prefix, &cache_dir, tls)).unwrap();
         let stderr = File::create(prefix.join("stderr")).unwrap();
         let child = Command::new(&exe)
             .arg("-p")
@@ -94,32 +200,49 @@ impl Nginx {
             conf,
             prefix: prefix.to_owned(),
             cache_dir,
-            url: format!("http://{listen}"),
+            url: format!(
+                "{}://{listen}",
+                if tls.is_some() { "https" } else { "http" }
+            ),
         };
-        nginx.wait_ready();
+        if tls.is_some() {
+            // No TLS in the tests' HTTP agent: nginx is ready once it has
+            // written its pid file, which it does after binding its port
+            // (and after loading the certificate; either failing, it exits).
+            let pid = nginx.child.id().to_string();
+            let pid_file = nginx.prefix.join("nginx.pid");
+            nginx.wait_ready(|| match std::fs::read_to_string(&pid_file) {
+                Ok(s) if s.trim() == pid => Ok(()),
+                Ok(s) => Err(format!("nginx.pid holds {s:?}, not {pid}")),
+                Err(e) => Err(format!("nginx.pid: {e}")),
+            });
+        } else {
+            let (agent, healthz) = (agent(), format!("{}/healthz", nginx.url));
+            nginx.wait_ready(|| match agent.get(&healthz).call() {
+                Ok(r) => match body(r) {
+                    (200, text) if text.trim_ascii() == b"ok" => Ok(()),
+                    (status, text) => Err(format!("{status} {}", String::from_utf8_lossy(&text))),
+                },
+                Err(e) => Err(e.to_string()),
+            });
+        }
         nginx
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until `ready` says so (or what it says last is an error).
+    fn wait_ready(&mut self, ready: impl Fn() -> Result<(), String>) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let agent = agent();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("nginx exited ({status}) at start:\n{}", self.logs());
             }
-            let last = match agent.get(format!("{}/healthz", self.url)).call() {
-                Ok(r) => {
-                    let (status, text) = body(r);
-                    if status == 200 && text.trim_ascii() == b"ok" {
-                        return;
-                    }
-                    format!("{status} {}", String::from_utf8_lossy(&text))
-                }
-                Err(e) => e.to_string(),
+            let last = match ready() {
+                Ok(()) => return,
+                Err(e) => e,
             };
             assert!(
                 Instant::now() < deadline,
-                "nginx did not answer /healthz within 10 s (last: {last}):\n{}",
+                "nginx was not ready within 10 s (last: {last}):\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));

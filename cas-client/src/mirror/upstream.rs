@@ -112,9 +112,7 @@ impl Upstream {
                 Ok(v)
             })
             .transpose()?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(stall)
+        let http = crate::tls::client_builder(stall)?
             // Redirects are followed by hand, so the token never follows
             // one to another host.
             .redirect(reqwest::redirect::Policy::none())
