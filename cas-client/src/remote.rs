@@ -123,6 +123,7 @@ pub struct Remote {
 }
 
 const OCTETS: &str = "application/octet-stream";
+const JSON: &str = "application/json";
 
 impl Remote {
     /// `endpoint`: one base URL, or several nodes' separated by commas.
@@ -231,20 +232,11 @@ impl Remote {
                 .to_bytes(),
             );
             let what = "dedup query";
-            let answer: DedupAnswer = self
-                .retry
-                .run(|| async {
-                    let rb = self
-                        .request(reqwest::Method::POST, &url)
-                        .header(CONTENT_TYPE, OCTETS)
-                        .body(body.clone());
-                    let resp = self.send(what, &url, rb).await?;
-                    decode(
-                        what,
-                        &read_limited(what, &url, resp, 16 + batch.len() * 48).await?,
-                    )
-                })
-                .await?;
+            let limit = 16 + batch.len() * 48;
+            let answer: DedupAnswer = decode(
+                what,
+                &self.post_limited(what, &url, OCTETS, body, limit).await?,
+            )?;
             if answer.found.len() != batch.len() {
                 return Err(Error::BadAnswer {
                     what: what.into(),
@@ -269,21 +261,11 @@ impl Remote {
                 })
                 .expect("json"),
             );
-            let answer: Sha256Answer = self
-                .retry
-                .run(|| async {
-                    let rb = self
-                        .request(reqwest::Method::POST, &url)
-                        .header(CONTENT_TYPE, "application/json")
-                        .body(body.clone());
-                    let resp = self.send(what, &url, rb).await?;
-                    let body = read_limited(what, &url, resp, 64 + batch.len() * 120).await?;
-                    serde_json::from_slice(&body).map_err(|e| Error::BadAnswer {
-                        what: what.into(),
-                        reason: e.to_string(),
-                    })
-                })
-                .await?;
+            let limit = 64 + batch.len() * 120;
+            let answer: Sha256Answer = decode_json(
+                what,
+                &self.post_limited(what, &url, JSON, body, limit).await?,
+            )?;
             if answer.files.len() != batch.len() {
                 return Err(Error::BadAnswer {
                     what: what.into(),
@@ -376,19 +358,11 @@ impl Remote {
                 }
                 .to_bytes(),
             );
-            let batch: ReconstructionBatch = self
-                .retry
-                .run(|| async {
-                    let rb = self
-                        .request(reqwest::Method::POST, &url)
-                        .header(CONTENT_TYPE, OCTETS)
-                        .header(ACCEPT, OCTETS)
-                        .body(body.clone());
-                    let resp = self.send(what, &url, rb).await?;
-                    let limit = cas_protocol::messages::MAX_BATCH_ANSWER_BYTES;
-                    decode(what, &read_limited(what, &url, resp, limit).await?)
-                })
-                .await?;
+            let limit = cas_protocol::messages::MAX_BATCH_ANSWER_BYTES;
+            let batch: ReconstructionBatch = decode(
+                what,
+                &self.post_limited(what, &url, OCTETS, body, limit).await?,
+            )?;
             if batch.files.is_empty() || batch.files.len() > asked.len() {
                 return Err(Error::BadAnswer {
                     what: what.into(),
@@ -411,6 +385,30 @@ impl Remote {
         Ok(out)
     }
 
+    /// POSTs `body` as `content_type` (asking for the same type back),
+    /// retried on transient failures, and reads an answer of at most
+    /// `limit` bytes.
+    async fn post_limited(
+        &self,
+        what: &str,
+        url: &str,
+        content_type: &'static str,
+        body: Bytes,
+        limit: usize,
+    ) -> Result<Bytes> {
+        self.retry
+            .run(|| async {
+                let rb = self
+                    .request(reqwest::Method::POST, url)
+                    .header(CONTENT_TYPE, content_type)
+                    .header(ACCEPT, content_type)
+                    .body(body.clone());
+                let resp = self.send(what, url, rb).await?;
+                read_limited(what, url, resp, limit).await
+            })
+            .await
+    }
+
     pub async fn file_info(&self, file: FileHash) -> Result<FileInfo> {
         let url = format!("{}/v1/files/{file}{}", self.endpoint(), self.context());
         let what = format!("lookup of file {file}");
@@ -419,11 +417,7 @@ impl Remote {
             .run(|| async {
                 let rb = self.request(reqwest::Method::GET, &url);
                 let resp = self.send(&what, &url, rb).await?;
-                let body = read_limited(&what, &url, resp, 64 * 1024).await?;
-                serde_json::from_slice(&body).map_err(|e| Error::BadAnswer {
-                    what: what.clone(),
-                    reason: e.to_string(),
-                })
+                decode_json(&what, &read_limited(&what, &url, resp, 64 * 1024).await?)
             })
             .await?;
         if info.hash != file {
@@ -487,22 +481,12 @@ impl Remote {
             "hash_algo": "sha256",
         })
         .to_string();
-        let answer: Answer = self
-            .retry
-            .run(|| async {
-                let rb = self
-                    .request(reqwest::Method::POST, &url)
-                    .header(ACCEPT, LFS_JSON)
-                    .header(CONTENT_TYPE, LFS_JSON)
-                    .body(body.clone());
-                let resp = self.send(&what, &url, rb).await?;
-                let body = read_limited(&what, &url, resp, 64 * 1024).await?;
-                serde_json::from_slice(&body).map_err(|e| Error::BadAnswer {
-                    what: what.clone(),
-                    reason: e.to_string(),
-                })
-            })
-            .await?;
+        let answer: Answer = decode_json(
+            &what,
+            &self
+                .post_limited(&what, &url, LFS_JSON, Bytes::from(body), 64 * 1024)
+                .await?,
+        )?;
         let bad = |reason: String| Error::BadAnswer {
             what: what.clone(),
             reason,
@@ -695,6 +679,13 @@ pub(crate) async fn read_limited(
         buf.extend_from_slice(&piece);
     }
     Ok(buf.freeze())
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| Error::BadAnswer {
+        what: what.into(),
+        reason: e.to_string(),
+    })
 }
 
 fn decode<M: Message>(what: &str, body: &[u8]) -> Result<M> {
