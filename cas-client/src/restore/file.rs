@@ -199,10 +199,7 @@ fn publish(work: &WorkDir, hash: FileHash, tmp: &Path, file: &File, t: &Target) 
     }
     file.sync_all().map_err(Error::io(tmp))?;
     fs::rename(tmp, &t.path).map_err(Error::io(&t.path))?;
-    let dir = match t.path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = t.dir();
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(dir))?;

@@ -19,6 +19,17 @@ pub(super) struct Target {
     pub mode: Option<u32>,
 }
 
+impl Target {
+    /// The directory the target is renamed into: what is synced to make
+    /// the rename durable.
+    pub fn dir(&self) -> &Path {
+        match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        }
+    }
+}
+
 /// What is at a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Found {

@@ -127,10 +127,7 @@ async fn restore(
     let renamed: BTreeSet<PathBuf> = small
         .iter()
         .flat_map(|g| &g.write)
-        .map(|t| match t.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-            _ => PathBuf::from("."),
-        })
+        .map(|t| t.dir().to_owned())
         .collect();
     if !small.is_empty() {
         outcome.transfer += fetch_small(fetcher, work, small).await?;
