@@ -354,7 +354,7 @@ impl Started {
             .await
             .map_err(|e| busy(e.to_string()))?;
         self.progress.restart();
-        let mut buf = BytesMut::with_capacity(declared);
+        let mut buf = crate::store::aligned_buffer(declared);
         let mut sent = 0usize;
         let mut next = self.first.take();
         while let Some(data) = next {

@@ -35,6 +35,20 @@ use cas_protocol::{ByteRange, FileHash, XorbHash};
 use tokio::io::AsyncRead;
 
 pub use fs::FsStore;
+
+/// Alignment of an object buffer that [`FsStore`] can write without the
+/// page cache; [`aligned_buffer`] gives one.
+pub const WRITE_ALIGN: usize = 4096;
+
+/// An empty buffer of at least `capacity` bytes whose start is aligned to
+/// [`WRITE_ALIGN`], for a body that becomes an object.
+pub fn aligned_buffer(capacity: usize) -> bytes::BytesMut {
+    let mut buf = bytes::BytesMut::with_capacity(capacity + WRITE_ALIGN - 1);
+    let pad = buf.as_ptr().align_offset(WRITE_ALIGN);
+    buf.resize(pad, 0);
+    drop(buf.split_to(pad));
+    buf
+}
 #[cfg(any(test, feature = "test-util"))]
 pub use mem::MemStore;
 pub use metered::Metered;
