@@ -13,6 +13,12 @@
 //!    built when an upload slot is free, which bounds memory;
 //! 5. commit: shards of recipes once every xorb is stored, so no file is
 //!    ever visible with missing data.
+//!
+//! A [`Source`] may ask for checkpoints of a file (a `mirror` of a large
+//! one): each piece's end is a cut point with the SHA-256 state after it,
+//! reported once every xorb its chunks are in is stored (such a file's
+//! xorbs are shipped per batch, not filled); and may start a file after
+//! one, its earlier chunks passing through without bytes.
 
 use std::collections::HashMap;
 use std::fs::{self, File};

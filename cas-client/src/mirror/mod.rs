@@ -428,6 +428,7 @@ impl Client {
             return Ok((resume, records));
         };
         let dir = cache.root().join("mirror-partial");
+        partial::sweep(&dir, partial::STALE);
         for &i in todo {
             let Some(sha256) = files[i].lfs.as_ref().and_then(|l| l.oid.parse().ok()) else {
                 continue;
@@ -437,9 +438,18 @@ impl Client {
             }
             let record = Partial::new(&dir, sha256, sizes[i]);
             if let Some(at) = record.load() {
-                let hashes: Vec<_> = at.chunks.iter().map(|c| c.hash).collect();
-                let found = self.fetcher.remote.dedup(&hashes).await?;
-                if found.iter().all(Option::is_some) {
+                // Asked a slice at a time, so a record of a huge file does
+                // not hold every answer at once.
+                let mut stored = true;
+                for slice in at.chunks.chunks(1 << 16) {
+                    let hashes: Vec<_> = slice.iter().map(|c| c.hash).collect();
+                    let found = self.fetcher.remote.dedup(&hashes).await?;
+                    stored = found.iter().all(Option::is_some);
+                    if !stored {
+                        break;
+                    }
+                }
+                if stored {
                     resume[i] = Some(at);
                 } else {
                     tracing::warn!(

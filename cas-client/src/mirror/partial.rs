@@ -26,7 +26,9 @@
 //! there is right). A run that starts or resumes a file writes its record
 //! anew (aside, then renamed over), so appends never follow a torn block.
 //! A record that cannot be read or written costs only downloads: it is a
-//! warning, never an error.
+//! warning, never an error. Records left alone for [`STALE`] (a file the
+//! upstream no longer lists, a mirror given up) are removed by the next
+//! mirror.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -43,6 +45,28 @@ const CHUNK_LEN: usize = 32 + 4;
 /// The most chunks a block holds (a checkpoint's piece is at most a 16 MiB
 /// segment, of chunks of 16 KiB at least; more is damage).
 const MAX_BLOCK_CHUNKS: usize = 1 << 16;
+
+/// A record not written to for this long is removed ([`sweep`]).
+pub const STALE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// Removes the records (and files left aside by a killed
+/// [`Partial::start`]) in `dir` not modified for `age`.
+pub fn sweep(dir: &Path, age: std::time::Duration) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|a| a >= age));
+        if old {
+            if let Err(err) = fs::remove_file(e.path()) {
+                tracing::warn!("cannot remove {}: {err}", e.path().display());
+            }
+        }
+    }
+}
 
 /// The resume record of one file.
 #[derive(Debug, Clone)]
@@ -313,6 +337,20 @@ mod tests {
         assert!(other.load().is_none(), "another size");
         fs::write(&p.path, b"garbage").unwrap();
         assert!(p.load().is_none());
+    }
+
+    /// Records untouched for the given age go; younger ones stay.
+    #[test]
+    fn stale_records_are_swept() {
+        let (_d, p, _) = record();
+        p.start(None);
+        let dir = p.path.parent().unwrap();
+        sweep(dir, STALE);
+        assert!(p.path.exists());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        sweep(dir, std::time::Duration::from_millis(10));
+        assert!(!p.path.exists());
+        sweep(&dir.join("none"), STALE);
     }
 
     /// Two mirrors of one file appending at once: blocks that do not
