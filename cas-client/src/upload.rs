@@ -983,11 +983,11 @@ impl Pipeline<'_> {
             hints,
             log,
         } = self;
-        let total: u64 = scan
-            .inputs
-            .iter()
-            .filter(|i| i.stored.is_none())
-            .map(|i| i.size)
+        // The bytes to read: not those of stored files, nor those before
+        // a resumed file's checkpoint.
+        let total: u64 = (scan.inputs.iter().enumerate())
+            .filter(|(_, i)| i.stored.is_none())
+            .map(|(k, i)| i.size - source.resume(k).map_or(0, Checkpoint::offset))
             .sum();
         progress.start(Stage::Hash, Some(total));
         progress.start(Stage::Upload, None);
