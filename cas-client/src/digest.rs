@@ -8,7 +8,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use cas_protocol::chunking::chunk_and_hash_parallel;
+use cas_protocol::chunking::{chunk_and_hash_parallel, MAX_CHUNK};
 use cas_protocol::{ChunkInfo, FileHash, FileHasher, Kind, Sha256, Sha256Hasher};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -52,6 +52,27 @@ impl Default for HashOptions {
     }
 }
 
+/// A point of a file at a chunk boundary, from which chunking and hashing
+/// go on without the bytes before it: chunks before it (all of them, or
+/// those since the previous checkpoint) and the SHA-256 state after them,
+/// which also counts the bytes up to the point ([`Checkpoint::offset`]).
+#[derive(Clone)]
+pub(crate) struct Checkpoint {
+    pub chunks: Vec<ChunkInfo>,
+    pub sha: Sha256Hasher,
+}
+
+impl Checkpoint {
+    pub(crate) fn offset(&self) -> u64 {
+        self.sha.len()
+    }
+}
+
+/// What [`digest_stream`] hands each piece to: its bytes, its chunks and
+/// the SHA-256 state after it (when SHA-256 was asked for).
+pub(crate) type OnPiece<'a> =
+    dyn FnMut(Bytes, Vec<ChunkInfo>, Option<&Sha256Hasher>) -> Result<()> + 'a;
+
 /// Segment buffers of one reader: a segment's allocation is reused once
 /// the pieces handed out from it are gone, so a large file is read into a
 /// few buffers whose pages are already mapped instead of a fresh 16 MiB
@@ -90,10 +111,13 @@ impl Buffers {
 }
 
 /// Reads `src` to the end in segments. Each segment is chunked on all
-/// cores while SHA-256 (when asked for) runs over its new bytes; all
-/// chunks but the last (whose end may not be a cut point yet) go to
-/// `on_piece` with their bytes, and the last is carried into the next
-/// segment.
+/// cores while SHA-256 (when asked for) runs over its bytes; all chunks
+/// but the last (whose end may not be a cut point yet) go to `on_piece`
+/// with their bytes and the SHA-256 state after them, and the last is
+/// carried into the next segment.
+///
+/// With `from`, `src` holds the bytes after that checkpoint (chunking
+/// restarts cleanly at a cut point): the digest is the whole file's.
 ///
 /// `size_hint` (the expected length) sizes the buffers: pieces keep their
 /// segment's allocation alive until they are packed, so a small file must
@@ -106,14 +130,20 @@ pub(crate) fn digest_stream(
     size_hint: u64,
     kind: Kind,
     options: HashOptions,
+    from: Option<&Checkpoint>,
     buffers: &mut Buffers,
     progress: &dyn Progress,
-    on_piece: &mut dyn FnMut(Bytes, Vec<ChunkInfo>) -> Result<()>,
+    on_piece: &mut OnPiece<'_>,
 ) -> Result<FileDigest> {
     let mut carry: Vec<u8> = Vec::new();
-    let mut sha = options.sha256.then(Sha256Hasher::new);
     let mut file_hash = FileHasher::new(kind);
-    let (mut size, mut count) = (0u64, 0usize);
+    let (mut sha, mut size, mut count) = match from {
+        Some(f) => {
+            f.chunks.iter().for_each(|c| file_hash.push(c));
+            (Some(f.sha.clone()), f.offset(), f.chunks.len())
+        }
+        None => (options.sha256.then(Sha256Hasher::new), 0, 0),
+    };
     loop {
         let left = size_hint.saturating_sub(size).min(SEGMENT as u64) as usize;
         // One byte more than expected, so reaching the end needs no regrowth.
@@ -130,13 +160,25 @@ pub(crate) fn digest_stream(
         let eof = filled < start + SEGMENT;
         size += (filled - start) as u64;
         progress.advance(Stage::Hash, (filled - start) as u64);
-        let new = &buf[start..];
+        // SHA-256 covers the bytes up to the last cut point (the carried
+        // bytes are hashed with the next segment), so its state goes with
+        // each piece: all but the last chunk's most bytes beside the
+        // chunking, the rest of the piece once the cut is known.
+        let early = if eof {
+            filled
+        } else {
+            filled.saturating_sub(MAX_CHUNK)
+        };
         let mut chunks = match &mut sha {
             Some(sha) if buf.len() >= SPLIT => {
-                rayon::join(|| chunk_and_hash_parallel(&buf), || sha.update(new)).0
+                rayon::join(
+                    || chunk_and_hash_parallel(&buf),
+                    || sha.update(&buf[..early]),
+                )
+                .0
             }
             Some(sha) => {
-                sha.update(new);
+                sha.update(&buf[..early]);
                 chunk_and_hash_parallel(&buf)
             }
             None => chunk_and_hash_parallel(&buf),
@@ -148,12 +190,15 @@ pub(crate) fn digest_stream(
             let last = chunks.pop().expect("a segment holds several chunks");
             data.len() - last.len as usize
         };
+        if let Some(sha) = &mut sha {
+            sha.update(&data[early..cut]);
+        }
         carry.clear();
         carry.extend_from_slice(&data[cut..]);
         chunks.iter().for_each(|c| file_hash.push(c));
         count += chunks.len();
         if !chunks.is_empty() {
-            on_piece(data.slice(..cut), chunks)?;
+            on_piece(data.slice(..cut), chunks, sha.as_ref())?;
         }
         buffers.give(data);
         if eof {
@@ -214,9 +259,10 @@ fn hash_with(
         meta.len(),
         kind,
         options,
+        None,
         &mut Buffers::default(),
         progress,
-        &mut |_, _| Ok(()),
+        &mut |_, _, _| Ok(()),
     )
 }
 
@@ -240,10 +286,11 @@ mod tests {
             0,
             Kind::File,
             HashOptions::default(),
+            None,
             &mut Buffers::default(),
             &NoProgress,
-            &mut |b, c| {
-                pieces.push((b, c));
+            &mut |b, c, sha| {
+                pieces.push((b, c, sha.cloned().unwrap()));
                 Ok(())
             },
         )
@@ -256,5 +303,37 @@ mod tests {
         assert_eq!(d.file_hash, FileHash::from_chunks(&expected));
         assert_eq!(d.sha256, Some(Sha256::of(&data)));
         assert_eq!((d.size, d.chunks), (data.len() as u64, expected.len()));
+
+        // Each piece ends at a cut point with the SHA-256 state of the
+        // bytes before it; chunking the rest from there (what a resumed
+        // mirror does) gives the same chunks, file hash and SHA-256.
+        let mut before = Vec::new();
+        for (_, chunks, sha) in &pieces {
+            before.extend_from_slice(chunks);
+            let at = sha.len() as usize;
+            assert_eq!(sha.clone().finalize(), Sha256::of(&data[..at]));
+            let from = Checkpoint {
+                chunks: before.clone(),
+                sha: sha.clone(),
+            };
+            let mut after = Vec::new();
+            let r = digest_stream(
+                Path::new("x"),
+                &mut &data[at..],
+                data.len() as u64,
+                Kind::File,
+                HashOptions::default(),
+                Some(&from),
+                &mut Buffers::default(),
+                &NoProgress,
+                &mut |_, c, _| {
+                    after.extend(c);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            assert_eq!(r, d, "resumed at {at}");
+            assert_eq!(after[..], expected[before.len()..], "resumed at {at}");
+        }
     }
 }

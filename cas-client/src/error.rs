@@ -4,7 +4,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use cas_protocol::XorbHash;
+use cas_protocol::{ChunkHash, XorbHash};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,6 +61,10 @@ pub enum Error {
     /// A tree names a path that must not be written.
     #[error("refusing tree entry {path:?}: {reason}")]
     UnsafePath { path: String, reason: String },
+    /// A chunk before a resumed file's checkpoint (see `mirror`) that the
+    /// server no longer stores (collected since it was asked about).
+    #[error("chunk {chunk} of a resumed file is no longer stored on the server; run again (the file is then read whole)")]
+    Gone { chunk: ChunkHash },
     /// A worker stopped because another part of the operation failed.
     #[error("operation cancelled")]
     Cancelled,

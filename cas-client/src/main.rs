@@ -910,6 +910,12 @@ async fn run(command: Command) -> Result<()> {
                     HumanBytes(r.downloaded_bytes),
                     r.reused_files,
                 );
+                if r.resumed_bytes > 0 {
+                    eprintln!(
+                        "resumed where an interrupted mirror stopped: {} not downloaded again",
+                        HumanBytes(r.resumed_bytes)
+                    );
+                }
                 if let Some(u) = &r.upload {
                     print_upload(u, false)?;
                 }

@@ -13,8 +13,14 @@
 //!    built when an upload slot is free, which bounds memory;
 //! 5. commit: shards of recipes once every xorb is stored, so no file is
 //!    ever visible with missing data.
+//!
+//! A [`Source`] may ask for checkpoints of a file (a `mirror` of a large
+//! one): each piece's end is a cut point with the SHA-256 state after it,
+//! reported once every xorb its chunks are in is stored (such a file's
+//! xorbs are shipped per batch, not filled); and may start a file after
+//! one, its earlier chunks passing through without bytes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -28,13 +34,15 @@ use cas_protocol::messages::ChunkLocation;
 use cas_protocol::shard::{FileRecipe, Shard, Term, XorbChunkTable};
 use cas_protocol::tree::{check_path, Tree, TreeEntry};
 use cas_protocol::xorb::{BuiltXorb, EncodedChunk, XorbBuilder};
-use cas_protocol::{ChunkHash, ChunkInfo, ChunkRange, FileHash, Kind, Message, Sha256, XorbHash};
+use cas_protocol::{
+    ChunkHash, ChunkInfo, ChunkRange, FileHash, Kind, Message, Sha256, Sha256Hasher, XorbHash,
+};
 use rayon::prelude::*;
 use serde::Serialize;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::cache::LocationLog;
-use crate::digest::{digest_stream, Buffers, HashOptions};
+use crate::digest::{digest_stream, Buffers, Checkpoint, HashOptions};
 use crate::error::{Error, Result};
 use crate::progress::{Progress, Stage};
 use crate::remote::Remote;
@@ -203,6 +211,21 @@ pub(crate) trait Source: Send + Sync + 'static {
         reader: Self::Reader<'_>,
         sha256: &Sha256,
     ) -> Result<()>;
+    /// Where reading input `i` starts: at its first byte (`None`), or
+    /// after a checkpoint of an earlier run whose chunks the server stores
+    /// ([`Source::open`] then gives the bytes after it).
+    fn resume(&self, _i: usize) -> Option<&Checkpoint> {
+        None
+    }
+    /// Whether input `i` reports its checkpoints to [`Source::stored`].
+    fn checkpoints(&self, _i: usize) -> bool {
+        false
+    }
+    /// Every chunk of input `i` before `at` is stored on the server
+    /// (`at.chunks` are those since the previous checkpoint, or since where
+    /// reading started): a point a later run may resume from. Called in
+    /// order, from the upload's threads.
+    fn stored(&self, _i: usize, _at: &Checkpoint) {}
 }
 
 /// The regular files a scan found, each checked unchanged since the scan.
@@ -387,10 +410,15 @@ fn walk(dir: &Path, rel: &str, s: &mut Scan, out: &mut Vec<(String, u32, usize)>
 
 /// What the chunker hands the planner.
 enum Item {
+    /// Chunks of a file, with their bytes; without (`data` empty) for the
+    /// chunks before a resumed file's checkpoint, which the server stores.
     Piece {
         file: usize,
         data: Bytes,
         chunks: Vec<ChunkInfo>,
+        /// The SHA-256 state after the piece, for a file whose source
+        /// takes checkpoints.
+        sha: Option<Sha256Hasher>,
     },
     End {
         file: usize,
@@ -414,7 +442,8 @@ struct Batch {
     chunks: usize,
 }
 
-/// Chunks and hashes one source, handing its pieces to the planner;
+/// Chunks and hashes one source (after `from`, when given), handing its
+/// pieces to the planner (with their SHA-256 states, with `checkpoints`);
 /// returns the [`Item::End`] that completes it.
 #[allow(clippy::too_many_arguments)]
 fn chunk_source(
@@ -423,6 +452,7 @@ fn chunk_source(
     src: &mut dyn Read,
     expected: u64,
     kind: Kind,
+    (from, checkpoints): (Option<&Checkpoint>, bool),
     buffers: &mut Buffers,
     progress: &dyn Progress,
     emit: &mut dyn FnMut(Item) -> Result<()>,
@@ -434,9 +464,17 @@ fn chunk_source(
         expected,
         kind,
         sha256,
+        from,
         buffers,
         progress,
-        &mut |data, chunks| emit(Item::Piece { file, data, chunks }),
+        &mut |data, chunks, sha| {
+            emit(Item::Piece {
+                file,
+                data,
+                chunks,
+                sha: sha.filter(|_| checkpoints).cloned(),
+            })
+        },
     )?;
     if d.size != expected {
         return Err(changed(
@@ -474,6 +512,19 @@ fn read_input<S: Source>(
     progress: &dyn Progress,
     emit: &mut dyn FnMut(Item) -> Result<()>,
 ) -> Result<()> {
+    let from = source.resume(i);
+    if let Some(f) = from {
+        // The chunks before the checkpoint, without bytes: the planner
+        // finds them stored.
+        for chunks in f.chunks.chunks(BATCH_CHUNKS) {
+            emit(Item::Piece {
+                file: i,
+                data: Bytes::new(),
+                chunks: chunks.to_vec(),
+                sha: None,
+            })?;
+        }
+    }
     let mut reader = source.open(i, input)?;
     let end = chunk_source(
         i,
@@ -481,6 +532,7 @@ fn read_input<S: Source>(
         &mut reader,
         input.size,
         Kind::File,
+        (from, source.checkpoints(i)),
         buffers,
         progress,
         emit,
@@ -552,6 +604,7 @@ fn chunker<S: Source>(
                 &mut &bytes[..],
                 bytes.len() as u64,
                 Kind::Tree,
+                (None, false),
                 &mut buffers,
                 progress,
                 &mut |item| emit(item, &mut batch, &mut hashes),
@@ -589,10 +642,15 @@ struct RefTerm {
 struct FilePlan {
     terms: Vec<RefTerm>,
     end: Option<FileEnd>,
+    /// The last xorb of this upload that the chunks so far are in.
+    needs: Option<u32>,
 }
 
 impl FilePlan {
     fn push(&mut self, loc: Loc, len: u32) {
+        if let XorbRef::Built(n) = loc.xorb {
+            self.needs = self.needs.max(Some(n));
+        }
         match self.terms.last_mut() {
             Some(t) if t.xorb == loc.xorb && t.chunks.end == loc.index => {
                 t.chunks.end += 1;
@@ -634,6 +692,61 @@ struct Plan {
     new_bytes: u64,
 }
 
+/// Checkpoints of files (see [`Source::checkpoints`]) waiting for the
+/// xorbs their chunks are in: each goes to [`Source::stored`] once every
+/// xorb of this upload up to the last one its file needs so far is stored.
+struct Checkpoints {
+    waiting: std::sync::Mutex<Waiting>,
+    report: Box<Report>,
+}
+
+/// Where [`Checkpoints`] reports: [`Source::stored`].
+type Report = dyn Fn(usize, &Checkpoint) + Send + Sync;
+
+#[derive(Default)]
+struct Waiting {
+    /// The xorbs built by this upload that are stored, by index; all
+    /// before `stored` are.
+    done: Vec<bool>,
+    stored: u32,
+    /// File, the xorb it needs, checkpoint; in the order they were taken.
+    queue: std::collections::VecDeque<(usize, Option<u32>, Checkpoint)>,
+}
+
+impl Checkpoints {
+    fn wait(&self, file: usize, needs: Option<u32>, at: Checkpoint) {
+        let mut w = self.waiting.lock().expect("not poisoned");
+        w.queue.push_back((file, needs, at));
+        self.release(&mut w);
+    }
+
+    fn xorb_stored(&self, n: u32) {
+        let mut w = self.waiting.lock().expect("not poisoned");
+        let n = n as usize;
+        if w.done.len() <= n {
+            w.done.resize(n + 1, false);
+        }
+        w.done[n] = true;
+        while w.done.get(w.stored as usize) == Some(&true) {
+            w.stored += 1;
+        }
+        self.release(&mut w);
+    }
+
+    /// Reports, in order and under the lock (so reports are never
+    /// reordered), the checkpoints whose xorbs are all stored.
+    fn release(&self, w: &mut Waiting) {
+        while let Some((file, needs, _)) = w.queue.front() {
+            if needs.is_some_and(|n| n >= w.stored) {
+                return;
+            }
+            let file = *file;
+            let (_, _, at) = w.queue.pop_front().expect("a front");
+            (self.report)(file, &at);
+        }
+    }
+}
+
 struct Planner {
     remote: Remote,
     rt: tokio::runtime::Handle,
@@ -646,6 +759,7 @@ struct Planner {
     builder: XorbBuilder,
     spare: Spare,
     out: Plan,
+    checkpoints: Arc<Checkpoints>,
 }
 
 /// Buffers done with, for the next ones to be filled in (of xorbs the
@@ -682,14 +796,15 @@ impl Spare {
 
 impl Planner {
     fn batch(&mut self, batch: Batch) -> Result<()> {
-        // Which chunks are new to this upload, first occurrences in order.
-        let mut fresh: Vec<(ChunkHash, &[u8])> = Vec::new();
-        let mut seen = HashSet::new();
+        // Which chunks are new to this upload, first occurrences in order
+        // (with their bytes, when any piece has them).
+        let mut fresh: Vec<(ChunkHash, Option<&[u8]>)> = Vec::new();
+        let mut seen = HashMap::new();
         for item in &batch.items {
             if let Item::Piece { data, chunks, .. } = item {
                 let mut pos = 0;
                 for c in chunks {
-                    let bytes = &data[pos..pos + c.len as usize];
+                    let bytes = data.get(pos..pos + c.len as usize);
                     pos += c.len as usize;
                     if self.known.contains_key(&c.hash) {
                         continue;
@@ -701,7 +816,11 @@ impl Planner {
                         };
                         self.known.insert(c.hash, loc);
                         self.out.cache_chunks += 1;
-                    } else if seen.insert(c.hash) {
+                    } else if let Some(&k) = seen.get(&c.hash) {
+                        let f: &mut (ChunkHash, Option<&[u8]>) = &mut fresh[k];
+                        f.1 = f.1.or(bytes);
+                    } else {
+                        seen.insert(c.hash, fresh.len());
                         fresh.push((c.hash, bytes));
                     }
                 }
@@ -728,6 +847,11 @@ impl Planner {
             }
             fresh.retain(|f| !self.known.contains_key(&f.0));
         }
+        // A chunk without bytes must be stored already.
+        let fresh: Vec<(ChunkHash, &[u8])> = fresh
+            .into_iter()
+            .map(|(h, b)| b.map(|b| (h, b)).ok_or(Error::Gone { chunk: h }))
+            .collect::<Result<_>>()?;
         // Compress the new ones on all cores, then pack in order.
         let encoded: Vec<EncodedChunk> = fresh
             .par_iter()
@@ -756,13 +880,24 @@ impl Planner {
             );
         }
         // Every chunk now has a place: extend the files' terms.
+        let checkpointed = batch
+            .items
+            .iter()
+            .any(|i| matches!(i, Item::Piece { sha: Some(_), .. }));
         for item in batch.items {
             match item {
-                Item::Piece { file, chunks, .. } => {
+                Item::Piece {
+                    file, chunks, sha, ..
+                } => {
                     self.out.chunks += chunks.len() as u64;
                     let plan = plan_of(&mut self.out.files, file);
                     for c in &chunks {
                         plan.push(self.known[&c.hash], c.len);
+                    }
+                    if let Some(sha) = sha {
+                        let needs = plan.needs;
+                        self.checkpoints
+                            .wait(file, needs, Checkpoint { chunks, sha });
                     }
                 }
                 Item::End { file, end } => plan_of(&mut self.out.files, file).end = Some(end),
@@ -770,6 +905,11 @@ impl Planner {
         }
         if self.known.len() > MAX_KNOWN {
             self.known.clear();
+        }
+        // A checkpoint is of use once its xorb is stored: it is not kept
+        // back to fill (so such xorbs hold a batch, not 64 MiB).
+        if checkpointed && !self.builder.is_empty() {
+            self.ship()?;
         }
         Ok(())
     }
@@ -843,11 +983,11 @@ impl Pipeline<'_> {
             hints,
             log,
         } = self;
-        let total: u64 = scan
-            .inputs
-            .iter()
-            .filter(|i| i.stored.is_none())
-            .map(|i| i.size)
+        // The bytes to read: not those of stored files, nor those before
+        // a resumed file's checkpoint.
+        let total: u64 = (scan.inputs.iter().enumerate())
+            .filter(|(_, i)| i.stored.is_none())
+            .map(|(k, i)| i.size - source.resume(k).map_or(0, Checkpoint::offset))
             .sum();
         progress.start(Stage::Hash, Some(total));
         progress.start(Stage::Upload, None);
@@ -855,7 +995,7 @@ impl Pipeline<'_> {
 
         let (batch_tx, batch_rx) = std::sync::mpsc::sync_channel::<Result<Batch>>(1);
         let chunker_thread = {
-            let scan = scan.clone();
+            let (scan, source) = (scan.clone(), source.clone());
             let progress = progress.clone();
             std::thread::spawn(move || {
                 if let Err(e) = chunker(&scan, &*source, &*progress, &batch_tx) {
@@ -863,6 +1003,13 @@ impl Pipeline<'_> {
                 }
             })
         };
+        let checkpoints = Arc::new(Checkpoints {
+            waiting: Default::default(),
+            report: {
+                let source = source.clone();
+                Box::new(move |i, at| source.stored(i, at))
+            },
+        });
         let slots = Arc::new(Semaphore::new(concurrency.max(1)));
         let spare = Spare::default();
         let (xorb_tx, mut xorb_rx) = mpsc::channel::<Outgoing>(1);
@@ -878,6 +1025,7 @@ impl Pipeline<'_> {
                 builder: XorbBuilder::new(),
                 spare: spare.clone(),
                 out: Plan::default(),
+                checkpoints: checkpoints.clone(),
             };
             std::thread::spawn(move || -> Result<Plan> {
                 for batch in batch_rx {
@@ -894,13 +1042,18 @@ impl Pipeline<'_> {
 
         let mut puts = tokio::task::JoinSet::new();
         let mut sent_bytes = 0u64;
-        let mut put_done = |r: std::result::Result<Result<u64>, tokio::task::JoinError>| {
-            let n = r.expect("upload task does not panic")?;
+        let mut put_done = |r: std::result::Result<Result<(u64, u32)>, tokio::task::JoinError>| {
+            let (n, index) = r.expect("upload task does not panic")?;
             sent_bytes += n;
             progress.advance(Stage::Upload, n);
+            checkpoints.xorb_stored(index);
             Ok::<_, Error>(())
         };
+        // Xorbs arrive in the order they were built.
+        let mut index = 0u32;
         while let Some(out) = xorb_rx.recv().await {
+            let n = index;
+            index += 1;
             let remote = remote.clone();
             let log = log.clone();
             let spare = spare.clone();
@@ -919,7 +1072,7 @@ impl Pipeline<'_> {
                         .collect();
                     log.record(&located);
                 }
-                Ok(len)
+                Ok((len, n))
             });
             while let Some(r) = puts.try_join_next() {
                 put_done(r)?;

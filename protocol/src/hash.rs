@@ -290,21 +290,144 @@ impl RangeHash {
     }
 }
 
-/// Incremental SHA-256, so a file is digested while it streams through the chunker.
-#[derive(Clone, Default)]
-pub struct Sha256Hasher(sha2::Sha256);
+/// Incremental SHA-256, so a file is digested while it streams through the
+/// chunker. Its state can be saved ([`Sha256Hasher::to_state`]) and taken up
+/// again ([`Sha256Hasher::from_state`]), possibly by another process: a
+/// mirror interrupted inside a large file resumes hashing where it stopped
+/// without reading the bytes before that point again. (`sha2` keeps its
+/// state private, so this wraps its public compression function.)
+#[derive(Clone)]
+pub struct Sha256Hasher {
+    state: [u32; 8],
+    /// Bytes hashed so far, the buffered ones included.
+    len: u64,
+    /// The bytes of the block not yet complete (`len % 64` of them).
+    buf: [u8; 64],
+}
+
+/// The initial hash values of SHA-256 (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
+
+/// Blocks copied into an aligned batch per call of the compression function.
+const SHA256_BATCH: usize = 32;
+
+type Sha256Block = sha2::digest::generic_array::GenericArray<u8, sha2::digest::consts::U64>;
+
+/// Error reading a saved [`Sha256Hasher`] state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a saved SHA-256 state: {0}")]
+pub struct Sha256StateError(&'static str);
+
+impl Default for Sha256Hasher {
+    fn default() -> Self {
+        Self {
+            state: SHA256_IV,
+            len: 0,
+            buf: [0; 64],
+        }
+    }
+}
 
 impl Sha256Hasher {
+    /// Length of [`Sha256Hasher::to_state`]: the eight state words, the
+    /// byte count and the partial block.
+    pub const STATE_LEN: usize = 32 + 8 + 64;
+
     pub fn new() -> Self {
         Self::default()
     }
 
-    pub fn update(&mut self, data: &[u8]) {
-        sha2::Digest::update(&mut self.0, data);
+    /// Bytes hashed so far.
+    pub fn len(&self) -> u64 {
+        self.len
     }
 
-    pub fn finalize(self) -> Sha256 {
-        Sha256(sha2::Digest::finalize(self.0).into())
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn compress(&mut self, blocks: &[u8]) {
+        let mut batch = [Sha256Block::default(); SHA256_BATCH];
+        for group in blocks.chunks(64 * SHA256_BATCH) {
+            let n = group.len() / 64;
+            for (b, src) in batch.iter_mut().zip(group.chunks_exact(64)) {
+                b.copy_from_slice(src);
+            }
+            sha2::compress256(&mut self.state, &batch[..n]);
+        }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        let have = (self.len % 64) as usize;
+        self.len += data.len() as u64;
+        if have > 0 {
+            let take = data.len().min(64 - have);
+            self.buf[have..have + take].copy_from_slice(&data[..take]);
+            data = &data[take..];
+            if have + take < 64 {
+                return;
+            }
+            let block = self.buf;
+            self.compress(&block);
+        }
+        let whole = data.len() - data.len() % 64;
+        self.compress(&data[..whole]);
+        let rest = &data[whole..];
+        self.buf[..rest.len()].copy_from_slice(rest);
+    }
+
+    pub fn finalize(mut self) -> Sha256 {
+        let bits = self.len.wrapping_mul(8);
+        let have = (self.len % 64) as usize;
+        let pad = if have < 56 { 56 - have } else { 120 - have };
+        let mut tail = [0u8; 72];
+        tail[0] = 0x80;
+        tail[pad..pad + 8].copy_from_slice(&bits.to_be_bytes());
+        let len = self.len;
+        self.update(&tail[..pad + 8]);
+        debug_assert_eq!(self.len % 64, 0);
+        self.len = len;
+        let mut out = [0u8; 32];
+        for (o, w) in out.chunks_exact_mut(4).zip(self.state) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        Sha256(out)
+    }
+
+    /// The state, to be taken up by [`Sha256Hasher::from_state`]: state
+    /// words and byte count big-endian, then the partial block (zeros past
+    /// its `len % 64` bytes).
+    pub fn to_state(&self) -> [u8; Self::STATE_LEN] {
+        let mut out = [0u8; Self::STATE_LEN];
+        for (o, w) in out[..32].chunks_exact_mut(4).zip(self.state) {
+            o.copy_from_slice(&w.to_be_bytes());
+        }
+        out[32..40].copy_from_slice(&self.len.to_be_bytes());
+        let have = (self.len % 64) as usize;
+        out[40..40 + have].copy_from_slice(&self.buf[..have]);
+        out
+    }
+
+    /// A hasher in the state `to_state` saved. Refuses a partial block
+    /// with bytes past its length (what a damaged state would have).
+    pub fn from_state(saved: &[u8]) -> Result<Self, Sha256StateError> {
+        if saved.len() != Self::STATE_LEN {
+            return Err(Sha256StateError("wrong length"));
+        }
+        let mut state = [0u32; 8];
+        for (w, b) in state.iter_mut().zip(saved[..32].chunks_exact(4)) {
+            *w = u32::from_be_bytes(b.try_into().expect("4 bytes"));
+        }
+        let len = u64::from_be_bytes(saved[32..40].try_into().expect("8 bytes"));
+        let have = (len % 64) as usize;
+        if saved[40 + have..].iter().any(|&b| b != 0) {
+            return Err(Sha256StateError("bytes past the partial block"));
+        }
+        let mut buf = [0u8; 64];
+        buf.copy_from_slice(&saved[40..]);
+        Ok(Self { state, len, buf })
     }
 }
 
@@ -358,6 +481,54 @@ mod tests {
         assert_eq!(
             Sha256::of(b"abc").to_hex(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    /// The hasher agrees with `sha2` on every length around the block and
+    /// padding edges and on random splits, also when its state is saved and
+    /// taken up at every split.
+    #[test]
+    fn sha256_matches_sha2_across_splits_and_saved_states() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let data: Vec<u8> = (0..5000).map(|_| rng.gen()).collect();
+        let want = |d: &[u8]| {
+            Sha256(
+                sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(d)).into(),
+            )
+        };
+        let mut lens: Vec<usize> = (0..=130).collect();
+        lens.extend([183, 191, 192, 193, 4095, 4096, 4097, 5000]);
+        for len in lens {
+            let d = &data[..len];
+            assert_eq!(Sha256::of(d), want(d), "length {len}");
+            for _ in 0..8 {
+                let mut h = Sha256Hasher::new();
+                let mut at = 0;
+                while at < len {
+                    let step = rng.gen_range(0..=(len - at).min(200));
+                    h.update(&d[at..at + step]);
+                    at += step;
+                    h = Sha256Hasher::from_state(&h.to_state()).unwrap();
+                    assert_eq!(h.len(), at as u64);
+                }
+                assert_eq!(h.finalize(), want(d), "length {len}");
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_sha256_states_are_refused() {
+        let mut h = Sha256Hasher::new();
+        h.update(b"abc");
+        let s = h.to_state();
+        assert!(Sha256Hasher::from_state(&s[..50]).is_err());
+        let mut bad = s;
+        bad[40 + 3] = 1;
+        assert!(Sha256Hasher::from_state(&bad).is_err());
+        assert_eq!(
+            Sha256Hasher::from_state(&s).unwrap().finalize(),
+            Sha256::of(b"abc")
         );
     }
 

@@ -29,7 +29,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cas_protocol::Sha256;
 use serde_json::{json, Value};
@@ -136,6 +136,9 @@ struct State {
     expire: Option<(String, u64)>,
     /// Paths whose bytes are served with one byte changed.
     corrupt: HashSet<String>,
+    /// The CDN's bytes per second over all connections (a link), from
+    /// when it was set, and the bytes sent since.
+    bandwidth: Option<(u64, Instant, u64)>,
     seen: Seen,
 }
 
@@ -253,6 +256,12 @@ impl StandIn {
     /// as for a signed URL that has expired.
     pub fn expire(&self, sha256: &str, times: u64) {
         self.state.lock().unwrap().expire = Some((sha256.to_owned(), times));
+    }
+
+    /// The CDN sends at most `bytes_per_second` over all its connections,
+    /// as a link slower than the mirror's pipeline does.
+    pub fn bandwidth(&self, bytes_per_second: u64) {
+        self.state.lock().unwrap().bandwidth = Some((bytes_per_second, Instant::now(), 0));
     }
 
     /// `path` (of any repository) is served with one byte changed.
@@ -434,7 +443,16 @@ impl Ctx {
             let n = piece.len() as u64;
             if self.cdn {
                 self.cdn_bytes.fetch_add(n, Ordering::Relaxed);
-                self.state.lock().unwrap().seen.cdn_bytes += n;
+                let mut s = self.state.lock().unwrap();
+                s.seen.cdn_bytes += n;
+                // Past the link's rate: wait until the link is free again.
+                if let Some((rate, since, sent)) = s.bandwidth.as_mut() {
+                    *sent += n;
+                    let due = Duration::from_secs_f64(*sent as f64 / *rate as f64);
+                    let wait = due.saturating_sub(since.elapsed());
+                    drop(s);
+                    std::thread::sleep(wait);
+                }
             } else if !req.path.starts_with("/api/") {
                 self.state.lock().unwrap().seen.resolve_bytes += n;
             }

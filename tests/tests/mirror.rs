@@ -484,6 +484,207 @@ fn a_killed_mirror_resumes_without_downloading_again() {
     assert_same_files(&files, &out);
 }
 
+/// Where the mirror run by [`Env::cas_cached`] keeps the resume record of
+/// the file with these bytes.
+fn record_of(env: &Env, data: &[u8]) -> PathBuf {
+    env.root
+        .join("cas-cache/mirror-partial")
+        .join(Sha256::of(data).to_string())
+}
+
+/// Starts `args` (with a cache), waits until the stand-in's CDN served
+/// `kill_at` bytes and the resume record of `data` holds a checkpoint (or
+/// all of `data` was served: a mirror that keeps no record), kills the
+/// mirror (-9) and returns the bytes served.
+fn kill_inside(env: &Env, args: &[&str], data: &[u8], kill_at: u64) -> u64 {
+    let record = record_of(env, data);
+    env.hub.reset_seen();
+    let mut child = env
+        .cas_cached(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + std::time::Duration::from_secs(300);
+    // The header is 61 bytes; a checkpoint block adds well over 100.
+    let checkpointed = || std::fs::metadata(&record).is_ok_and(|m| m.len() > 200);
+    let all = data.len() as u64;
+    while env.hub.cdn_bytes() < kill_at || !(checkpointed() || env.hub.cdn_bytes() >= all) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the mirror ended before {kill_at} CDN bytes and a checkpoint"
+        );
+        assert!(Instant::now() < deadline, "{:?}", env.hub.seen());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let first = served(&env.hub);
+    env.hub.reset_seen();
+    first
+}
+
+/// One large file: the model of a mirror killed (-9) inside it.
+fn large_model(seed: u64) -> Files {
+    let mut files = Files::new();
+    files.insert("config.json".into(), br#"{"hidden_size": 64}"#.to_vec());
+    files.insert("model.safetensors".into(), noise(seed, 256 << 20));
+    files
+}
+
+/// A mirror killed (-9) inside one large file resumes inside it: the
+/// rerun downloads only the bytes after the last checkpoint whose chunks
+/// were stored, so the bytes downloaded twice stay within what was in
+/// flight (the download window, the batch being chunked and the xorb being
+/// packed); the file is byte-identical and its SHA-256 checked over all
+/// of it. The resume record is gone once the file is committed.
+#[test]
+fn a_mirror_killed_inside_a_large_file_resumes_inside_it() {
+    let env = Env::new();
+    let files = large_model(2000);
+    let big = &files["model.safetensors"];
+    let total: u64 = files.values().map(|d| d.len() as u64).sum();
+    env.hub.commit("models/org/large", "main", SHA1, &files);
+    // A link slower than the pipeline, as a real one is.
+    env.hub.bandwidth(64 << 20);
+    let args = ["mirror", "org/large", "--json", "--connections", "4"];
+    let first = kill_inside(&env, &args, big, 224 << 20);
+
+    let r = json_of(ok(env.cas_cached(&args)));
+    let second = served(&env.hub);
+    let twice = (first + second).saturating_sub(total);
+    let resumed = r["resumed_bytes"].as_u64().unwrap_or(0);
+    eprintln!(
+        "killed after {} MiB of {} MiB; the rerun resumed at {} MiB and downloaded {} MiB ({} MiB twice)",
+        first >> 20,
+        total >> 20,
+        resumed >> 20,
+        second >> 20,
+        twice >> 20,
+    );
+    // At most what can be in flight: the download window (64 MiB) and
+    // the two parts queued after it (8 MiB each), the segment being chunked
+    // and the batch being packed (16 MiB each), the xorbs being stored (a
+    // batch each, 4 at once), the stand-in's socket buffers; typically
+    // 40-72 MiB. The old mirror downloaded the whole file again (224 MiB
+    // twice at least).
+    assert!(twice <= 192 << 20, "{twice} bytes downloaded twice");
+    assert_eq!(second + resumed, total, "{r}");
+    assert_eq!(r["downloaded_bytes"], second);
+    assert!(
+        !record_of(&env, big).exists(),
+        "the record outlived the commit"
+    );
+    let out = env.fetch("org/large", "out");
+    assert_same_files(&files, &out);
+}
+
+/// Resume records that must not be trusted are not: the CDN sending wrong
+/// bytes after the resume point is refused naming the file, commits
+/// nothing and drops the record (the bytes before it may be the wrong
+/// ones), so the next run downloads the file whole; a record of the file
+/// an upstream path held before is not used for its new content; a record
+/// cut short by a kill while it was written resumes at the checkpoint
+/// before the torn one. Every result is byte-identical.
+#[test]
+fn resume_records_that_do_not_fit_are_not_used() {
+    let env = Env::new();
+    let v1 = large_model(3000);
+    let big = &v1["model.safetensors"];
+    let size = big.len() as u64;
+    env.hub.commit("models/org/large", "main", SHA1, &v1);
+    env.hub.bandwidth(64 << 20);
+    let args = ["mirror", "org/large", "--json", "--connections", "4"];
+    let record = record_of(&env, big);
+
+    // Wrong bytes after the resume point.
+    kill_inside(&env, &args, big, 128 << 20);
+    env.hub.corrupt("model.safetensors");
+    let err = fails(env.cas_cached(&["mirror", "org/large", "--connections", "4"]));
+    let line = err.trim();
+    assert_eq!(line.lines().count(), 1, "{err}");
+    assert!(
+        line.contains("model.safetensors")
+            && line.contains("do not match")
+            && line.contains("nothing was committed"),
+        "{err}"
+    );
+    assert!(
+        env.hub.seen().cdn_bytes < size,
+        "the wrong bytes came after the resume point: {:?}",
+        env.hub.seen()
+    );
+    assert!(fails(env.cas(&["log", "org/large"])).contains("404"));
+    assert!(!record.exists(), "the record of wrong bytes was kept");
+    env.hub.clear_corrupt();
+
+    // The upstream path holds other bytes now: the record of the old ones
+    // is not used.
+    kill_inside(&env, &args, big, 128 << 20);
+    assert!(record.exists());
+    let mut v2 = v1.clone();
+    v2.insert("model.safetensors".into(), noise(3001, 256 << 20));
+    env.hub.commit("models/org/large", "main", SHA2, &v2);
+    env.hub.reset_seen();
+    let r = json_of(ok(env.cas_cached(&args)));
+    assert_eq!(r["resumed_bytes"], 0, "{r}");
+    assert_eq!(env.hub.seen().cdn_bytes, size, "{:?}", env.hub.seen());
+    assert_same_files(&v2, &env.fetch("org/large", "v2"));
+
+    // A record torn by a kill while it was appended to.
+    const SHA3: &str = "3333333333333333333333333333333333333333";
+    let mut v3 = v1.clone();
+    v3.insert("model.safetensors".into(), noise(3002, 256 << 20));
+    env.hub.commit("models/org/large", "main", SHA3, &v3);
+    let big3 = &v3["model.safetensors"];
+    kill_inside(&env, &args, big3, 160 << 20);
+    let record3 = record_of(&env, big3);
+    let whole = std::fs::read(&record3).unwrap();
+    std::fs::write(&record3, &whole[..whole.len() - 7]).unwrap();
+    let r = json_of(ok(env.cas_cached(&args)));
+    let resumed = r["resumed_bytes"].as_u64().unwrap();
+    assert!(resumed > 0, "{r}");
+    assert_eq!(env.hub.seen().cdn_bytes + resumed, size, "{r}");
+    assert_same_files(&v3, &env.fetch("org/large", "v3"));
+    assert!(!record3.exists());
+}
+
+/// Two mirrors of one repository at once append to the same resume
+/// record: killed both (-9), a third run resumes from it (or, had the
+/// later start replaced the blocks of the earlier one, reads the file
+/// whole) to a byte-identical file, never from a mixed-up prefix.
+#[test]
+fn two_mirrors_at_once_share_a_resume_record_safely() {
+    let env = Env::new();
+    let files = large_model(4000);
+    let big = &files["model.safetensors"];
+    let total: u64 = files.values().map(|d| d.len() as u64).sum();
+    env.hub.commit("models/org/large", "main", SHA1, &files);
+    env.hub.bandwidth(96 << 20);
+    let args = ["mirror", "org/large", "--json", "--connections", "4"];
+    let other = env
+        .cas_cached(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Both download (through one link): about twice the bytes each.
+    kill_inside(&env, &args, big, 320 << 20);
+    let mut other = other;
+    other.kill().unwrap();
+    other.wait().unwrap();
+    env.hub.reset_seen();
+
+    let r = json_of(ok(env.cas_cached(&args)));
+    let resumed = r["resumed_bytes"].as_u64().unwrap();
+    eprintln!(
+        "two mirrors killed; the third resumed at {} MiB",
+        resumed >> 20
+    );
+    assert_eq!(served(&env.hub) + resumed, total, "{r}");
+    assert_same_files(&files, &env.fetch("org/large", "out"));
+}
+
 /// A CDN URL that has expired (403) is resolved again through
 /// `/resolve/` and the range fetched from the fresh URL; one that keeps
 /// failing is one clear line.

@@ -18,7 +18,11 @@
 //!    dedup, pack, upload) in groups of [`GROUP_BYTES`] or [`GROUP_FILES`];
 //!    each group's recipes are committed (and its small files journaled)
 //!    before the next group's, while the download runs on, so a rerun
-//!    after a kill downloads at most the group in flight again. Each file's
+//!    after a kill downloads at most the group in flight again. A file
+//!    larger than a group keeps a resume record ([`partial`]) of the
+//!    point up to which its chunks are stored, so a rerun downloads only
+//!    the bytes after it (and the SHA-256 state carried across it still
+//!    checks the whole file). Each file's
 //!    SHA-256 (LFS) or git blob id (small files) is checked against the
 //!    listing before the planner sees its end, so a mismatch commits
 //!    nothing of its group and no tree;
@@ -27,6 +31,7 @@
 //!    again finds that commit and downloads nothing.
 
 mod journal;
+mod partial;
 mod upstream;
 
 use std::collections::HashMap;
@@ -43,6 +48,7 @@ use serde::Serialize;
 use sha1::Digest;
 use tokio::sync::{mpsc, OnceCell};
 
+use crate::digest::Checkpoint;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::progress::Stage;
@@ -51,6 +57,7 @@ use crate::{Client, UploadReport};
 use cas_protocol::tree::Tree;
 use cas_protocol::FileHash;
 use journal::Journal;
+use partial::Partial;
 use upstream::{Entry, Upstream};
 
 /// Downloaded bytes in memory at once, about: the parts of the
@@ -112,6 +119,9 @@ pub struct MirrorReport {
     pub bytes: u64,
     /// Body bytes received from the upstream and its CDN.
     pub downloaded_bytes: u64,
+    /// Bytes of large files not downloaded again: an interrupted run
+    /// stored them (see its resume records).
+    pub resumed_bytes: u64,
     /// Files not downloaded: the store had them (unchanged since the
     /// mirrored revision, or found by SHA-256).
     pub reused_files: u64,
@@ -197,6 +207,10 @@ struct Arrivals {
     rx: Arc<Mutex<mpsc::Receiver<Result<Bytes>>>>,
     /// The group's files, in order.
     expect: Vec<Expect>,
+    /// Per file: where it resumes (its bytes arrive from there) and the
+    /// record of its checkpoints (large files only).
+    resume: Vec<Option<Checkpoint>>,
+    records: Vec<Option<Partial>>,
     /// The download's own error, which the chunker only sees as a failed
     /// read.
     failure: Arc<Mutex<Option<Error>>>,
@@ -271,10 +285,14 @@ impl Source for Arrivals {
             }
             Expect::Sha256(_) => None,
         };
+        let from = self.resume[i].as_ref();
+        if let Some(r) = &self.records[i] {
+            r.start(from);
+        }
         Ok(Reader {
             rx: self.rx.lock().expect("not poisoned"),
             failure: &self.failure,
-            left: input.size,
+            left: input.size - from.map_or(0, Checkpoint::offset),
             piece: Bytes::new(),
             part: Bytes::new(),
             blob,
@@ -292,6 +310,10 @@ impl Source for Arrivals {
         if got.eq_ignore_ascii_case(want) {
             return Ok(());
         }
+        // The bytes before a checkpoint may be the wrong ones.
+        if let Some(r) = &self.records[i] {
+            r.remove();
+        }
         Err(Error::Upstream {
             what: input.path.display().to_string(),
             message: format!(
@@ -299,6 +321,20 @@ impl Source for Arrivals {
                 self.host
             ),
         })
+    }
+
+    fn resume(&self, i: usize) -> Option<&Checkpoint> {
+        self.resume[i].as_ref()
+    }
+
+    fn checkpoints(&self, i: usize) -> bool {
+        self.records[i].is_some()
+    }
+
+    fn stored(&self, i: usize, at: &Checkpoint) {
+        if let Some(r) = &self.records[i] {
+            r.append(at);
+        }
     }
 }
 
@@ -376,6 +412,57 @@ fn groups(todo: &[usize], sizes: &[u64]) -> Vec<std::ops::Range<usize>> {
 }
 
 impl Client {
+    /// Per file of `files`: where it resumes and its resume record. Large
+    /// LFS files of `todo` get a record (with a cache); one whose record
+    /// names chunks the server still stores all resumes at its last
+    /// checkpoint.
+    async fn resume_records(
+        &self,
+        files: &[Entry],
+        sizes: &[u64],
+        todo: &[usize],
+    ) -> Result<(Vec<Option<Checkpoint>>, Vec<Option<Partial>>)> {
+        let mut resume = vec![None; files.len()];
+        let mut records = vec![None; files.len()];
+        let Some(cache) = &self.fetcher.cache else {
+            return Ok((resume, records));
+        };
+        let dir = cache.root().join("mirror-partial");
+        partial::sweep(&dir, partial::STALE);
+        for &i in todo {
+            let Some(sha256) = files[i].lfs.as_ref().and_then(|l| l.oid.parse().ok()) else {
+                continue;
+            };
+            if sizes[i] <= GROUP_BYTES {
+                continue;
+            }
+            let record = Partial::new(&dir, sha256, sizes[i]);
+            if let Some(at) = record.load() {
+                // Asked a slice at a time, so a record of a huge file does
+                // not hold every answer at once.
+                let mut stored = true;
+                for slice in at.chunks.chunks(1 << 16) {
+                    let hashes: Vec<_> = slice.iter().map(|c| c.hash).collect();
+                    let found = self.fetcher.remote.dedup(&hashes).await?;
+                    stored = found.iter().all(Option::is_some);
+                    if !stored {
+                        break;
+                    }
+                }
+                if stored {
+                    resume[i] = Some(at);
+                } else {
+                    tracing::warn!(
+                        "{}: the server no longer stores the chunks an interrupted mirror stored; downloading it whole",
+                        files[i].path
+                    );
+                }
+            }
+            records[i] = Some(record);
+        }
+        Ok((resume, records))
+    }
+
     /// Mirrors revision `options.revision` of an upstream Hub repository
     /// into `options.target` (see the module docs and docs/CLIENT.md).
     pub async fn mirror(&self, options: &MirrorOptions) -> Result<MirrorReport> {
@@ -394,24 +481,28 @@ impl Client {
         })?;
         let sha = up.commit(&options.revision).await?;
         let (name, received) = (up.name(), up.received.clone());
-        let report =
-            |commit: CommitInfo, files, bytes, reused_files, upload: Option<UploadReport>| {
-                MirrorReport {
-                    upstream: name.clone(),
-                    revision: options.revision.clone(),
-                    upstream_commit: sha.clone(),
-                    repo: options.target.clone(),
-                    branch: branch.clone(),
-                    commit,
-                    files,
-                    bytes,
-                    downloaded_bytes: received.load(Ordering::Relaxed),
-                    reused_files,
-                    unchanged: upload.is_none(),
-                    upload,
-                    seconds: started.elapsed().as_secs_f64(),
-                }
-            };
+        let report = |commit: CommitInfo,
+                      files,
+                      bytes,
+                      (reused_files, resumed_bytes),
+                      upload: Option<UploadReport>| {
+            MirrorReport {
+                upstream: name.clone(),
+                revision: options.revision.clone(),
+                upstream_commit: sha.clone(),
+                repo: options.target.clone(),
+                branch: branch.clone(),
+                commit,
+                files,
+                bytes,
+                downloaded_bytes: received.load(Ordering::Relaxed),
+                resumed_bytes,
+                reused_files,
+                unchanged: upload.is_none(),
+                upload,
+                seconds: started.elapsed().as_secs_f64(),
+            }
+        };
         // The branch's head: already this upstream commit (nothing to do),
         // or an earlier one whose unchanged files are reused.
         let head = match self.resolve(&options.target, branch.as_str()).await {
@@ -439,7 +530,7 @@ impl Client {
                     h.clone(),
                     head_tree.entries.len() as u64,
                     bytes,
-                    head_tree.entries.len() as u64,
+                    (head_tree.entries.len() as u64, 0),
                     None,
                 ));
             }
@@ -510,12 +601,15 @@ impl Client {
         // Download what is left: `connections` parts at once, handed on in
         // order.
         let todo: Vec<usize> = (0..files.len()).filter(|&i| stored[i].is_none()).collect();
+        let (mut resume, records) = self.resume_records(&files, &sizes, &todo).await?;
+        let offset = |i: usize| resume[i].as_ref().map_or(0, Checkpoint::offset);
+        let resumed_bytes: u64 = todo.iter().map(|&i| offset(i)).sum();
         let connections = options.connections.max(1);
         let part = part_size(connections);
         let mut parts = Vec::new();
         for &i in &todo {
             let (size, whole) = (sizes[i], files[i].lfs.is_none() || sizes[i] <= part);
-            let mut start = 0;
+            let mut start = offset(i);
             while start < size {
                 let end = if whole {
                     size
@@ -532,7 +626,7 @@ impl Client {
             }
         }
         let progress = self.fetcher.progress.clone();
-        let fetching: u64 = todo.iter().map(|&i| sizes[i]).sum();
+        let fetching: u64 = todo.iter().map(|&i| sizes[i]).sum::<u64>() - resumed_bytes;
         progress.start(Stage::Download, Some(fetching));
         progress.start(Stage::Hash, Some(fetching));
         progress.start(Stage::Upload, None);
@@ -607,10 +701,12 @@ impl Client {
             hints: Default::default(),
             log: self.fetcher.log.clone(),
         };
-        let source = |expect: Vec<Expect>| {
+        let source = |expect: Vec<Expect>, resume, records| {
             Arc::new(Arrivals {
                 rx: rx.clone(),
                 expect,
+                resume,
+                records,
                 failure: failure.clone(),
                 host: options.endpoint.clone(),
                 spare: spare.clone(),
@@ -634,7 +730,12 @@ impl Client {
                 false,
             );
             let expect = group.iter().map(|&i| Expect::of(&files[i])).collect();
-            let u = match pipeline().run(scan, source(expect), started).await {
+            let source = source(
+                expect,
+                group.iter().map(|&i| resume[i].take()).collect(),
+                group.iter().map(|&i| records[i].clone()).collect(),
+            );
+            let u = match pipeline().run(scan, source, started).await {
                 Ok(u) => u,
                 Err(e) => {
                     groups_done = Err(e);
@@ -650,6 +751,11 @@ impl Client {
             }
             if let Some(j) = &journal {
                 j.record(&learned);
+            }
+            for &i in group {
+                if let Some(r) = &records[i] {
+                    r.remove();
+                }
             }
             add(&mut uploaded, u);
         }
@@ -676,7 +782,9 @@ impl Client {
         );
         add(
             &mut uploaded,
-            pipeline().run(scan, source(Vec::new()), started).await?,
+            pipeline()
+                .run(scan, source(Vec::new(), Vec::new(), Vec::new()), started)
+                .await?,
         );
         uploaded.seconds = started.elapsed().as_secs_f64();
         for stage in [Stage::Download, Stage::Hash, Stage::Upload] {
@@ -705,7 +813,7 @@ impl Client {
             commit,
             files.len() as u64,
             total,
-            reused,
+            (reused, resumed_bytes),
             Some(uploaded),
         ))
     }
