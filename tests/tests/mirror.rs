@@ -439,26 +439,10 @@ fn a_killed_mirror_resumes_without_downloading_again() {
     env.hub.commit("models/org/big", "main", SHA1, &files);
     let args = ["mirror", "org/big", "--json", "--connections", "4"];
 
-    let mut child = env
-        .cas_cached(&args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     let kill_at = 144u64 << 20;
-    let deadline = Instant::now() + std::time::Duration::from_secs(120);
-    while env.hub.cdn_bytes() < kill_at {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the mirror ended before {kill_at} CDN bytes"
-        );
-        assert!(Instant::now() < deadline, "{:?}", env.hub.seen());
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let first = served(&env.hub);
-    env.hub.reset_seen();
+    let first = kill_when(&env, &args, &format!("{kill_at} CDN bytes"), || {
+        env.hub.cdn_bytes() >= kill_at
+    });
 
     let r = json_of(ok(env.cas_cached(&args)));
     let second = served(&env.hub);
@@ -499,6 +483,19 @@ fn record_of(env: &Env, data: &[u8]) -> PathBuf {
 fn kill_inside(env: &Env, args: &[&str], data: &[u8], kill_at: u64) -> u64 {
     let record = record_of(env, data);
     env.hub.reset_seen();
+    // The header is 61 bytes; a checkpoint block adds well over 100.
+    let checkpointed = || std::fs::metadata(&record).is_ok_and(|m| m.len() > 200);
+    let all = data.len() as u64;
+    let what = format!("{kill_at} CDN bytes and a checkpoint");
+    kill_when(env, args, &what, || {
+        env.hub.cdn_bytes() >= kill_at && (checkpointed() || env.hub.cdn_bytes() >= all)
+    })
+}
+
+/// Starts `args` (with a cache), kills the mirror (-9) once `ready` holds
+/// (polled; the mirror must not end before: `what` says what it waited
+/// for) and returns the bytes the stand-in served, its counters reset.
+fn kill_when(env: &Env, args: &[&str], what: &str, ready: impl Fn() -> bool) -> u64 {
     let mut child = env
         .cas_cached(args)
         .stdout(std::process::Stdio::null())
@@ -506,13 +503,10 @@ fn kill_inside(env: &Env, args: &[&str], data: &[u8], kill_at: u64) -> u64 {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + std::time::Duration::from_secs(300);
-    // The header is 61 bytes; a checkpoint block adds well over 100.
-    let checkpointed = || std::fs::metadata(&record).is_ok_and(|m| m.len() > 200);
-    let all = data.len() as u64;
-    while env.hub.cdn_bytes() < kill_at || !(checkpointed() || env.hub.cdn_bytes() >= all) {
+    while !ready() {
         assert!(
             child.try_wait().unwrap().is_none(),
-            "the mirror ended before {kill_at} CDN bytes and a checkpoint"
+            "the mirror ended before {what}"
         );
         assert!(Instant::now() < deadline, "{:?}", env.hub.seen());
         std::thread::sleep(std::time::Duration::from_millis(2));
