@@ -19,8 +19,9 @@
 //!   (401 without a token, 403 with a wrong one).
 //! - Knobs: the next N API answers are 429 with `Retry-After`; one CDN
 //!   request stalls after some bytes; a file's bytes are served wrong; the
-//!   next N CDN requests for a blob find its signed URL expired (403, as
-//!   the Hub's CDN answers a stale URL).
+//!   next N CDN URLs handed out for a blob are expired by the time they
+//!   are used (every GET of one answers 403, as the Hub's CDN answers a
+//!   stale signed URL; a URL handed out later works).
 //!
 //! A small HTTP/1.1 server on std threads (one per connection, keep-alive).
 
@@ -132,8 +133,12 @@ struct State {
     latency: Duration,
     /// `/resolve/` requests inside their latency now.
     resolving: u64,
-    /// The next this many CDN requests for this blob answer 403.
+    /// The next this many CDN URLs handed out for this blob are stale.
     expire: Option<(String, u64)>,
+    /// CDN URLs handed out so far (each carries its number, `u=`).
+    urls: u64,
+    /// The numbers of the stale ones: their GETs answer 403.
+    stale: HashSet<u64>,
     /// Paths whose bytes are served with one byte changed.
     corrupt: HashSet<String>,
     /// The CDN's bytes per second over all connections (a link), from
@@ -252,8 +257,10 @@ impl StandIn {
         self.state.lock().unwrap().latency = latency;
     }
 
-    /// The next `times` CDN GETs for the blob with this SHA-256 answer 403,
-    /// as for a signed URL that has expired.
+    /// The next `times` CDN URLs `/resolve/` hands out for the blob with
+    /// this SHA-256 are expired when used: every GET of one answers 403,
+    /// as for a signed URL gone stale. Resolving again gives a fresh URL
+    /// (once `times` are used up).
     pub fn expire(&self, sha256: &str, times: u64) {
         self.state.lock().unwrap().expire = Some((sha256.to_owned(), times));
     }
@@ -477,14 +484,12 @@ impl Ctx {
         let Some(data) = s.blobs.get(sha).cloned() else {
             return Resp::error(404, "", "no such blob");
         };
-        if let Some((expired, times)) = s.expire.as_mut() {
-            // A URL just handed out works for a HEAD; a GET later finds it
-            // expired.
-            if expired == sha && *times > 0 && req.method == "GET" {
-                *times -= 1;
-                s.seen.cdn_expired += 1;
-                return Resp::error(403, "", "Request has expired");
-            }
+        // A URL just handed out works for a HEAD; a GET later finds it
+        // expired.
+        let number = req.query.get("u").and_then(|u| u.parse::<u64>().ok());
+        if req.method == "GET" && number.is_some_and(|n| s.stale.contains(&n)) {
+            s.seen.cdn_expired += 1;
+            return Resp::error(403, "", "Request has expired");
         }
         let path = req.query.get("path").cloned().unwrap_or_default();
         let corrupt = s.corrupt.contains(&path);
@@ -557,10 +562,33 @@ impl Ctx {
             .map(str::to_owned);
         let r = if resolve {
             self.resolve(&s, req, token.as_deref())
+                .map(|r| Self::number_cdn_url(&mut s, r))
         } else {
             self.api(&s, req, token.as_deref())
         };
         r.unwrap_or_else(|e| e)
+    }
+
+    /// Gives a redirect to the built-in CDN its URL's number, and marks
+    /// the URL stale if [`StandIn::expire`] asks for it.
+    fn number_cdn_url(s: &mut State, mut r: Resp) -> Resp {
+        let Some((_, location)) = r.headers.iter_mut().find(|(k, _)| k == "Location") else {
+            return r;
+        };
+        let Some(blob) = location.split("/blobs/").nth(1) else {
+            return r;
+        };
+        let blob = blob.split('?').next().unwrap_or_default();
+        let n = s.urls;
+        s.urls += 1;
+        if let Some((expired, times)) = s.expire.as_mut() {
+            if expired == blob && *times > 0 {
+                *times -= 1;
+                s.stale.insert(n);
+            }
+        }
+        location.push_str(&format!("&u={n}"));
+        r
     }
 
     /// The repository `kind/org/name` and what follows it in `rest`.
